@@ -1,0 +1,292 @@
+"""The typed config tree: dataclasses, loaded from YAML and dotted command-line overrides.
+
+    cfg = load_config("configs/digits_cpu.yaml", ["optim.lr=0.05", "train.epochs=3"])
+
+Every key is declared below with its type and default. Unknown keys, values of the wrong type
+and contradictory settings raise `ConfigError` naming the dotted key, so a typo fails before
+any process starts training. The resolved tree is written to `config.yaml` in each run
+directory (`to_dict`), which `load_config` reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dist_train.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    # A dataset directory written by `dist-train make-shards` (its dataset.json picks the
+    # split), a brace pattern such as "data/train-{000000..000007}.tar", a glob, or a list.
+    train: str | list[str] = ""
+    val: str | list[str] = ""
+    num_classes: int = 0  # 0: take it from dataset.json
+    class_names: list[str] | None = None  # None: from dataset.json, else "0".."n-1"
+    batch_size: int = 64  # per process, per micro-step
+    val_batch_size: int | None = None  # None: same as batch_size
+    num_workers: int = 2  # DataLoader worker processes per training process
+    image_size: int = 224  # images are resized (val) or cropped (train) to this square
+    channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # none: resize only; light: small affine jitter (digits, documents);
+    # standard: random-resized crop and horizontal flip (natural images)
+    augment: Literal["none", "light", "standard"] = "standard"
+    shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"  # any torchvision classification model, or "small_cnn"
+    sync_batchnorm: bool = False
+
+
+@dataclass
+class LossConfig:
+    name: Literal["cross_entropy", "label_smoothing", "focal"] = "cross_entropy"
+    label_smoothing: float = 0.1  # used by "label_smoothing"
+    focal_gamma: float = 2.0  # used by "focal"
+    focal_alpha: list[float] | None = None  # per-class weights for "focal"
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Weight decay on biases and normalization parameters rarely helps and often hurts.
+    decay_norm_and_bias: bool = False
+
+
+@dataclass
+class SchedConfig:
+    name: Literal["constant", "step", "cosine", "plateau"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warmup in front of step or cosine
+    warmup_start_factor: float = 0.01
+    step_size_epochs: float = 30.0  # step: multiply by gamma every step_size_epochs
+    gamma: float = 0.1
+    min_lr: float = 0.0  # cosine: the LR reached at the last step
+    plateau_factor: float = 0.1  # plateau: multiply by this when the metric stalls
+    plateau_patience: int = 5  # plateau: validations without improvement before a cut
+    plateau_monitor: str = "val/loss"
+    plateau_mode: Literal["min", "max"] = "min"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    output_dir: str = "runs/default"
+    seed: int = 0
+    grad_accum_steps: int = 1
+    # null: use the accelerate launch config's setting (or "no" without one).
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    clip_grad_norm: float | None = None
+    monitor: str = "val/f1_macro"  # metric that picks the best checkpoint
+    monitor_mode: Literal["min", "max"] = "max"
+    log_every_steps: int = 50  # train records in metrics.jsonl, every N optimizer steps
+    progress_bar: bool = True
+    cpu: bool = False  # force the CPU even where CUDA is available
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+METRIC_NAMES = (
+    "val/acc",
+    "val/f1_macro",
+    "val/precision_macro",
+    "val/recall_macro",
+    "val/auroc_macro",
+    "val/loss",
+)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (optional), apply `key.sub=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = _read_yaml(Path(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a config saved by `to_dict` (e.g. from a checkpoint's meta.json)."""
+    cfg = _build(Config, tree, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: Config) -> None:
+    """Checks that span several keys; single-key types are checked while building."""
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.image_size": cfg.data.image_size,
+        "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "train.epochs": cfg.train.epochs,
+        "train.grad_accum_steps": cfg.train.grad_accum_steps,
+        "train.log_every_steps": cfg.train.log_every_steps,
+    }
+    if cfg.data.val_batch_size is not None:
+        positive["data.val_batch_size"] = cfg.data.val_batch_size
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if cfg.data.num_classes < 0:
+        raise ConfigError(f"data.num_classes must be >= 0, got {cfg.data.num_classes}")
+    for key in ("data.mean", "data.std"):
+        values = cfg.data.mean if key == "data.mean" else cfg.data.std
+        if len(values) not in (1, cfg.data.channels):
+            raise ConfigError(
+                f"{key} has {len(values)} values; data.channels is {cfg.data.channels}"
+            )
+    if any(s <= 0 for s in cfg.data.std):
+        raise ConfigError("data.std values must be positive")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas must hold two values")
+    if not 0.0 <= cfg.loss.label_smoothing < 1.0:
+        raise ConfigError("loss.label_smoothing must be in [0, 1)")
+    if cfg.loss.focal_gamma < 0:
+        raise ConfigError("loss.focal_gamma must be >= 0")
+    alpha = cfg.loss.focal_alpha
+    if alpha is not None and cfg.data.num_classes and len(alpha) != cfg.data.num_classes:
+        raise ConfigError(f"loss.focal_alpha has {len(alpha)} values; data.num_classes is {cfg.data.num_classes}")
+    if cfg.sched.warmup_epochs < 0 or cfg.sched.step_size_epochs <= 0:
+        raise ConfigError("sched.warmup_epochs must be >= 0 and sched.step_size_epochs > 0")
+    if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
+        raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
+    for key, metric in (("train.monitor", cfg.train.monitor),
+                        ("sched.plateau_monitor", cfg.sched.plateau_monitor)):
+        if metric not in METRIC_NAMES:
+            raise ConfigError(f"{key}: unknown metric {metric!r}; choose from {METRIC_NAMES}")
+    if cfg.train.clip_grad_norm is not None and cfg.train.clip_grad_norm <= 0:
+        raise ConfigError("train.clip_grad_norm must be positive (or null to disable)")
+
+
+# --- building dataclasses from plain trees, with errors that name the key -----------------
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(exc)})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        # YAML gives the natural reading of a command-line value: 3, 0.05, true, null, [1, 2].
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in tree:
+        if key not in names:
+            raise ConfigError(f"unknown config key: {prefix}{key}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in tree:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], tree[f.name], f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML reads 1 as an int; a float field accepts it
+    # bool is a subclass of int: `true` must not pass for an int, nor 1 for a bool.
+    if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())

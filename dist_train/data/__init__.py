@@ -1,0 +1,37 @@
+"""Data: shard writing, shard indexing, the per-rank read plan, and the streaming pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_train.config import DataConfig
+from dist_train.data.index import ShardSet, resolve_shards
+from dist_train.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Datasets:
+    train: ShardSet
+    val: ShardSet
+    num_classes: int
+    class_names: list[str]
+
+
+def resolve_datasets(cfg: DataConfig) -> Datasets:
+    """Find and check the train and val shards; settle the number and names of classes."""
+    train = resolve_shards(cfg.train, "train", cfg.num_classes)
+    val = resolve_shards(cfg.val, "val", cfg.num_classes)
+    manifest_names = train.class_names or val.class_names
+    num_classes = cfg.num_classes or (len(manifest_names) if manifest_names else 0)
+    if not num_classes:
+        raise ConfigError("data.num_classes is required for shards without a dataset.json")
+    if manifest_names and len(manifest_names) > num_classes:
+        raise DataError(
+            f"the dataset has {len(manifest_names)} classes but data.num_classes is {num_classes}"
+        )
+    names = cfg.class_names or manifest_names or [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ConfigError(f"data.class_names has {len(names)} names; data.num_classes is {num_classes}")
+    if train.samples == 0 or val.samples == 0:
+        raise DataError(f"empty split: train has {train.samples} samples, val {val.samples}")
+    return Datasets(train, val, num_classes, list(names))

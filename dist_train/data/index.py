@@ -1,0 +1,196 @@
+"""Resolve a data spec from the config into shards with known sample counts, and check them.
+
+A spec is one of:
+  - a dataset directory written by `dist-train make-shards` (its `dataset.json` names the
+    split's shards and their sample counts),
+  - a brace pattern such as `data/train-{000000..000007}.tar`, a glob, or a single file,
+  - a directory of plain `.tar` shards without a manifest (all of them, sorted),
+  - a list of any of these.
+
+Shards written elsewhere (e.g. by `webdataset.ShardWriter`) have no manifest: they are indexed
+once by reading their tar headers and `.cls` members, which also checks each label against the
+number of classes, so a wrong label stops the run before training starts, naming the shard and
+the sample key.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+
+from dist_train.data.shards import MANIFEST_NAME
+from dist_train.data.sources import IMAGE_EXTENSIONS
+from dist_train.errors import DataError
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    shards: tuple[Shard, ...]
+    class_names: list[str] | None  # from a manifest, when there is one
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def resolve_shards(spec: str | list[str], split: str, num_classes: int) -> ShardSet:
+    """Expand `spec`, check that every shard exists, and learn every shard's sample count.
+
+    `split` ("train" or "val") picks the split of a dataset directory. `num_classes` (0 when
+    unknown) bounds labels of shards without a manifest.
+    """
+    specs = spec if isinstance(spec, list) else [spec]
+    if not specs or not all(isinstance(s, str) and s for s in specs):
+        raise DataError(f"data.{split} is empty: give a dataset directory or shard pattern")
+    shards: list[Shard] = []
+    class_names: list[str] | None = None
+    for one in specs:
+        found, names = _resolve_one(one, split, num_classes)
+        shards.extend(found)
+        class_names = class_names or names
+    urls = [s.url for s in shards]
+    if len(set(urls)) != len(urls):
+        raise DataError(f"data.{split} names a shard more than once")
+    return ShardSet(tuple(shards), class_names)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["splits"]
+        manifest["classes"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a readable dist-train manifest ({exc})") from None
+    return manifest
+
+
+def _resolve_one(spec: str, split: str, num_classes: int) -> tuple[list[Shard], list[str] | None]:
+    if "://" in spec or spec.startswith("pipe:"):
+        raise DataError(
+            f"{spec}: remote shards are not supported yet; copy them to a local or shared "
+            "filesystem (sample counts are needed to give every process equal work)"
+        )
+    path = Path(spec)
+    if path.is_dir() and (path / MANIFEST_NAME).is_file():
+        return _from_manifest(path, split)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.glob("*.tar"))
+        if not files:
+            raise DataError(f"{spec}: directory holds no .tar shards and no {MANIFEST_NAME}")
+    elif any(c in spec for c in "*?["):
+        files = sorted(glob.glob(spec))
+        if not files:
+            raise DataError(f"{spec}: no shard files match this pattern")
+    else:
+        files = list(braceexpand.braceexpand(spec))
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"missing shard file: {missing[0]}{more}")
+    manifests: dict[Path, dict[str, int]] = {}
+    shards = []
+    names = None
+    for f in files:
+        counts = manifests.get(Path(f).parent)
+        if counts is None:
+            counts, names_here = _manifest_counts(Path(f).parent)
+            manifests[Path(f).parent] = counts
+            names = names or names_here
+        n = counts.get(Path(f).name)
+        shards.append(Shard(f, n if n is not None else count_samples(f, num_classes)))
+    return shards, names
+
+
+def _from_manifest(directory: Path, split: str) -> tuple[list[Shard], list[str]]:
+    manifest = read_manifest(directory)
+    if split not in manifest["splits"]:
+        raise DataError(f"{directory / MANIFEST_NAME}: has no {split!r} split")
+    shards = []
+    for entry in manifest["splits"][split]["shards"]:
+        path = directory / entry["file"]
+        if not path.is_file():
+            raise DataError(f"missing shard file: {path} (listed in {MANIFEST_NAME})")
+        shards.append(Shard(str(path), int(entry["samples"])))
+    return shards, list(manifest["classes"])
+
+
+def _manifest_counts(directory: Path) -> tuple[dict[str, int], list[str] | None]:
+    """Sample counts by file name from a manifest beside the shards, if there is one."""
+    if not (directory / MANIFEST_NAME).is_file():
+        return {}, None
+    manifest = read_manifest(directory)
+    counts = {
+        entry["file"]: int(entry["samples"])
+        for split in manifest["splits"].values()
+        for entry in split["shards"]
+    }
+    return counts, list(manifest["classes"])
+
+
+def count_samples(path: str, num_classes: int = 0) -> int:
+    """Count the samples of one local tar shard and check its labels, without decoding images.
+
+    Random-access tar reading seeks past image data, so this reads little more than headers.
+    """
+    keys: list[str] = []
+    labels: dict[str, bytes] = {}
+    images: set[str] = set()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, _, ext = _split_member(member.name)
+                if key is None:
+                    continue
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                ext = ext.lower()
+                if ext == "cls":
+                    stream = tar.extractfile(member)
+                    labels[key] = stream.read(64) if stream else b""
+                elif ext in IMAGE_EXTENSIONS:
+                    images.add(key)
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"{path}: unreadable tar shard ({exc})") from None
+    for key in keys:
+        if key not in images:
+            raise DataError(f"{path}: sample {key!r} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+        if key not in labels:
+            raise DataError(f"{path}: sample {key!r} has no .cls label")
+        parse_label(labels[key], num_classes, where=f"{path}: sample {key!r}")
+    if len(set(keys)) != len(keys):
+        raise DataError(f"{path}: members of one sample are not stored together")
+    return len(keys)
+
+
+def parse_label(raw: bytes, num_classes: int, where: str) -> int:
+    """webdataset's `.cls` convention: the label as decimal text."""
+    try:
+        label = int(raw.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}: label {raw[:20]!r} is not an integer") from None
+    if label < 0 or (num_classes and label >= num_classes):
+        raise DataError(f"{where}: label {label} is outside 0..{num_classes - 1} (data.num_classes)")
+    return label
+
+
+def _split_member(name: str) -> tuple[str | None, str, str]:
+    """Split `dir/key.ext.more` as webdataset does: the key ends at the basename's first dot."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None, "", ""
+    return (f"{head}/{stem}" if head else stem), dot, ext

@@ -1,0 +1,107 @@
+"""Which samples each process and each DataLoader worker reads in an epoch: a pure function.
+
+Shards are read as one sequence (their order shuffled per epoch for training) and that
+sequence is cut into contiguous spans, first one per process (rank), then one per worker
+within a rank. A span may start or end inside a shard, so any number of shards serves any
+number of ranks x workers: nobody idles, and nobody waits for a rank that has more.
+
+Training: an epoch is `floor(N / global_batch)` optimizer steps, where
+`global_batch = world_size * grad_accum_steps * batch_size`. Every rank gets exactly
+`steps * grad_accum_steps` full batches, so DDP collectives always pair up and every
+accumulation window is complete. The fewer than `global_batch` samples left over are skipped
+for this epoch; since the shard order changes every epoch, different samples are skipped
+each time.
+
+Validation: every sample exactly once across all ranks, with no padding, so that metrics
+computed from summed counts equal the single-process value on the whole set. Ranks may get
+one sample more or less than each other; validation has no per-batch collectives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dist_train.data.index import Shard
+
+
+@dataclass(frozen=True)
+class Slice:
+    url: str
+    start: int  # first sample index within the shard
+    stop: int  # one past the last
+
+    @property
+    def samples(self) -> int:
+        return self.stop - self.start
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from several integers (seed, epoch, rank, worker...), well mixed."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def epoch_shard_order(shards: tuple[Shard, ...], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
+    if not shuffle:
+        return list(shards)
+    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(len(shards))
+    return [shards[i] for i in order]
+
+
+def steps_per_epoch(total_samples: int, world_size: int, grad_accum_steps: int, batch_size: int) -> int:
+    return total_samples // (world_size * grad_accum_steps * batch_size)
+
+
+def train_slices(
+    shards: tuple[Shard, ...],
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    batch_size: int,
+    grad_accum_steps: int,
+) -> list[Slice]:
+    """This worker's share of the epoch: a whole number of full batches."""
+    total = sum(s.samples for s in shards)
+    batches_per_rank = steps_per_epoch(total, world_size, grad_accum_steps, batch_size) * grad_accum_steps
+    rank_start = rank * batches_per_rank * batch_size
+    first, count = _even_share(batches_per_rank, num_workers, worker)
+    start = rank_start + first * batch_size
+    order = epoch_shard_order(shards, seed, epoch, shuffle=True)
+    return _cut(order, start, start + count * batch_size)
+
+
+def val_slices(
+    shards: tuple[Shard, ...], *, rank: int, world_size: int, worker: int, num_workers: int
+) -> list[Slice]:
+    """This worker's share of the validation set; all shares together cover it exactly once."""
+    total = sum(s.samples for s in shards)
+    rank_first, rank_count = _even_share(total, world_size, rank)
+    first, count = _even_share(rank_count, num_workers, worker)
+    start = rank_first + first
+    return _cut(list(shards), start, start + count)
+
+
+def _even_share(total: int, parts: int, index: int) -> tuple[int, int]:
+    """(offset, size) of part `index` when `total` items are split into `parts` near-equal runs."""
+    base, extra = divmod(total, parts)
+    offset = index * base + min(index, extra)
+    return offset, base + (1 if index < extra else 0)
+
+
+def _cut(shards: list[Shard], start: int, stop: int) -> list[Slice]:
+    """The slices of shards that cover positions [start, stop) of their concatenation."""
+    slices = []
+    offset = 0
+    for shard in shards:
+        lo, hi = max(start, offset), min(stop, offset + shard.samples)
+        if lo < hi:
+            slices.append(Slice(shard.url, lo - offset, hi - offset))
+        offset += shard.samples
+        if offset >= stop:
+            break
+    return slices

@@ -1,0 +1,64 @@
+"""Build a classifier by name: any torchvision classification model, or a small CNN for CPUs.
+
+    model = create_model("resnet18", num_classes=10, in_channels=1)
+
+Weights start random: dist-train never downloads pretrained weights at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from dist_train.errors import ConfigError
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv layers and a linear head: trains digits to ~99% in seconds on a CPU."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.features = nn.Sequential(
+            *block(in_channels, width), *block(width, width), nn.MaxPool2d(2),
+            *block(width, 2 * width), *block(2 * width, 2 * width), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def available_models() -> list[str]:
+    return ["small_cnn", *torchvision.models.list_models(module=torchvision.models)]
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    if num_classes < 2:
+        raise ConfigError(f"data.num_classes must be at least 2, got {num_classes}")
+    if name == "small_cnn":
+        return SmallCNN(num_classes, in_channels)
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(f"model.name: unknown model {name!r} (e.g. small_cnn, resnet18, resnet50)")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _adapt_first_conv(model, in_channels)
+    return model
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Replace the first convolution by one with `in_channels` inputs (e.g. grayscale)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, child_name, nn.Conv2d(
+                    in_channels, child.out_channels, child.kernel_size, child.stride,
+                    child.padding, child.dilation, child.groups, child.bias is not None,
+                ))
+                return
+    raise ConfigError(f"model has no Conv2d to adapt to {in_channels} input channels")

@@ -1,0 +1,132 @@
+"""Inference with a saved checkpoint: rebuild the model from its meta.json, classify images.
+
+Inputs may be image files, folders (searched recursively for images) or tar shards; the
+result is one CSV row per image with its source (file path, or `shard#key`), the predicted
+class, its probability and the top-k classes.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from dist_train.checkpoint import load_model_checkpoint
+from dist_train.config import Config, config_from_dict
+from dist_train.data.index import ShardSet, resolve_shards
+from dist_train.data.pipeline import StreamSpec, make_loader
+from dist_train.data.sources import IMAGE_EXTENSIONS
+from dist_train.data.transforms import build_transform
+from dist_train.errors import CheckpointError, DataError
+from dist_train.models import create_model
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    cfg: Config
+    class_names: list[str]
+    meta: dict
+
+
+def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    state, meta = load_model_checkpoint(checkpoint)
+    try:
+        cfg = config_from_dict(meta["config"])
+        class_names = list(meta["class_names"])
+    except KeyError as exc:
+        raise CheckpointError(f"{checkpoint}: meta.json lacks {exc}") from None
+    model = create_model(cfg.model.name, len(class_names), cfg.data.channels)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg.model.name} ({exc})") from None
+    return LoadedModel(model.to(device).eval(), cfg, class_names, meta)
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths: list[Path], cfg: Config):
+        self.paths = paths
+        self.transform = build_transform(cfg.data, train=False)
+        self.mode = "L" if cfg.data.channels == 1 else "RGB"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                image = img.convert(self.mode)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{path}: not a decodable image ({exc})") from None
+        return self.transform(image), -1, str(path)
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Split inputs into image files and tar shards; folders are searched for images."""
+    images: list[Path] = []
+    shards: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images.extend(sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS))
+        elif item.endswith(".tar") or "{" in item:
+            shards.append(item)
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise DataError(f"input not found: {item}")
+    if not images and not shards:
+        raise DataError(f"no images or shards found in {inputs}")
+    return images, shards
+
+
+def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, device) -> Iterator[tuple]:
+    """(probabilities, labels, sources) per batch; labels are -1 where unknown."""
+    images, shards = collect_inputs(inputs)
+    loaders = []
+    if images:
+        loaders.append(DataLoader(ImageFiles(images, loaded.cfg), batch_size=batch_size,
+                                  num_workers=loaded.cfg.data.num_workers))
+    if shards:
+        shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names)).shards, None)
+        spec = StreamSpec(shard_set, train=False, batch_size=batch_size,
+                          num_classes=len(loaded.class_names), with_keys=True)
+        loaders.append(make_loader(spec, loaded.cfg.data))
+    with torch.no_grad():
+        for loader in loaders:
+            for batch, labels, sources in loader:
+                logits = loaded.model(batch.to(device)).float()
+                yield logits.softmax(dim=1).cpu(), labels, sources
+
+
+def write_predictions(loaded: LoadedModel, inputs: list[str], out: str | Path, top_k: int = 3,
+                      batch_size: int = 256, device: str = "cpu") -> int:
+    """Write the CSV; returns the number of rows."""
+    top_k = min(top_k, len(loaded.class_names))
+    rows = 0
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source", "label", "predicted", "probability", "top_k"])
+        for probs, labels, sources in predict_batches(loaded, inputs, batch_size, device):
+            values, indices = probs.topk(top_k, dim=1)
+            for p, idx, label, source in zip(values.tolist(), indices.tolist(), labels.tolist(), sources, strict=True):
+                names = [loaded.class_names[i] for i in idx]
+                writer.writerow([
+                    source,
+                    loaded.class_names[label] if label >= 0 else "",
+                    names[0],
+                    f"{p[0]:.6f}",
+                    " ".join(f"{n}:{q:.4f}" for n, q in zip(names, p, strict=True)),
+                ])
+                rows += 1
+    return rows
