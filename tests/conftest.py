@@ -1,0 +1,33 @@
+"""Shared fixtures: real shards of sklearn's digits, and a way to run the real command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_train.data import sources
+from dist_train.data.shards import make_shards
+
+REPO = Path(__file__).resolve().parents[1]
+DIGITS_CONFIG = REPO / "configs" / "digits_cpu.yaml"
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The digits dataset as make-shards writes it: 6 train shards, 2 val shards."""
+    out = tmp_path_factory.mktemp("digits")
+    make_shards(sources.digits(), out, val_fraction=0.2, seed=0, shard_size=256, source_name="digits")
+    return out
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
+    """Run `python -m dist_train ARGS` in a fresh process, as a user would."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "dist_train", *args],
+        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from dist_train.config import Config, config_from_dict, load_config, save_config, to_dict
+from dist_train.errors import ConfigError
+
+from .conftest import DIGITS_CONFIG, run_cli
+
+
+def test_defaults_validate():
+    assert isinstance(load_config(), Config)
+
+
+def test_yaml_and_dotted_overrides():
+    cfg = load_config(DIGITS_CONFIG, ["optim.lr=0.05", "train.epochs=3", "data.mean=[0.5]", "train.clip_grad_norm=1"])
+    assert cfg.optim.lr == 0.05
+    assert cfg.train.epochs == 3
+    assert cfg.data.mean == [0.5]
+    assert cfg.train.clip_grad_norm == 1.0 and isinstance(cfg.train.clip_grad_norm, float)
+    assert cfg.model.name == "small_cnn"  # from the file
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(DIGITS_CONFIG, ["train.mixed_precision=bf16"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=0.1"], "unknown config key: optim.lrr"),
+        (["nonsense.key=1"], "unknown config key: nonsense"),
+        (["train.epochs=three"], "train.epochs: expected int, got 'three'"),
+        (["train.epochs=2.5"], "train.epochs: expected int"),
+        (["train.epochs=true"], "train.epochs: expected int, got True"),
+        (["optim.nesterov=1"], "optim.nesterov: expected bool"),
+        (["data.channels=2"], "data.channels: 2 is not one of [1, 3]"),
+        (["optim.name=adam"], "optim.name: 'adam' is not one of"),
+        (["data.mean=0.5"], "data.mean: expected a list"),
+        (["data.mean=[0.5, x]"], "data.mean[1]: expected float"),
+        (["train.epochs=0"], "train.epochs must be positive"),
+        (["train.monitor=val/f1"], "train.monitor: unknown metric 'val/f1'"),
+        (["data.channels=3", "data.mean=[0.1, 0.2]"], "data.mean has 2 values"),
+        (["optim=1"], "optim must be a mapping"),
+        (["train.epochs"], "not of the form key.sub=value"),
+        (["sched.name=plateau", "sched.warmup_epochs=1"], "warmup_epochs is supported with step and cosine"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(DIGITS_CONFIG, overrides)
+    assert message in str(info.value)
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_config_yaml_in_repo_is_plain_yaml():
+    tree = yaml.safe_load(DIGITS_CONFIG.read_text())
+    assert set(tree) <= {"data", "model", "loss", "optim", "sched", "train"}
+
+
+def test_cli_reports_config_errors_in_one_line_with_exit_2():
+    result = run_cli("train", "--config", str(DIGITS_CONFIG), "optim.lrr=0.1")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "dist-train: error: unknown config key: optim.lrr"

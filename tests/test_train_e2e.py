@@ -1,0 +1,121 @@
+"""End to end on one CPU process: the real command line, real shards, real digits."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from dist_train.tracking import read_metrics
+
+from .conftest import DIGITS_CONFIG, run_cli
+from .test_shards import write_plain_shards
+
+pytestmark = pytest.mark.slow
+
+METRICS = ("val/acc", "val/f1_macro", "val/precision_macro", "val/recall_macro", "val/auroc_macro", "val/loss")
+
+
+@pytest.fixture(scope="module")
+def digits_run(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "digits"
+    result = run_cli(
+        "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+        f"train.output_dir={out}", "train.epochs=6", "train.progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_digits_reaches_97_percent_and_writes_the_run_directory(digits_run):
+    records = read_metrics(digits_run / "metrics.jsonl")
+    val = [r for r in records if "val/acc" in r]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["epoch"] for r in val] == list(range(6))
+    assert all(set(METRICS) <= set(r) and "step" in r for r in val)
+    assert train and all({"epoch", "step", "train/loss", "lr", "images_per_sec"} <= set(r) for r in train)
+    assert max(r["val/acc"] for r in val) >= 0.97
+    for name in ("config.yaml", "best/model.safetensors", "best/meta.json", "last/model.safetensors"):
+        assert (digits_run / name).is_file(), name
+    meta = json.loads((digits_run / "best" / "meta.json").read_text())
+    best = max(val, key=lambda r: r["val/f1_macro"])
+    assert meta["epoch"] == best["epoch"] and meta["metrics"]["val/f1_macro"] == best["val/f1_macro"]
+    assert meta["class_names"] == [str(i) for i in range(10)]
+
+
+def test_eval_reproduces_the_best_epochs_metrics(digits_run, digits_dir):
+    result = run_cli("eval", "--checkpoint", str(digits_run / "best"), "--data", str(digits_dir), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    logged = json.loads((digits_run / "best" / "meta.json").read_text())["metrics"]
+    assert evaluated["samples"] == 359
+    for name in METRICS:
+        assert evaluated[name] == pytest.approx(logged[name], abs=1e-6), name
+
+
+def test_predict_over_a_folder_of_pngs(digits_run, tmp_path):
+    digits = load_digits()
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"digit{i:02d}.png")
+    out = tmp_path / "preds.csv"
+    result = run_cli("predict", "--checkpoint", str(digits_run / "best"), "--input", str(folder), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 40
+    assert rows[0]["source"].endswith("digit00.png") and len(rows[0]["top_k"].split()) == 3
+    correct = sum(int(r["predicted"]) == digits.target[i] for i, r in enumerate(rows))
+    assert correct >= 36  # these are training-distribution digits; the model is ~98% accurate
+
+
+def test_training_on_plain_shardwriter_shards(tmp_path):
+    """jpg + cls written by webdataset.ShardWriter, no dataset.json: num_classes from config."""
+    digits = load_digits()
+    rgb = np.repeat((digits.images * 255 / 16).astype(np.uint8)[..., None], 3, axis=3)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    import webdataset as wds
+
+    for split, index in (("train", range(0, 1400)), ("val", range(1400, 1797))):
+        with wds.ShardWriter(str(plain / f"{split}-%06d.tar"), maxcount=300, verbose=0) as sink:
+            for i in index:
+                sink.write({"__key__": f"s{i:05d}", "jpg": rgb[i], "cls": int(digits.target[i])})
+    out = tmp_path / "run"
+    result = run_cli(
+        "train", "--config", str(DIGITS_CONFIG),
+        f"data.train={plain}/train-{{000000..000004}}.tar", f"data.val={plain}/val-{{000000..000001}}.tar",
+        "data.num_classes=10", "data.channels=3", "data.mean=[0.25]", "data.std=[0.35]",
+        f"train.output_dir={out}", "train.epochs=4", "train.progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    val = [r for r in read_metrics(out / "metrics.jsonl") if "val/acc" in r]
+    assert max(r["val/acc"] for r in val) >= 0.9
+    meta = json.loads((out / "best" / "meta.json").read_text())
+    assert meta["class_names"] == [str(i) for i in range(10)]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.train=nowhere/train-{000000..000003}.tar"], "missing shard file: nowhere/train-000000.tar"),
+        (["data.num_classes=3"], "label 7 is outside 0..2"),
+        (["train.mixed_precision=fp16", "train.cpu=true"], "fp16 is not supported on the CPU"),
+        (["data.batch_size=4096"], "fewer than one global batch"),
+    ],
+)
+def test_bad_input_stops_before_training_with_exit_2(tmp_path, overrides, message):
+    write_plain_shards(tmp_path / "plain", [0, 1, 2, 7, 1, 0, 2, 1])
+    shard_overrides = [f"data.train={tmp_path}/plain", f"data.val={tmp_path}/plain"]
+    if "data.num_classes=3" not in overrides:
+        shard_overrides.append("data.num_classes=10")
+    result = run_cli("train", "--config", str(DIGITS_CONFIG), *shard_overrides, *overrides,
+                     f"train.output_dir={tmp_path / 'run'}", "data.channels=3", "data.mean=[0.5]", "data.std=[0.5]")
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("dist-train: error:") and message in last
+    assert not (tmp_path / "run" / "best").exists()
