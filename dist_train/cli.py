@@ -107,32 +107,19 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
-    from dist_train.data.index import resolve_shards
-    from dist_train.data.pipeline import StreamSpec, make_loader
-    from dist_train.engine import evaluate
-    from dist_train.metrics import ValidationMetrics
-    from dist_train.predict import load_for_inference
+    from dist_train.engine import evaluate_checkpoint
 
-    loaded = load_for_inference(args.checkpoint)
-    cfg = loaded.cfg
-    num_classes = len(loaded.class_names)
-    # The precision the run validated with, so that the numbers reproduce.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=loaded.meta.get("mixed_precision", "no"))
-    loaded.model.to(accelerator.device)
-    shards = resolve_shards(args.data, args.split, num_classes)
-    spec = StreamSpec(shards, train=False, num_classes=num_classes,
-                      batch_size=args.batch_size or cfg.data.val_batch_size or cfg.data.batch_size)
-    values, confusion = evaluate(loaded.model, make_loader(spec, cfg.data), ValidationMetrics(num_classes), accelerator)
+    values, confusion, samples = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size)
+    if not PartialState().is_main_process:
+        return 0
     if args.json:
-        print(json.dumps({**values, "samples": shards.samples, "val/confusion_matrix": confusion}))
+        print(json.dumps({**values, "samples": samples, "val/confusion_matrix": confusion}))
     else:
         for name, value in values.items():
             print(f"{name:22s} {value:.6f}")
-        print(f"{'samples':22s} {shards.samples}")
+        print(f"{'samples':22s} {samples}")
     return 0
 
 

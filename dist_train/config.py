@@ -46,7 +46,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"  # any torchvision classification model, or "small_cnn"
-    sync_batchnorm: bool = False
+    sync_batchnorm: bool = False  # batch statistics over all processes (small per-GPU batches)
+    # NHWC memory layout: faster convolutions on tensor-core GPUs, usually slower on CPUs.
+    channels_last: bool = False
 
 
 @dataclass
@@ -67,6 +69,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     # Weight decay on biases and normalization parameters rarely helps and often hurts.
     decay_norm_and_bias: bool = False
+    # Linear LR scaling: `lr` is meant for this global batch (processes x accumulation x
+    # batch_size) and is multiplied by actual_global_batch / lr_base_batch. null: no scaling.
+    lr_base_batch: int | None = None
 
 
 @dataclass
@@ -174,6 +179,8 @@ def validate(cfg: Config) -> None:
             )
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError("data.std values must be positive")
+    if cfg.optim.lr_base_batch is not None and cfg.optim.lr_base_batch <= 0:
+        raise ConfigError(f"optim.lr_base_batch must be positive, got {cfg.optim.lr_base_batch}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:

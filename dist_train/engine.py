@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from dist_train import __version__
 from dist_train.checkpoint import save_model_checkpoint
 from dist_train.config import Config, TrainConfig, save_config, to_dict
 from dist_train.data import Datasets, resolve_datasets
+from dist_train.data.index import resolve_shards
 from dist_train.data.pipeline import StreamSpec, make_loader
 from dist_train.data.plan import steps_per_epoch
 from dist_train.errors import ConfigError, DataError
@@ -94,7 +95,9 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     model = create_model(cfg.model.name, datasets.num_classes, cfg.data.channels)
     if cfg.model.sync_batchnorm and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # inputs follow the weights' layout
+    optimizer = build_optimizer(model, cfg.optim, global_batch=world * accum * batch)
     # The schedule is ours, stepped once per optimizer step, not passed to prepare():
     # accelerate would step it once per process.
     schedule = Schedule(optimizer, cfg.sched, steps, cfg.train.epochs)
@@ -159,6 +162,26 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     )
     accelerator.end_training()
     return FitResult(best_metrics, best_epoch, out)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", batch_size: int | None = None):
+    """Metrics of a saved model on shards: (values, confusion, samples). Works in one process
+    or under `accelerate launch`, where each rank evaluates its share and metrics are synced."""
+    from dist_train.predict import load_for_inference
+
+    loaded = load_for_inference(checkpoint)
+    cfg, num_classes = loaded.cfg, len(loaded.class_names)
+    # The precision the run validated with, so that the numbers reproduce.
+    precision = loaded.meta.get("mixed_precision", "no")
+    accelerator = make_accelerator(replace(cfg.train, mixed_precision=precision, grad_accum_steps=1))
+    shards = resolve_shards(data, split, num_classes)
+    spec = StreamSpec(shards, train=False, num_classes=num_classes,
+                      batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size,
+                      rank=accelerator.process_index, world_size=accelerator.num_processes)
+    metrics = ValidationMetrics(num_classes, accelerator.device)
+    model = loaded.model.to(accelerator.device)
+    values, confusion = evaluate(model, make_loader(spec, cfg.data), metrics, accelerator)
+    return values, confusion, shards.samples
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:

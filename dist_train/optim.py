@@ -23,7 +23,14 @@ from torch import nn
 from dist_train.config import OptimConfig, SchedConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The configured LR, scaled linearly with the global batch when `lr_base_batch` is set."""
+    return cfg.lr if cfg.lr_base_batch is None else cfg.lr * global_batch / cfg.lr_base_batch
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.Optimizer:
+    """SGD or AdamW; `global_batch` (images per optimizer step) feeds `lr_base_batch` scaling."""
+    lr = scaled_lr(cfg, global_batch) if global_batch else cfg.lr
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
@@ -36,8 +43,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     ]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
 
 
 class Schedule:

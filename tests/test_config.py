@@ -77,3 +77,10 @@ def test_cli_reports_config_errors_in_one_line_with_exit_2():
     result = run_cli("train", "--config", str(DIGITS_CONFIG), "optim.lrr=0.1")
     assert result.returncode == 2
     assert result.stderr.strip() == "dist-train: error: unknown config key: optim.lrr"
+
+
+def test_every_shipped_config_is_valid():
+    configs = sorted((DIGITS_CONFIG.parent).glob("*.yaml"))
+    assert len(configs) >= 3
+    for path in configs:
+        load_config(path)

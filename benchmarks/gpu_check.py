@@ -1,0 +1,147 @@
+"""A short GPU check: a torchvision model (ResNet-50) in bf16 on synthetic shards, one device.
+
+Runs dist-train's own pieces (shard writer, streaming pipeline, accelerator set-up,
+`train_one_epoch`) for a fixed number of optimizer steps and prints:
+  - pipeline images/s: shards -> decode -> augment -> device -> forward/backward/step,
+  - model images/s: the same step on one batch already on the device (the ceiling),
+  - peak device memory.
+
+    python benchmarks/gpu_check.py                                  # a GPU machine: the real check
+    python benchmarks/gpu_check.py --steps 2 --warmup 1 --batch-size 2 --image-size 32 --workers 0
+                                                                    # a smoke test anywhere (CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dist_train.config import Config
+from dist_train.data import sources
+from dist_train.data.index import resolve_shards
+from dist_train.data.pipeline import StreamSpec, make_loader
+from dist_train.data.shards import make_shards
+from dist_train.engine import make_accelerator, train_one_epoch
+from dist_train.models import create_model
+from dist_train.optim import Schedule, build_optimizer
+from dist_train.progress import TrainProgress
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=224, help="training crop; shards hold 256px JPEGs")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    parser.add_argument("--workers", type=int, default=max(0, min(14, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--channels-last", action="store_true", help="NHWC model (model.channels_last)")
+    parser.add_argument("--data", help="shard directory to reuse (written there if missing)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = Config()
+    cfg.model.name = args.model
+    cfg.data.batch_size = args.batch_size
+    cfg.data.image_size = args.image_size
+    cfg.data.num_workers = args.workers
+    cfg.data.augment = "standard"
+    cfg.train.mixed_precision = args.precision
+    accelerator = make_accelerator(cfg.train)
+    device = accelerator.device
+    window = max(1, min(5, args.steps))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = synthetic_shards(Path(args.data or tmp), args)
+        model = create_model(args.model, 100)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, cfg.optim)
+        schedule = Schedule(optimizer, cfg.sched, steps_per_epoch=args.warmup + args.steps, epochs=1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        criterion = torch.nn.CrossEntropyLoss()
+        spec = StreamSpec(shards, train=True, batch_size=args.batch_size, num_classes=100)
+        loader = make_loader(spec, cfg.data, pin_memory=device.type == "cuda")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        progress = TrainProgress(accelerator, epoch=0, first_step=0, total_batches=args.warmup + args.steps,
+                                 log_every_steps=window, show_bar=False)
+        train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        timed = [r["images_per_sec"] for r in progress.records if r["step"] > args.warmup] or \
+                [r["images_per_sec"] for r in progress.records]
+        pipeline_rate = statistics.median(timed)
+        peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+    model_rate = model_only_rate(model, optimizer, criterion, accelerator, args)
+    figures = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "model": args.model,
+        "precision": accelerator.mixed_precision,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "workers": args.workers,
+        "channels_last": args.channels_last,
+        "pipeline_images_per_sec": pipeline_rate,
+        "model_images_per_sec": model_rate,
+        "pipeline_over_model": pipeline_rate / model_rate,
+        "peak_memory_gib": peak_gib,
+        "torch": torch.__version__,
+    }
+    for name, value in figures.items():
+        print(f"{name:26s} {value:.3f}" if isinstance(value, float) else f"{name:26s} {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+
+
+def synthetic_shards(directory: Path, args: argparse.Namespace):
+    """Enough 256px JPEGs (for a 224 crop) for warmup + timed steps, written once per directory."""
+    total = (args.warmup + args.steps) * args.batch_size
+    if not (directory / "dataset.json").exists():
+        started = time.perf_counter()
+        stored = max(args.image_size, round(args.image_size * 256 / 224))
+        make_shards(sources.synthetic(total, 100, stored, seed=0), directory, val_fraction=0.0, shard_size=1024)
+        print(f"wrote {total} synthetic {stored}px JPEGs in {time.perf_counter() - started:.1f}s")
+    shards = resolve_shards(str(directory), "train", 100)
+    if shards.samples < total:
+        raise SystemExit(f"{directory} holds {shards.samples} samples; this run needs {total}")
+    return shards
+
+
+def model_only_rate(model, optimizer, criterion, accelerator, args) -> float:
+    """Images/s of forward+backward+step on one batch that never leaves the device."""
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=accelerator.device)
+    labels = torch.randint(0, 100, (args.batch_size,), device=accelerator.device)
+    model.train()
+
+    def step() -> None:
+        loss = criterion(model(images), labels)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(max(1, args.warmup // 2)):
+        step()
+    sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    return args.steps * args.batch_size / (time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Run under `accelerate launch` (2 CPU processes): train a model without batch-norm with
+K-step accumulation through dist-train's own `train_one_epoch`, count the gradient
+all-reduces DDP makes at each micro-step, and save the final parameters (rank 0).
+
+The data layout is the one data/plan.py gives: at optimizer step s, rank r's micro-batch k
+holds samples [s*G + (r*K + k)*b, ... + b) of the epoch, where G = W*K*b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import save_file
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from dist_train.config import SchedConfig, TrainConfig
+from dist_train.engine import make_accelerator, train_one_epoch
+from dist_train.optim import Schedule
+from dist_train.progress import TrainProgress
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5),
+    )
+
+
+def make_data(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(samples, 1, 8, 8, generator=gen), torch.randint(0, 5, (samples,), generator=gen)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--accum", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    accelerator = make_accelerator(TrainConfig(grad_accum_steps=args.accum, cpu=True))
+    world, rank, k, b = accelerator.num_processes, accelerator.process_index, args.accum, args.batch
+    global_batch = world * k * b
+    images, labels = make_data(args.steps * global_batch, seed=1)
+
+    set_seed(0)
+    model = make_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    schedule = Schedule(optimizer, SchedConfig(name="cosine"), steps_per_epoch=args.steps, epochs=1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    allreduces: list[int] = []
+
+    def counting_allreduce(state, bucket):
+        allreduces.append(1)
+        return default_hooks.allreduce_hook(None, bucket)
+
+    model.register_comm_hook(state=None, hook=counting_allreduce)
+
+    per_micro_step: list[int] = []
+
+    def loader():
+        for s in range(args.steps):
+            for micro in range(k):
+                start = s * global_batch + (rank * k + micro) * b
+                before = len(allreduces)
+                yield images[start : start + b], labels[start : start + b]
+                per_micro_step.append(len(allreduces) - before)
+
+    progress = TrainProgress(accelerator, epoch=0, first_step=0, total_batches=args.steps * k,
+                             log_every_steps=10**9, show_bar=False)
+    train_one_epoch(model, loader(), torch.nn.CrossEntropyLoss(), optimizer, schedule, accelerator, progress)
+    out = Path(args.out)
+    (out / f"allreduces-rank{rank}.json").write_text(json.dumps({
+        "per_micro_step": per_micro_step, "optimizer_steps": progress.step, "world_size": world,
+        "distributed_type": accelerator.distributed_type.value, "final_lr": schedule.lr,
+    }))
+    if accelerator.is_main_process:
+        state = accelerator.unwrap_model(model).state_dict()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "ddp.safetensors"))
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Real `accelerate launch` with 2 CPU processes over gloo: training, accumulation, metric sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from sklearn.datasets import load_digits
+
+from dist_train.tracking import read_metrics
+
+from .conftest import DIGITS_CONFIG, REPO, run_cli
+from .distributed.accumulation_check import make_data, make_model
+from .test_metrics import sklearn_reference
+
+pytestmark = pytest.mark.slow
+
+CPU_DDP = REPO / "launch" / "cpu-ddp.yaml"
+LAUNCH_TIMEOUT = 420  # seconds: a hang fails the test instead of stalling CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()), *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_uneven_digit_shards(directory: Path, counts: list[int], offset: int = 0) -> str:
+    """Plain ShardWriter-style shards (png + cls) of consecutive digits, `counts` per shard."""
+    import webdataset as wds
+
+    digits = load_digits()
+    pixels = (digits.images * 255 / 16).astype(np.uint8)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = offset
+    for n, count in enumerate(counts):
+        with wds.TarWriter(str(directory / f"part-{n:06d}.tar")) as sink:
+            for _ in range(count):
+                sink.write({"__key__": f"d{index:05d}", "png": pixels[index], "cls": int(digits.target[index])})
+                index += 1
+    return str(directory / f"part-{{000000..{len(counts) - 1:06d}}}.tar")
+
+
+def test_digits_trains_under_two_process_ddp(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    result = accelerate_launch(
+        "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}",
+        f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=6", "train.progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es) on cpu (MULTI_CPU)" in result.stdout
+    val = [r for r in read_metrics(out / "metrics.jsonl") if "val/acc" in r]
+    assert [r["epoch"] for r in val] == list(range(6))  # one writer: no duplicated records
+    assert max(r["val/acc"] for r in val) >= 0.97
+    meta = json.loads((out / "best" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    # Metrics synced across the two ranks equal one process's metrics on the whole val set.
+    single = run_cli("eval", "--checkpoint", str(out / "best"), "--data", str(digits_dir), "--json")
+    assert single.returncode == 0, single.stderr[-3000:]
+    evaluated = json.loads(single.stdout.strip().splitlines()[-1])
+    for name, value in meta["metrics"].items():
+        assert evaluated[name] == pytest.approx(value, abs=1e-6), name
+    assert evaluated["val/confusion_matrix"] == meta["confusion_matrix"]
+
+
+def test_accumulation_all_reduces_once_per_step_and_matches_one_big_batch(tmp_path):
+    accum, batch, steps = 4, 3, 5
+    result = accelerate_launch(
+        str(REPO / "tests" / "distributed" / "accumulation_check.py"),
+        "--out", str(tmp_path), "--accum", str(accum), "--batch", str(batch), "--steps", str(steps),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        report = json.loads((tmp_path / f"allreduces-rank{rank}.json").read_text())
+        assert report["distributed_type"] == "MULTI_CPU" and report["world_size"] == 2
+        assert report["optimizer_steps"] == steps
+        # no_sync on the first K-1 micro-steps; one all-reduce (the model fits one bucket) on the last.
+        assert report["per_micro_step"] == ([0] * (accum - 1) + [1]) * steps
+
+    # The same training in one process with batches of W*K*b = 24.
+    global_batch = 2 * accum * batch
+    images, labels = make_data(steps * global_batch, seed=1)
+    model = make_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    from dist_train.config import SchedConfig
+    from dist_train.optim import Schedule
+
+    schedule = Schedule(optimizer, SchedConfig(name="cosine"), steps_per_epoch=steps, epochs=1)
+    for s in range(steps):
+        chunk = slice(s * global_batch, (s + 1) * global_batch)
+        loss = torch.nn.functional.cross_entropy(model(images[chunk]), labels[chunk])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.after_optimizer_step()
+    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+    reference = model.state_dict()
+    assert set(ddp) == set(reference)
+    for name, value in reference.items():
+        assert torch.allclose(ddp[name], value, atol=1e-6, rtol=1e-5), name
+    moved = sum((make_model(seed=0).state_dict()[k] - v).abs().sum() for k, v in reference.items())
+    assert moved > 0.1  # the comparison is between trained weights, not two copies of the init
+
+
+def test_uneven_shards_prime_val_set_metrics_equal_sklearn(tmp_path):
+    pattern = write_uneven_digit_shards(tmp_path / "val", [13, 41, 47])  # 101 samples, a prime
+    result = accelerate_launch(
+        str(REPO / "tests" / "distributed" / "eval_sync_check.py"), "--shards", pattern, "--out", str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    keys = [k for rank in range(2) for k in json.loads((tmp_path / f"keys-rank{rank}.json").read_text())]
+    assert len(keys) == 101 and len(set(keys)) == 101  # every sample once, none padded or repeated
+    per_rank = [torch.load(tmp_path / f"outputs-rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert sorted(len(o["labels"]) for o in per_rank) == [50, 51]
+    logits = torch.cat([o["logits"] for o in per_rank])
+    labels = torch.cat([o["labels"] for o in per_rank])
+    synced = json.loads((tmp_path / "synced.json").read_text())
+    assert synced["world_size"] == 2
+    expected = sklearn_reference(logits, labels, 10)
+    for name, value in expected.items():
+        assert synced["values"][name] == pytest.approx(value, abs=1e-5), name
+    assert np.array(synced["confusion"]).sum() == 101
+
+
+def test_training_on_fewer_shards_than_workers_finishes(tmp_path):
+    """3 training shards of prime sizes, 2 ranks x 2 workers, K=2: equal batches, no hang."""
+    train = write_uneven_digit_shards(tmp_path / "train", [101, 53, 7])
+    val = write_uneven_digit_shards(tmp_path / "val", [29, 2], offset=200)
+    out = tmp_path / "run"
+    result = accelerate_launch(
+        "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={train}", f"data.val={val}",
+        "data.num_classes=10", "data.num_workers=2", "data.batch_size=8", "train.grad_accum_steps=2",
+        f"train.output_dir={out}", "train.epochs=2", "train.progress_bar=false", "train.log_every_steps=1",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "5 steps per epoch of 32 images" in result.stdout  # floor(161 / (2 x 2 x 8))
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 11))
+    assert [r["step"] for r in records if "val/acc" in r] == [5, 10]
+
+
+def test_bf16_autocast_on_cpu(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+                     "train.mixed_precision=bf16", "train.epochs=2", f"train.output_dir={out}",
+                     "train.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mixed precision bf16" in result.stdout
+    meta = json.loads((out / "best" / "meta.json").read_text())
+    assert meta["mixed_precision"] == "bf16" and meta["metrics"]["val/acc"] > 0.5
