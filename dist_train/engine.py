@@ -139,9 +139,9 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
         step = (epoch + 1) * steps
         log.log({"epoch": epoch, "step": step, **values, "val/confusion_matrix": confusion, **epoch_stats})
         accelerator.print(
-            f"epoch {epoch}: loss {epoch_stats['train/epoch_loss']:.4f}  "
+            f"epoch {epoch}: train loss {epoch_stats['train/epoch_loss']:.4f} | val "
             + "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in values.items())
-            + f"  ({epoch_stats['train/images_per_sec']:.0f} img/s)"
+            + f" | {epoch_stats['train/images_per_sec']:.0f} img/s"
         )
 
         if is_better(values[cfg.train.monitor], best_value, cfg.train.monitor_mode):
