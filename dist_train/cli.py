@@ -1,9 +1,10 @@
-"""The `dist-train` command: train, eval, predict, make-shards.
+"""The `dist-train` command: train, eval, predict, report, make-shards.
 
     dist-train make-shards --source digits --out data/digits
     dist-train train --config configs/digits_cpu.yaml optim.lr=0.05 train.epochs=3
     dist-train eval --checkpoint runs/digits/best --data data/digits --json
     dist-train predict --checkpoint runs/digits/best --input images/ --out preds.csv
+    dist-train report runs/digits
 
 Wrong input (config keys, types, missing or malformed data, bad checkpoints) ends with a
 one-line error naming the culprit and exit code 2, before any training starts.
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="val", help="split of a dataset directory (default val)")
     ev.add_argument("--batch-size", type=int, help="default: the run's validation batch size")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    rep = _command(sub, "report", cmd_report, "plots, summary.md and the per-class table of a run")
+    rep.add_argument("run_dir", help="a run directory (train.output_dir)")
 
     pr = _command(sub, "predict", cmd_predict, "classify images, folders or shards into a CSV")
     pr.add_argument("--checkpoint", required=True)
@@ -120,6 +124,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name, value in values.items():
             print(f"{name:22s} {value:.6f}")
         print(f"{'samples':22s} {samples}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dist_train.report import PLOT_NAMES, write_report
+
+    print(write_report(args.run_dir))
+    print(f"\nwrote {', '.join(PLOT_NAMES)} and summary.md in {args.run_dir}")
     return 0
 
 

@@ -105,6 +105,17 @@ class TrainConfig:
 
 
 @dataclass
+class TrackingConfig:
+    wandb: bool = True  # log to wandb as well as metrics.jsonl (main process only)
+    project: str = "dist-train"
+    run_name: str | None = None  # None: the output directory's name
+    tags: list[str] = field(default_factory=list)
+    # auto: online when a W&B API key is configured, else offline (files under RUN/wandb/)
+    mode: Literal["auto", "online", "offline"] = "auto"
+    plots: bool = True  # PNG plots and summary.md in the run directory at the end
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -112,6 +123,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 METRIC_NAMES = (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from dist_train.metrics import ValidationMetrics
 from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer
 from dist_train.progress import TrainProgress
-from dist_train.tracking import MetricsLog, is_better
+from dist_train.report import write_report
+from dist_train.tracking import RunTracker, is_better
 
 
 def train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, progress, clip_grad_norm=None) -> None:
@@ -104,7 +106,7 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     criterion = build_loss(cfg.loss).to(accelerator.device)
     metrics = ValidationMetrics(datasets.num_classes, accelerator.device)
-    log = MetricsLog(out / "metrics.jsonl", enabled=accelerator.is_main_process)
+    tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
 
     def stream(shards, train: bool, epoch: int = 0) -> StreamSpec:
         return StreamSpec(
@@ -131,13 +133,13 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
                         cfg.train.clip_grad_norm)
         epoch_stats = progress.close()
         for record in progress.records:
-            log.log(record)
+            tracker.log(record)
 
         val_loader = make_loader(stream(datasets.val, False), cfg.data, pin)
         values, confusion = evaluate(model, val_loader, metrics, accelerator)
         schedule.after_validation(values)
         step = (epoch + 1) * steps
-        log.log({"epoch": epoch, "step": step, **values, "val/confusion_matrix": confusion, **epoch_stats})
+        tracker.log({"epoch": epoch, "step": step, **values, "val/confusion_matrix": confusion, **epoch_stats})
         accelerator.print(
             f"epoch {epoch}: train loss {epoch_stats['train/epoch_loss']:.4f} | val "
             + "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in values.items())
@@ -155,12 +157,14 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     if accelerator.is_main_process:
         meta = checkpoint_meta(cfg, datasets, accelerator, cfg.train.epochs - 1, step, values, confusion)
         save_model_checkpoint(out / "last", accelerator.get_state_dict(model), meta)
+        if cfg.tracking.plots:
+            write_plots_and_summary(out)
     accelerator.wait_for_everyone()
     accelerator.print(
         f"best {cfg.train.monitor} {best_value:.4f} at epoch {best_epoch}; "
         f"{time.perf_counter() - started:.1f}s; checkpoints in {out}/best and {out}/last"
     )
-    accelerator.end_training()
+    accelerator.end_training()  # also closes the wandb run
     return FitResult(best_metrics, best_epoch, out)
 
 
@@ -182,6 +186,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     model = loaded.model.to(accelerator.device)
     values, confusion = evaluate(model, make_loader(spec, cfg.data), metrics, accelerator)
     return values, confusion, shards.samples
+
+
+def write_plots_and_summary(out: Path) -> None:
+    """The run's PNG plots and summary.md; a failure here must not fail a finished run."""
+    try:
+        write_report(out)
+    except Exception as exc:
+        warnings.warn(f"could not write plots and summary: {exc} (retry: dist-train report {out})", stacklevel=2)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:

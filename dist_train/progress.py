@@ -6,6 +6,7 @@ so the training step never waits on a device-to-host copy.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -26,7 +27,8 @@ class TrainProgress:
         self.bar = tqdm(
             total=total_batches,
             desc=f"epoch {epoch}",
-            disable=not (show_bar and accelerator.is_main_process),
+            # Only on a terminal: in log files (CI, Slurm) a redrawn bar is noise.
+            disable=not (show_bar and accelerator.is_main_process and sys.stderr.isatty()),
             dynamic_ncols=True,
             leave=False,
         )

@@ -1,16 +1,31 @@
-"""The run directory's own record: `metrics.jsonl`, one JSON object per line, main process only.
+"""What a run records: `metrics.jsonl` in the run directory, and wandb through accelerate.
 
-Validation records hold `epoch`, `step` and every `val/*` metric; train records hold
-`epoch`, `step`, `train/loss`, `lr` and `images_per_sec`. Lines are flushed as they are
-written, so the file can be followed while a run trains.
+Both are written by the main process only. `metrics.jsonl` holds one JSON object per line:
+validation records (`epoch`, `step`, every `val/*` metric, the confusion matrix, epoch train
+statistics) and train records every `train.log_every_steps` (`train/loss`, `lr`,
+`images_per_sec`). Lines are flushed as written, so the file can be followed during a run.
+
+wandb is optional and never fatal: with `tracking.mode=auto` it runs online only when a W&B
+API key is configured (`WANDB_API_KEY` or `wandb login`), otherwise offline, with its files
+under `RUN/wandb/` for a later `wandb sync`. If wandb cannot start at all, the run goes on
+without it after one warning.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import netrc
+import os
+import warnings
 from pathlib import Path
 from typing import Any
+
+from accelerate import Accelerator
+
+from dist_train.config import Config, TrackingConfig, to_dict
+
+WANDB_HOST = "api.wandb.ai"
 
 
 class MetricsLog:
@@ -23,6 +38,69 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+class RunTracker:
+    """metrics.jsonl plus, when enabled, a wandb run fed through `accelerator.log`."""
+
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, class_names: list[str]):
+        self.accelerator = accelerator
+        self.class_names = class_names
+        self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+        self.wandb = cfg.tracking.wandb and accelerator.is_main_process and _start_wandb(accelerator, cfg, run_dir)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics_log.log(record)
+        if self.wandb:
+            values = {k: v for k, v in record.items() if isinstance(v, int | float) and k not in ("epoch", "step")}
+            values["epoch"] = record["epoch"]
+            if "val/confusion_matrix" in record:
+                values["val/confusion_matrix"] = _confusion_table(record["val/confusion_matrix"], self.class_names)
+            self.accelerator.log(values, step=record["step"])
+
+
+def wandb_mode(cfg: TrackingConfig) -> str:
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if _has_wandb_credentials() else "offline"
+
+
+def _start_wandb(accelerator: Accelerator, cfg: Config, run_dir: Path) -> bool:
+    mode = wandb_mode(cfg.tracking)
+    init = {
+        "name": cfg.tracking.run_name or run_dir.resolve().name,
+        "tags": cfg.tracking.tags,
+        "dir": str(run_dir),
+        "mode": mode,
+    }
+    try:
+        import wandb
+        from accelerate.tracking import WandBTracker
+
+        tracker = WandBTracker(cfg.tracking.project, **init, settings=wandb.Settings(quiet=True, init_timeout=60))
+        tracker.start()
+        tracker.store_init_configuration(to_dict(cfg))
+    except Exception as exc:  # tracking must never stop training
+        warnings.warn(f"wandb could not start ({mode}): {exc}; training continues without it", stacklevel=2)
+        return False
+    accelerator.trackers.append(tracker)
+    return True
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(WANDB_HOST) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _confusion_table(matrix: list[list[int]], class_names: list[str]):
+    import wandb
+
+    rows = [[class_names[t], class_names[p], count] for t, row in enumerate(matrix) for p, count in enumerate(row)]
+    return wandb.Table(columns=["true", "predicted", "count"], data=rows)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

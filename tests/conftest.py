@@ -26,7 +26,8 @@ def digits_dir(tmp_path_factory) -> Path:
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """Run `python -m dist_train ARGS` in a fresh process, as a user would."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # No W&B credentials: runs log offline into their run directory, never to the network.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_API_KEY": "", "NETRC": os.devnull, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "dist_train", *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,

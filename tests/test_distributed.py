@@ -36,7 +36,7 @@ def free_port() -> int:
 def accelerate_launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "WANDB_API_KEY": "", "NETRC": os.devnull}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -69,6 +69,7 @@ def test_digits_trains_under_two_process_ddp(digits_dir, tmp_path):
     assert max(r["val/acc"] for r in val) >= 0.97
     meta = json.loads((out / "best" / "meta.json").read_text())
     assert meta["world_size"] == 2
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1  # one wandb run, from the main process
     # Metrics synced across the two ranks equal one process's metrics on the whole val set.
     single = run_cli("eval", "--checkpoint", str(out / "best"), "--data", str(digits_dir), "--json")
     assert single.returncode == 0, single.stderr[-3000:]

@@ -1,0 +1,271 @@
+"""Plots, a summary and a per-class table for a run directory, from its own files.
+
+    dist-train report RUN_DIR
+
+reads `metrics.jsonl`, `best/meta.json` and `last/meta.json` and (re)writes, in RUN_DIR:
+
+    loss.png  metrics.png  lr.png  confusion_matrix.png  per_class_f1.png  summary.md
+
+and prints the per-class precision / recall / F1 table of the best checkpoint, computed
+from its confusion matrix exactly as scikit-learn's `classification_report` computes it from
+the predictions. Training calls the same code at its end (`tracking.plots`), so a run
+directory explains itself without wandb.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dist_train.config import config_from_dict
+from dist_train.errors import DataError
+from dist_train.optim import lr_factor_fn, scaled_lr
+from dist_train.tracking import read_metrics
+
+PLOT_NAMES = ("loss.png", "metrics.png", "lr.png", "confusion_matrix.png", "per_class_f1.png")
+MAX_ANNOTATED_CLASSES = 30  # count labels inside confusion-matrix cells up to this many classes
+MAX_BARS = 40  # per-class F1: beyond this many classes, show the lowest ones
+
+
+@dataclass
+class RunRecords:
+    run_dir: Path
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    best: dict[str, Any]
+    last: dict[str, Any] | None
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.best["class_names"]
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    name: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+def load_run(run_dir: str | Path) -> RunRecords:
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise DataError(f"{run_dir}: not a run directory (no metrics.jsonl)")
+    records = read_metrics(run_dir / "metrics.jsonl")
+    best_meta = run_dir / "best" / "meta.json"
+    if not best_meta.is_file():
+        raise DataError(f"{run_dir}: no best checkpoint yet (best/meta.json)")
+    last_meta = run_dir / "last" / "meta.json"
+    return RunRecords(
+        run_dir=run_dir,
+        train=[r for r in records if "train/loss" in r],
+        val=[r for r in records if "val/acc" in r],
+        best=json.loads(best_meta.read_text()),
+        last=json.loads(last_meta.read_text()) if last_meta.is_file() else None,
+    )
+
+
+def per_class_scores(confusion: list[list[int]], class_names: list[str]) -> list[ClassScores]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (rows: true class).
+
+    A class never predicted has precision 0, one never present has recall 0, as with
+    scikit-learn's `zero_division=0`.
+    """
+    matrix = np.asarray(confusion, dtype=np.float64)
+    true_positive = np.diag(matrix)
+    predicted = matrix.sum(axis=0)
+    support = matrix.sum(axis=1)
+    precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
+    recall = np.divide(true_positive, support, out=np.zeros_like(true_positive), where=support > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
+    return [
+        ClassScores(name, float(p), float(r), float(f), int(s))
+        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+    ]
+
+
+def format_table(scores: list[ClassScores]) -> str:
+    """The per-class table, with accuracy and macro / weighted averages, like scikit-learn's."""
+    width = max(12, *(len(s.name) for s in scores))
+    total = sum(s.support for s in scores)
+    lines = [f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}", ""]
+    lines += [f"{s.name:>{width}} {s.precision:9.4f} {s.recall:9.4f} {s.f1:9.4f} {s.support:9d}" for s in scores]
+    correct = sum(s.recall * s.support for s in scores)
+    lines += ["", f"{'accuracy':>{width}} {'':9} {'':9} {correct / max(total, 1):9.4f} {total:9d}"]
+    for label, weights in (("macro avg", [1.0] * len(scores)), ("weighted avg", [s.support for s in scores])):
+        norm = sum(weights) or 1.0
+        p, r, f = (sum(w * getattr(s, k) for w, s in zip(weights, scores, strict=True)) / norm
+                   for k in ("precision", "recall", "f1"))
+        lines.append(f"{label:>{width}} {p:9.4f} {r:9.4f} {f:9.4f} {total:9d}")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write the plots and summary.md; return the per-class table of the best checkpoint."""
+    run = load_run(run_dir)
+    scores = per_class_scores(run.best["confusion_matrix"], run.class_names)
+    table = format_table(scores)
+    _write_plots(run, scores)
+    (run.run_dir / "summary.md").write_text(_summary(run, table))
+    return table
+
+
+def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, safe in workers and on clusters
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    name = run.best["config"]["train"]["output_dir"]
+    best_epoch = run.best["epoch"]
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if run.train:
+        ax.plot([r["step"] for r in run.train], [r["train/loss"] for r in run.train],
+                label=f"train ({run.best['config']['loss']['name']})", color="tab:blue", alpha=0.8)
+    ax.plot([r["step"] for r in run.val], [r["val/loss"] for r in run.val], "o-", label="validation (cross-entropy)",
+            color="tab:orange")
+    ax.set(title=f"Loss — {name}", xlabel="optimizer step", ylabel="loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save(fig, run.run_dir / "loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    epochs = [r["epoch"] for r in run.val]
+    for key, label in (("val/acc", "accuracy"), ("val/f1_macro", "F1 (macro)"),
+                       ("val/precision_macro", "precision (macro)"), ("val/recall_macro", "recall (macro)"),
+                       ("val/auroc_macro", "AUROC (macro)")):
+        ax.plot(epochs, [r[key] for r in run.val], "o-", label=label, markersize=3)
+    ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
+    ax.set(title=f"Validation metrics — {name}", xlabel="epoch", ylabel="score")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, run.run_dir / "metrics.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    curve = _lr_curve(run)
+    if curve is not None:
+        ax.plot(*curve, color="tab:green", label="schedule")
+    if run.train:
+        ax.plot([r["step"] for r in run.train], [r["lr"] for r in run.train], ".", color="black",
+                markersize=4, label="logged")
+    sched = run.best["config"]["sched"]
+    ax.set(title=f"Learning rate ({sched['name']}, warmup {sched['warmup_epochs']} epochs)",
+           xlabel="optimizer step", ylabel="learning rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, run.run_dir / "lr.png")
+
+    _plot_confusion(plt, run, run.run_dir / "confusion_matrix.png")
+
+    shown = scores if len(scores) <= MAX_BARS else sorted(scores, key=lambda s: s.f1)[:MAX_BARS]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.28 * len(shown) + 1.2)))
+    y = np.arange(len(shown))
+    ax.barh(y, [s.f1 for s in shown], color="tab:blue")
+    for i, s in enumerate(shown):  # the value inside the bar's end, or after a short bar
+        inside = s.f1 > 0.15
+        ax.text(s.f1 - 0.01 if inside else s.f1 + 0.01, i, f"{s.f1:.3f}", va="center", fontsize=8,
+                ha="right" if inside else "left", color="white" if inside else "black")
+    macro = float(np.mean([s.f1 for s in scores]))
+    ax.axvline(macro, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_yticks(y, [s.name for s in shown])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.0)
+    subset = "" if len(shown) == len(scores) else f", lowest {len(shown)} of {len(scores)} classes"
+    ax.set(title=f"Per-class F1, best epoch {best_epoch} (macro F1 {macro:.3f}, dashed{subset})",
+           xlabel="F1 score", ylabel="class")
+    _save(fig, run.run_dir / "per_class_f1.png")
+
+
+def _lr_curve(run: RunRecords) -> tuple[list[int], list[float]] | None:
+    """The exact per-step LR of a closed-form schedule, rebuilt from the run's config."""
+    cfg = config_from_dict(run.best["config"])
+    if cfg.sched.name == "plateau":
+        return None  # depends on the metrics: only the logged points are known
+    steps_per_epoch = run.best["step"] // (run.best["epoch"] + 1)
+    world = run.best.get("world_size", 1)
+    base = scaled_lr(cfg.optim, world * cfg.train.grad_accum_steps * cfg.data.batch_size)
+    factor = lr_factor_fn(cfg.sched, steps_per_epoch, cfg.train.epochs, base)
+    steps = list(range(steps_per_epoch * cfg.train.epochs + 1))
+    return steps, [base * factor(t) for t in steps]
+
+
+def _plot_confusion(plt, run: RunRecords, path: Path) -> None:
+    matrix = np.asarray(run.best["confusion_matrix"], dtype=np.float64)
+    names = run.class_names
+    n = len(names)
+    # Colour by the share of each true class, so rare classes are as visible as common ones.
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = min(12, max(4.5, 0.45 * n + 2))
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if n <= MAX_ANNOTATED_CLASSES:
+        ax.set_xticks(range(n), names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right")
+        ax.set_yticks(range(n), names)
+        for t in range(n):
+            for p in range(n):
+                if matrix[t, p]:
+                    colour = "white" if shares[t, p] > 0.5 else "black"
+                    ax.text(p, t, f"{int(matrix[t, p])}", ha="center", va="center", fontsize=8, color=colour)
+    accuracy = run.best["metrics"]["val/acc"]
+    ax.set(title=f"Confusion matrix, best epoch {run.best['epoch']} (accuracy {accuracy:.4f})",
+           xlabel="predicted class", ylabel="true class")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def _summary(run: RunRecords, table: str) -> str:
+    cfg = run.best["config"]
+    best, last = run.best, run.last or run.best
+    world = best.get("world_size", 1)
+    global_batch = world * cfg["train"]["grad_accum_steps"] * cfg["data"]["batch_size"]
+    rates = [r["train/images_per_sec"] for r in run.val if "train/images_per_sec" in r]
+    seconds = sum(r.get("train/epoch_seconds", 0.0) for r in run.val)
+    lines = [
+        f"# Run summary: {cfg['train']['output_dir']}",
+        "",
+        f"- best epoch: {best['epoch']} (step {best['step']}) by {best['monitor']} "
+        f"= {best['metrics'][best['monitor']]:.4f}",
+        f"- epochs run: {len(run.val)} of {cfg['train']['epochs']}; training time {seconds:.1f} s"
+        + (f"; median {np.median(rates):.0f} images/s" if rates else ""),
+        f"- model {cfg['model']['name']}, {len(run.class_names)} classes; loss {cfg['loss']['name']}; "
+        f"optimizer {cfg['optim']['name']} lr {cfg['optim']['lr']}; schedule {cfg['sched']['name']}",
+        f"- {world} process(es), global batch {global_batch} "
+        f"({cfg['data']['batch_size']} per process x {cfg['train']['grad_accum_steps']} accumulation), "
+        f"mixed precision {best.get('mixed_precision', 'no')}",
+        "",
+        "| metric | best epoch | last epoch |",
+        "| --- | --- | --- |",
+        *(f"| {k} | {best['metrics'][k]:.4f} | {last['metrics'][k]:.4f} |" for k in best["metrics"]),
+        "",
+        "## Per class (best epoch)",
+        "",
+        "```",
+        table,
+        "```",
+        "",
+        "## Plots",
+        "",
+        *(f"![{p}]({p})" for p in PLOT_NAMES),
+        "",
+    ]
+    return "\n".join(lines)
