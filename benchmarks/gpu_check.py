@@ -26,7 +26,8 @@ import torch
 from dist_train.config import Config
 from dist_train.data import sources
 from dist_train.data.index import resolve_shards
-from dist_train.data.pipeline import StreamSpec, make_loader
+from dist_train.data.order import OrderSpec
+from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
 from dist_train.data.shards import make_shards
 from dist_train.engine import make_accelerator, train_one_epoch
 from dist_train.models import create_model
@@ -71,8 +72,9 @@ def main() -> None:
         schedule = Schedule(optimizer, cfg.sched, steps_per_epoch=args.warmup + args.steps, epochs=1)
         model, optimizer = accelerator.prepare(model, optimizer)
         criterion = torch.nn.CrossEntropyLoss()
-        spec = StreamSpec(shards, train=True, batch_size=args.batch_size, num_classes=100)
-        loader = make_loader(spec, cfg.data, pin_memory=device.type == "cuda")
+        order = OrderSpec(seed=0, global_batch=args.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
+        spec = TrainStreamSpec(shards, order, epoch=0, num_classes=100, batch_size=args.batch_size)
+        loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         progress = TrainProgress(accelerator, epoch=0, first_step=0, total_batches=args.warmup + args.steps,

@@ -37,15 +37,15 @@ def save_model_checkpoint(directory: str | Path, state_dict: dict[str, torch.Ten
     weights = tmp / WEIGHTS_NAME
     # safetensors wants contiguous tensors that do not share memory.
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(weights))
-    meta = {**meta, "weights_sha256": _sha256(weights)}
+    meta = {**meta, "weights_sha256": sha256_file(weights)}
     (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
     for path in (weights, tmp / META_NAME):
-        _fsync(path)
+        fsync_path(path)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -71,7 +71,7 @@ def load_model_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
     expected = meta.get("weights_sha256")
-    if expected and _sha256(weights) != expected:
+    if expected and sha256_file(weights) != expected:
         raise CheckpointError(f"{weights}: contents do not match meta.json (truncated or altered)")
     try:
         state = load_file(str(weights))
@@ -80,7 +80,7 @@ def load_model_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor
     return state, meta
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -88,7 +88,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

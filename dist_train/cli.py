@@ -26,11 +26,16 @@ EXIT_USER_ERROR = 2
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dist_train.preemption import EXIT_PREEMPTED, TrainingStopped
+
     try:
         return args.handler(args) or 0
     except UserInputError as exc:
         print(f"dist-train: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingStopped as exc:
+        print(f"dist-train: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ class DataConfig:
     # none: resize only; light: small affine jitter (digits, documents);
     # standard: random-resized crop and horizontal flip (natural images)
     augment: Literal["none", "light", "standard"] = "standard"
-    shuffle_buffer: int = 1000  # samples held by each worker's shuffle buffer
+    shuffle_buffer: int = 1000  # training samples are shuffled within windows of this many
 
 
 @dataclass
@@ -102,6 +102,14 @@ class TrainConfig:
     log_every_steps: int = 50  # train records in metrics.jsonl, every N optimizer steps
     progress_bar: bool = True
     cpu: bool = False  # force the CPU even where CUDA is available
+    # Resumable checkpoints (RUN/checkpoints/step-N): every N optimizer steps (null: never
+    # mid-epoch), at each epoch end, the newest `keep_checkpoints` kept.
+    checkpoint_every_steps: int | None = None
+    checkpoint_every_epoch: bool = True
+    keep_checkpoints: int = 2
+    # null: a fresh run; "auto": continue from the newest good checkpoint in output_dir if
+    # there is one (else start fresh); or the path of a checkpoint directory.
+    resume: str | None = None
 
 
 @dataclass
@@ -173,7 +181,10 @@ def validate(cfg: Config) -> None:
         "train.epochs": cfg.train.epochs,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.log_every_steps": cfg.train.log_every_steps,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
     }
+    if cfg.train.checkpoint_every_steps is not None:
+        positive["train.checkpoint_every_steps"] = cfg.train.checkpoint_every_steps
     if cfg.data.val_batch_size is not None:
         positive["data.val_batch_size"] = cfg.data.val_batch_size
     for key, value in positive.items():

@@ -23,25 +23,37 @@ from torch import nn
 
 from dist_train import __version__
 from dist_train.checkpoint import save_model_checkpoint
-from dist_train.config import Config, TrainConfig, save_config, to_dict
+from dist_train.config import METRIC_NAMES, Config, TrainConfig, save_config, to_dict
 from dist_train.data import Datasets, resolve_datasets
 from dist_train.data.index import resolve_shards
-from dist_train.data.pipeline import StreamSpec, make_loader
-from dist_train.data.plan import steps_per_epoch
+from dist_train.data.order import OrderSpec, steps_per_epoch
+from dist_train.data.pipeline import StreamSpec, TrainStreamSpec, make_loader, make_train_loader
 from dist_train.errors import ConfigError, DataError
 from dist_train.losses import build_loss
 from dist_train.metrics import ValidationMetrics
 from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer
+from dist_train.preemption import StopRequest, TrainingStopped
 from dist_train.progress import TrainProgress
 from dist_train.report import write_report
-from dist_train.tracking import RunTracker, is_better
+from dist_train.resume import (
+    BestSoFar,
+    TrainPosition,
+    find_resumable,
+    load_resumable,
+    restore_rng,
+    save_resumable,
+    verify,
+)
+from dist_train.tracking import RunTracker, is_better, read_metrics, truncate_metrics
 
 
-def train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, progress, clip_grad_norm=None) -> None:
-    """One pass over this rank's batches of the epoch."""
+def train_one_epoch(model, batches, criterion, optimizer, schedule, accelerator, progress, clip_grad_norm=None,
+                    pause_after_step=lambda: False) -> bool:
+    """Train on this rank's batches of the epoch. Returns False when `pause_after_step()` asks
+    to stop after an optimizer step (to checkpoint); call again with the same iterator to go on."""
     model.train()
-    for images, labels in loader:
+    for images, labels in batches:
         images, labels = images.to(accelerator.device), labels.to(accelerator.device)
         # Inside `accumulate`, DDP skips the gradient all-reduce (no_sync) and the optimizer
         # skips step and zero_grad on every micro-batch but the last of each window.
@@ -57,6 +69,9 @@ def train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, 
         if accelerator.sync_gradients:
             schedule.after_optimizer_step()
             progress.step_done(schedule.lr)
+            if pause_after_step():
+                return False
+    return True
 
 
 def evaluate(model, loader, metrics: ValidationMetrics, accelerator) -> tuple[dict[str, float], list[list[int]]]:
@@ -80,63 +95,99 @@ class FitResult:
 
 
 def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
-    """Train `cfg.train.epochs` epochs, validating after each; keep the best and the last model."""
+    """Train `cfg.train.epochs` epochs, validating after each; keep the best and the last model.
+
+    With `train.resume`, continue from a resumable checkpoint; on SIGTERM or SIGUSR1, save
+    one at the next step boundary and raise `TrainingStopped`.
+    """
     datasets = datasets or resolve_datasets(cfg.data)
     accelerator = make_accelerator(cfg.train)
     out = Path(cfg.train.output_dir)
-    prepare_run_dir(cfg, out, accelerator)
+    resume_from = find_resume_checkpoint(cfg.train.resume, out)
+    prepare_run_dir(cfg, out, accelerator, resuming=resume_from is not None)
     set_seed(cfg.train.seed)  # the same on every rank: DDP also broadcasts rank 0's weights
+    resumed = load_resumable(resume_from, accelerator.process_index) if resume_from else None
 
-    world, accum, batch = accelerator.num_processes, cfg.train.grad_accum_steps, cfg.data.batch_size
-    steps = steps_per_epoch(datasets.train.samples, world, accum, batch)
+    world, batch = accelerator.num_processes, cfg.data.batch_size
+    order = resumed.order if resumed else OrderSpec(
+        seed=cfg.train.seed, global_batch=world * cfg.train.grad_accum_steps * batch, partitions=world,
+        window=cfg.data.shuffle_buffer,
+    )
+    accum = accumulation_for(order.global_batch, world, batch, cfg.train.grad_accum_steps, accelerator)
+    steps = steps_per_epoch(datasets.train.samples, order.global_batch)
     if steps == 0:
         raise DataError(
             f"the training set has {datasets.train.samples} samples, fewer than one global batch "
-            f"({world} processes x {accum} accumulation steps x {batch} = {world * accum * batch})"
+            f"({world} processes x {accum} accumulation steps x {batch} = {order.global_batch})"
         )
     model = create_model(cfg.model.name, datasets.num_classes, cfg.data.channels)
     if cfg.model.sync_batchnorm and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # inputs follow the weights' layout
-    optimizer = build_optimizer(model, cfg.optim, global_batch=world * accum * batch)
+    optimizer = build_optimizer(model, cfg.optim, global_batch=order.global_batch)
     # The schedule is ours, stepped once per optimizer step, not passed to prepare():
     # accelerate would step it once per process.
     schedule = Schedule(optimizer, cfg.sched, steps, cfg.train.epochs)
+    if resumed:
+        model.load_state_dict(resumed.model)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if resumed:
+        restore_training_state(resumed, optimizer, schedule, accelerator, out)
     criterion = build_loss(cfg.loss).to(accelerator.device)
     metrics = ValidationMetrics(datasets.num_classes, accelerator.device)
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
+    stop = StopRequest(accelerator)
+    position = resumed.position if resumed else TrainPosition()
+    best = resumed.best if resumed else BestSoFar()
 
-    def stream(shards, train: bool, epoch: int = 0) -> StreamSpec:
-        return StreamSpec(
-            shards=shards, train=train, num_classes=datasets.num_classes,
-            batch_size=batch if train else (cfg.data.val_batch_size or batch),
-            seed=cfg.train.seed, epoch=epoch, rank=accelerator.process_index, world_size=world,
-            grad_accum_steps=accum, shuffle_buffer=cfg.data.shuffle_buffer,
-        )
+    def checkpoint(position: TrainPosition) -> None:
+        save_resumable(accelerator, out, position, order, best, model, optimizer, schedule, cfg.train.keep_checkpoints)
+
+    def pause_after_step() -> bool:
+        every = cfg.train.checkpoint_every_steps
+        due = bool(every) and progress.step % every == 0 and progress.step % steps != 0
+        return due or stop.requested()
+
+    def stop_if_requested(position: TrainPosition) -> None:
+        if stop.requested():
+            accelerator.end_training()
+            raise TrainingStopped(f"stopped by signal {stop.received} after step {position.global_step}; "
+                                  f"resume with train.resume=auto (train.output_dir={out})")
 
     pin = accelerator.device.type == "cuda"
-    best_value, best_metrics, best_epoch = None, {}, -1
     started = time.perf_counter()
     accelerator.print(
         f"dist-train {__version__}: {world} process(es) on {accelerator.device.type} "
         f"({accelerator.distributed_type.value}), mixed precision {accelerator.mixed_precision}; "
         f"{datasets.train.samples} train / {datasets.val.samples} val samples, "
-        f"{steps} steps per epoch of {world * accum * batch} images"
+        f"{steps} steps per epoch of {order.global_batch} images"
+        + (f"; resuming from {resume_from} at epoch {position.epoch}, step {position.global_step}" if resumed else "")
     )
-    for epoch in range(cfg.train.epochs):
-        train_loader = make_loader(stream(datasets.train, True, epoch), cfg.data, pin)
-        progress = TrainProgress(accelerator, epoch, first_step=epoch * steps, total_batches=steps * accum,
+    for epoch in range(position.epoch, cfg.train.epochs):
+        train_spec = TrainStreamSpec(
+            shards=datasets.train, order=order, epoch=epoch, num_classes=datasets.num_classes, batch_size=batch,
+            grad_accum_steps=accum, rank=accelerator.process_index, world_size=world,
+            start_step=position.step_in_epoch,
+        )
+        batches = iter(make_train_loader(train_spec, cfg.data, pin))
+        progress = TrainProgress(accelerator, epoch, first_step=position.global_step,
+                                 total_batches=(steps - position.step_in_epoch) * accum,
                                  log_every_steps=cfg.train.log_every_steps, show_bar=cfg.train.progress_bar)
-        train_one_epoch(model, train_loader, criterion, optimizer, schedule, accelerator, progress,
-                        cfg.train.clip_grad_norm)
+        while not train_one_epoch(model, batches, criterion, optimizer, schedule, accelerator, progress,
+                                  cfg.train.clip_grad_norm, pause_after_step):
+            for record in progress.drain():
+                tracker.log(record)
+            position = TrainPosition(epoch, progress.step - epoch * steps, progress.step)
+            checkpoint(position)
+            stop_if_requested(position)
         epoch_stats = progress.close()
-        for record in progress.records:
+        for record in progress.drain():
             tracker.log(record)
 
-        val_loader = make_loader(stream(datasets.val, False), cfg.data, pin)
-        values, confusion = evaluate(model, val_loader, metrics, accelerator)
+        val_spec = StreamSpec(datasets.val, batch_size=cfg.data.val_batch_size or batch,
+                              num_classes=datasets.num_classes, rank=accelerator.process_index, world_size=world)
+        values, confusion = evaluate(model, make_loader(val_spec, cfg.data, pin), metrics, accelerator)
         schedule.after_validation(values)
         step = (epoch + 1) * steps
         tracker.log({"epoch": epoch, "step": step, **values, "val/confusion_matrix": confusion, **epoch_stats})
@@ -145,27 +196,70 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
             + "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in values.items())
             + f" | {epoch_stats['train/images_per_sec']:.0f} img/s"
         )
-
-        if is_better(values[cfg.train.monitor], best_value, cfg.train.monitor_mode):
-            best_value, best_metrics, best_epoch = values[cfg.train.monitor], values, epoch
+        if is_better(values[cfg.train.monitor], best.value, cfg.train.monitor_mode):
+            best = BestSoFar(values[cfg.train.monitor], epoch, values)
             if accelerator.is_main_process:
                 meta = checkpoint_meta(cfg, datasets, accelerator, epoch, step, values, confusion)
                 save_model_checkpoint(out / "best", accelerator.get_state_dict(model), meta)
         # No rank goes on (or reads best/) while the main process may still be writing it.
         accelerator.wait_for_everyone()
+        position = TrainPosition(epoch + 1, 0, step)
+        if cfg.train.checkpoint_every_epoch or stop.requested():
+            checkpoint(position)
+        stop_if_requested(position)
 
     if accelerator.is_main_process:
-        meta = checkpoint_meta(cfg, datasets, accelerator, cfg.train.epochs - 1, step, values, confusion)
+        last = read_metrics(out / "metrics.jsonl")[-1]
+        meta = checkpoint_meta(cfg, datasets, accelerator, cfg.train.epochs - 1, position.global_step,
+                               {k: v for k, v in last.items() if k in METRIC_NAMES}, last["val/confusion_matrix"])
         save_model_checkpoint(out / "last", accelerator.get_state_dict(model), meta)
         if cfg.tracking.plots:
             write_plots_and_summary(out)
     accelerator.wait_for_everyone()
+    stop.restore()
     accelerator.print(
-        f"best {cfg.train.monitor} {best_value:.4f} at epoch {best_epoch}; "
+        f"best {cfg.train.monitor} {best.value:.4f} at epoch {best.epoch}; "
         f"{time.perf_counter() - started:.1f}s; checkpoints in {out}/best and {out}/last"
     )
     accelerator.end_training()  # also closes the wandb run
-    return FitResult(best_metrics, best_epoch, out)
+    return FitResult(best.metrics or {}, best.epoch, out)
+
+
+def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_resumable(out)
+    path = Path(resume)
+    verify(path)  # a named checkpoint must be good: no silent fallback
+    return path
+
+
+def accumulation_for(global_batch: int, world: int, batch: int, configured: int, accelerator: Accelerator) -> int:
+    """Accumulation steps that keep the run's global batch on this many processes."""
+    accum, rest = divmod(global_batch, world * batch)
+    if rest or accum == 0:
+        raise ConfigError(
+            f"cannot keep the run's global batch of {global_batch} on {world} processes with data.batch_size="
+            f"{batch}: choose data.batch_size so that processes x accumulation x batch_size = {global_batch}"
+        )
+    if accum != configured:
+        accelerator.print(f"train.grad_accum_steps {configured} -> {accum}: keeps the global batch of "
+                          f"{global_batch} on {world} process(es)")
+    accelerator.gradient_accumulation_steps = accum
+    return accum
+
+
+def restore_training_state(resumed, optimizer, schedule, accelerator: Accelerator, out: Path) -> None:
+    optimizer.load_state_dict(resumed.optimizer)
+    schedule.load_state_dict(resumed.scheduler)
+    if resumed.scaler and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(resumed.scaler)
+    if resumed.rng and resumed.world_size == accelerator.num_processes:
+        restore_rng(resumed.rng)
+    if accelerator.is_main_process:
+        truncate_metrics(out / "metrics.jsonl", resumed.position.global_step)
+    accelerator.wait_for_everyone()
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", batch_size: int | None = None):
@@ -179,7 +273,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     precision = loaded.meta.get("mixed_precision", "no")
     accelerator = make_accelerator(replace(cfg.train, mixed_precision=precision, grad_accum_steps=1))
     shards = resolve_shards(data, split, num_classes)
-    spec = StreamSpec(shards, train=False, num_classes=num_classes,
+    spec = StreamSpec(shards, num_classes=num_classes,
                       batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size,
                       rank=accelerator.process_index, world_size=accelerator.num_processes)
     metrics = ValidationMetrics(num_classes, accelerator.device)
@@ -210,16 +304,18 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps)
 
 
-def prepare_run_dir(cfg: Config, out: Path, accelerator: Accelerator) -> None:
-    if (out / "metrics.jsonl").exists():
+def prepare_run_dir(cfg: Config, out: Path, accelerator: Accelerator, resuming: bool) -> None:
+    if (out / "metrics.jsonl").exists() and not resuming and cfg.train.resume != "auto":
         raise ConfigError(
-            f"train.output_dir {out} already holds a run (metrics.jsonl); choose another directory"
+            f"train.output_dir {out} already holds a run (metrics.jsonl); choose another directory "
+            "or continue it with train.resume=auto"
         )
     accelerator.wait_for_everyone()  # every rank has checked before the main process writes
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        (out / "metrics.jsonl").touch()
+        if not resuming:  # a fresh start, also under resume=auto without a checkpoint yet
+            (out / "metrics.jsonl").write_text("")
     accelerator.wait_for_everyone()
 
 

@@ -97,7 +97,7 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
                                   num_workers=loaded.cfg.data.num_workers))
     if shards:
         shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names)).shards, None)
-        spec = StreamSpec(shard_set, train=False, batch_size=batch_size,
+        spec = StreamSpec(shard_set, batch_size=batch_size,
                           num_classes=len(loaded.class_names), with_keys=True)
         loaders.append(make_loader(spec, loaded.cfg.data))
     with torch.no_grad():

@@ -76,6 +76,11 @@ class TrainProgress:
         self._window_start = now
         self.records.append(record)
 
+    def drain(self) -> list[dict]:
+        """The train records so far, handed over once."""
+        records, self.records = self.records, []
+        return records
+
     def close(self) -> dict:
         """Epoch totals across ranks: mean train loss, images per second (call on every rank)."""
         self.bar.close()

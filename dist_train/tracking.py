@@ -103,6 +103,16 @@ def _confusion_table(matrix: list[list[int]], class_names: list[str]):
     return wandb.Table(columns=["true", "predicted", "count"], data=rows)
 
 
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records up to `last_step`: a resumed run logs the later ones again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, path)
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -152,7 +152,7 @@ def count_samples(path: str, num_classes: int = 0) -> int:
             for member in tar:
                 if not member.isreg():
                     continue
-                key, _, ext = _split_member(member.name)
+                key, ext = split_member_name(member.name)
                 if key is None:
                     continue
                 if not keys or keys[-1] != key:
@@ -187,10 +187,11 @@ def parse_label(raw: bytes, num_classes: int, where: str) -> int:
     return label
 
 
-def _split_member(name: str) -> tuple[str | None, str, str]:
-    """Split `dir/key.ext.more` as webdataset does: the key ends at the basename's first dot."""
+def split_member_name(name: str) -> tuple[str | None, str]:
+    """(key, extension) of a member `dir/key.ext.more`, as webdataset splits it: the key ends
+    at the basename's first dot. (None, "") for names without one."""
     head, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     if not dot or not stem:
-        return None, "", ""
-    return (f"{head}/{stem}" if head else stem), dot, ext
+        return None, ""
+    return (f"{head}/{stem}" if head else stem), ext

@@ -1,8 +1,10 @@
-"""The streaming input pipeline: webdataset tar reading, seeded shuffle, decode, transforms, batches.
+"""The input pipeline: tar shards -> decoded, transformed images -> batches, per rank and worker.
 
-One `ShardStream` per epoch and split. Inside each DataLoader worker it asks `plan` which
-slices of which shards are its own, then runs a webdataset pipeline over them. Batches are
-formed inside the workers, so the loader is used with `batch_size=None`.
+Training (`TrainStream`) reads samples in the order of data/order.py, each directly from its
+shard (data/random_access.py): a function of (seed, epoch, position), resumable at any step.
+Evaluation and prediction (`ShardStream`) stream each rank's share of the shards once, in
+order, through webdataset's tar reader (data/plan.py says which share). Batches are formed
+inside the DataLoader workers, so loaders use `batch_size=None`.
 
 The loader is deliberately not passed through `accelerator.prepare()`: for an iterable
 dataset accelerate would either broadcast rank 0's batches or make every rank read the whole
@@ -12,8 +14,7 @@ stream, both at odds with the per-rank plan. Batches are moved to the device by 
 from __future__ import annotations
 
 import io
-import random
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 
@@ -25,6 +26,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_train.config import DataConfig
 from dist_train.data import plan
 from dist_train.data.index import ShardSet, parse_label
+from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
+from dist_train.data.random_access import ShardReader
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
 from dist_train.errors import DataError
@@ -32,69 +35,116 @@ from dist_train.errors import DataError
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything a worker needs to find and prepare its samples (picklable for workers)."""
+    """A read of every sample once (validation, evaluation, prediction), this rank's share."""
 
     shards: ShardSet
-    train: bool
     batch_size: int
     num_classes: int
-    seed: int = 0
-    epoch: int = 0
     rank: int = 0
     world_size: int = 1
-    grad_accum_steps: int = 1
-    shuffle_buffer: int = 1000
     with_keys: bool = False  # also yield each sample's "url#key" (for predictions)
 
 
-class ShardStream(IterableDataset):
-    def __init__(self, spec: StreamSpec, transform: Callable, channels: int):
-        self.spec = spec
-        self.transform = transform
-        self.mode = "L" if channels == 1 else "RGB"
+@dataclass(frozen=True)
+class TrainStreamSpec:
+    """This rank's training batches of one epoch, from `start_step` on (see data/order.py)."""
 
-    def slices(self, worker: int, num_workers: int) -> list[plan.Slice]:
-        s = self.spec
-        if s.train:
-            return plan.train_slices(
-                s.shards.shards, seed=s.seed, epoch=s.epoch, rank=s.rank, world_size=s.world_size,
-                worker=worker, num_workers=num_workers, batch_size=s.batch_size,
-                grad_accum_steps=s.grad_accum_steps,
-            )
-        return plan.val_slices(s.shards.shards, rank=s.rank, world_size=s.world_size,
-                               worker=worker, num_workers=num_workers)
+    shards: ShardSet
+    order: OrderSpec
+    epoch: int
+    num_classes: int
+    batch_size: int  # per process, per micro-step
+    grad_accum_steps: int = 1
+    rank: int = 0
+    world_size: int = 1
+    start_step: int = 0
 
-    def __iter__(self) -> Iterator:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        s = self.spec
-        slices = self.slices(worker, num_workers)
-        stages: list = [lambda: iter(slices), read_slices]
-        if s.train:
-            rng = random.Random(plan.derive_seed(s.seed, s.epoch, s.rank, worker))
-            stages.append(wds.shuffle(s.shuffle_buffer, initial=s.shuffle_buffer, rng=rng))
-        stages.append(wds.map(self.prepare))
-        # Training slices hold whole batches; validation keeps the last, smaller batch.
-        stages.append(wds.batched(s.batch_size, partial=not s.train, collation_fn=collate))
-        return iter(wds.DataPipeline(*stages))
 
-    def prepare(self, sample: dict) -> tuple:
+class SampleDecoder:
+    """A raw sample (dict of member bytes) -> (image tensor, label[, source]), or a DataError
+    that names the shard and the sample key."""
+
+    def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False):
+        self.transform = build_transform(data_cfg, train=train)
+        self.mode = "L" if data_cfg.channels == 1 else "RGB"
+        self.num_classes = num_classes
+        self.with_keys = with_keys
+
+    def __call__(self, sample: dict) -> tuple:
         where = f"{sample['__url__']}: sample {sample['__key__']!r}"
         image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
         if image_key is None:
             raise DataError(f"{where} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
         if "cls" not in sample:
             raise DataError(f"{where} has no .cls label")
-        label = parse_label(sample["cls"], self.spec.num_classes, where)
+        label = parse_label(sample["cls"], self.num_classes, where)
         try:
             with Image.open(io.BytesIO(sample[image_key])) as img:
                 image = img.convert(self.mode)
         except (UnidentifiedImageError, OSError) as exc:
             raise DataError(f"{where}: .{image_key} is not a decodable image ({exc})") from None
         prepared = (self.transform(image), label)
-        if self.spec.with_keys:
+        if self.with_keys:
             prepared += (f"{sample['__url__']}#{sample['__key__']}",)
         return prepared
+
+
+class ShardStream(IterableDataset):
+    """Streams this rank's share of the shards with webdataset's tar reader, in order."""
+
+    def __init__(self, spec: StreamSpec, decode: SampleDecoder):
+        self.spec = spec
+        self.decode = decode
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        s = self.spec
+        slices = plan.val_slices(s.shards.shards, rank=s.rank, world_size=s.world_size,
+                                 worker=worker, num_workers=num_workers)
+        return iter(wds.DataPipeline(
+            lambda: iter(slices),
+            read_slices,
+            wds.map(self.decode),
+            wds.batched(s.batch_size, partial=True, collation_fn=collate),
+        ))
+
+
+class TrainStream(IterableDataset):
+    """This rank's training micro-batches, in the order data/order.py defines.
+
+    Worker w of n builds micro-batches w, w+n, ... (the DataLoader takes them round-robin, so
+    the batches arrive in order whatever n is). Each sample is read directly from its shard
+    and augmented with a random state seeded by its global position: the batches are the same
+    for any number of workers, and after a resume.
+    """
+
+    def __init__(self, spec: TrainStreamSpec, decode: SampleDecoder):
+        self.spec = spec
+        self.decode = decode
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        s = self.spec
+        order = EpochOrder(s.shards.shards, s.order, s.epoch)
+        reader = ShardReader()
+        try:
+            micro_batches = range(s.start_step * s.grad_accum_steps, order.steps * s.grad_accum_steps)
+            for j in micro_batches[worker::num_workers]:
+                step, micro = divmod(j, s.grad_accum_steps)
+                positions = micro_batch_positions(step, micro, s.rank, s.world_size, s.grad_accum_steps,
+                                                  s.batch_size, s.order.global_batch)
+                yield collate([self._prepare(order, reader, q) for q in positions])
+        finally:
+            reader.close()
+
+    def _prepare(self, order: EpochOrder, reader: ShardReader, position: int) -> tuple:
+        shard, index = order.sample(position)
+        raw = reader.sample(shard.url, index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(plan.derive_seed(self.spec.order.seed, self.spec.epoch, position))
+            return self.decode(raw)
 
 
 def read_slices(slices: Iterable[plan.Slice]) -> Iterator[dict]:
@@ -122,16 +172,23 @@ def collate(samples: list[tuple]) -> tuple:
 
 
 def make_loader(spec: StreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
-    stream = ShardStream(spec, build_transform(data_cfg, train=spec.train), data_cfg.channels)
-    # Worker RNGs (random augmentations) derive from this generator: a function of the seed,
-    # the epoch and the rank, never of the wall clock.
-    generator = torch.Generator().manual_seed(plan.derive_seed(spec.seed, spec.epoch, spec.rank, 1))
+    """Every sample of this rank's share once, in batches (the last may be smaller)."""
+    decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys)
+    return _loader(ShardStream(spec, decode), data_cfg, pin_memory)
+
+
+def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
+    """This rank's training micro-batches for one epoch, from `spec.start_step` on."""
+    return _loader(TrainStream(spec, SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes)),
+                   data_cfg, pin_memory)
+
+
+def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool) -> DataLoader:
     return DataLoader(
-        stream,
-        batch_size=None,
+        dataset,
+        batch_size=None,  # batches are formed in the workers
         num_workers=data_cfg.num_workers,
         pin_memory=pin_memory,
-        generator=generator,
         # Two batches in flight per worker: enough to hide decode jitter, little memory.
         prefetch_factor=2 if data_cfg.num_workers > 0 else None,
     )

@@ -1,20 +1,11 @@
-"""Which samples each process and each DataLoader worker reads in an epoch: a pure function.
+"""Which samples each process and DataLoader worker reads to see a set once: a pure function.
 
-Shards are read as one sequence (their order shuffled per epoch for training) and that
-sequence is cut into contiguous spans, first one per process (rank), then one per worker
-within a rank. A span may start or end inside a shard, so any number of shards serves any
-number of ranks x workers: nobody idles, and nobody waits for a rank that has more.
-
-Training: an epoch is `floor(N / global_batch)` optimizer steps, where
-`global_batch = world_size * grad_accum_steps * batch_size`. Every rank gets exactly
-`steps * grad_accum_steps` full batches, so DDP collectives always pair up and every
-accumulation window is complete. The fewer than `global_batch` samples left over are skipped
-for this epoch; since the shard order changes every epoch, different samples are skipped
-each time.
-
-Validation: every sample exactly once across all ranks, with no padding, so that metrics
-computed from summed counts equal the single-process value on the whole set. Ranks may get
-one sample more or less than each other; validation has no per-batch collectives.
+Shards are read as one sequence, cut into contiguous spans, first one per process (rank),
+then one per worker within a rank. A span may start or end inside a shard, so any number of
+shards serves any number of ranks x workers, and every sample is read exactly once across
+all ranks, with no padding: metrics computed from summed counts equal the single-process
+value on the whole set. Ranks may get one sample more or less than each other; evaluation
+has no per-batch collectives. (Training order: data/order.py.)
 """
 
 from __future__ import annotations
@@ -47,32 +38,6 @@ def epoch_shard_order(shards: tuple[Shard, ...], seed: int, epoch: int, shuffle:
         return list(shards)
     order = np.random.default_rng(derive_seed(seed, epoch)).permutation(len(shards))
     return [shards[i] for i in order]
-
-
-def steps_per_epoch(total_samples: int, world_size: int, grad_accum_steps: int, batch_size: int) -> int:
-    return total_samples // (world_size * grad_accum_steps * batch_size)
-
-
-def train_slices(
-    shards: tuple[Shard, ...],
-    *,
-    seed: int,
-    epoch: int,
-    rank: int,
-    world_size: int,
-    worker: int,
-    num_workers: int,
-    batch_size: int,
-    grad_accum_steps: int,
-) -> list[Slice]:
-    """This worker's share of the epoch: a whole number of full batches."""
-    total = sum(s.samples for s in shards)
-    batches_per_rank = steps_per_epoch(total, world_size, grad_accum_steps, batch_size) * grad_accum_steps
-    rank_start = rank * batches_per_rank * batch_size
-    first, count = _even_share(batches_per_rank, num_workers, worker)
-    start = rank_start + first * batch_size
-    order = epoch_shard_order(shards, seed, epoch, shuffle=True)
-    return _cut(order, start, start + count * batch_size)
 
 
 def val_slices(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,14 +29,14 @@ def main() -> None:
     accelerator = make_accelerator(TrainConfig(cpu=True))
     data_cfg = DataConfig(num_workers=2, image_size=8, channels=1, mean=[0.25], std=[0.35], augment="none")
     shards = resolve_shards(args.shards, "val", args.num_classes)
-    spec = StreamSpec(shards, train=False, batch_size=7, num_classes=args.num_classes,
+    spec = StreamSpec(shards, batch_size=7, num_classes=args.num_classes,
                       rank=accelerator.process_index, world_size=accelerator.num_processes)
     torch.manual_seed(0)  # the same weights on every rank, without DDP
     model = SmallCNN(args.num_classes, in_channels=1)
     metrics = ValidationMetrics(args.num_classes)
     values, confusion = evaluate(model, make_loader(spec, data_cfg), metrics, accelerator)
 
-    keyed = StreamSpec(**{**spec.__dict__, "with_keys": True})
+    keyed = replace(spec, with_keys=True)
     logits, labels, keys = [], [], []
     with torch.no_grad():
         for images, batch_labels, batch_keys in make_loader(keyed, data_cfg):

@@ -1,0 +1,95 @@
+"""The training sample order: a pure function of (seed, epoch, global position).
+
+Every training sample of an epoch has a global position q. Optimizer step s consumes
+positions [s*G, (s+1)*G), where G is the global batch (processes x accumulation x per-process
+batch). The order does not depend on the number of processes, of accumulation steps or of
+DataLoader workers, so a run can stop at any step and resume, on another number of
+processes, exactly where it stopped: the state of the data is just (epoch, step).
+
+How positions map to samples (the design of MosaicML Streaming, on webdataset tar shards):
+  1. Shards are shuffled per epoch and read as one sequence of N samples.
+  2. The sequence is cut into C contiguous *partitions*, C fixed for the whole run (the
+     number of processes of its first launch), each holding steps * G / C samples; the rest
+     (fewer than G) is skipped this epoch, different samples each epoch.
+  3. Within a partition, samples are shuffled inside windows of B consecutive samples
+     (`data.shuffle_buffer`), each window with its own seeded permutation.
+  4. A global batch takes G / C consecutive samples of every partition, partition 0 first.
+With as many processes as partitions, each process reads only its own partition, window by
+window; with fewer, a process reads several; with more, they share one.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from dist_train.data.index import Shard
+from dist_train.data.plan import derive_seed, epoch_shard_order
+from dist_train.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OrderSpec:
+    """What fixes the order; saved in resumable checkpoints and kept across resumes."""
+
+    seed: int
+    global_batch: int  # G: samples per optimizer step, over all processes
+    partitions: int  # C: divides G
+    window: int  # B: shuffle window within a partition
+
+    def __post_init__(self):
+        if self.global_batch % self.partitions:
+            raise ConfigError(
+                f"the global batch ({self.global_batch}) must be a multiple of the run's data partitions "
+                f"({self.partitions}, its first launch's process count)"
+            )
+
+
+class EpochOrder:
+    def __init__(self, shards: tuple[Shard, ...], spec: OrderSpec, epoch: int):
+        self.spec = spec
+        self.epoch = epoch
+        self.shards = epoch_shard_order(shards, spec.seed, epoch, shuffle=True)
+        self.starts = np.cumsum([0] + [s.samples for s in self.shards]).tolist()
+        total = self.starts[-1]
+        self.steps = steps_per_epoch(total, spec.global_batch)
+        self.per_partition_step = spec.global_batch // spec.partitions  # G / C
+        self.partition_len = self.steps * self.per_partition_step
+
+    def sample(self, position: int) -> tuple[Shard, int]:
+        """(shard, index within the shard) of the sample at this global position."""
+        step, offset = divmod(position, self.spec.global_batch)
+        partition, within = divmod(offset, self.per_partition_step)
+        p = step * self.per_partition_step + within  # position inside the partition
+        window, slot = divmod(p, self.spec.window)
+        source = window * self.spec.window + int(self._window_perm(partition, window)[slot])
+        concat = partition * self.partition_len + source
+        shard = bisect.bisect_right(self.starts, concat) - 1
+        return self.shards[shard], concat - self.starts[shard]
+
+    def _window_perm(self, partition: int, window: int) -> np.ndarray:
+        return _permutation(self.spec.seed, self.epoch, partition, window,
+                            min(self.spec.window, self.partition_len - window * self.spec.window))
+
+
+@lru_cache(maxsize=64)
+def _permutation(seed: int, epoch: int, partition: int, window: int, size: int) -> np.ndarray:
+    return np.random.default_rng(derive_seed(seed, epoch, partition, window, 7)).permutation(size)
+
+
+def steps_per_epoch(total_samples: int, global_batch: int) -> int:
+    return total_samples // global_batch
+
+
+def micro_batch_positions(step: int, micro: int, rank: int, world_size: int, grad_accum_steps: int,
+                          batch_size: int, global_batch: int) -> range:
+    """Global positions of rank `rank`'s micro-batch `micro` (0..K-1) of optimizer step `step`.
+
+    Within a global batch, rank r takes the r-th run of K*b positions, so with as many ranks as
+    partitions every rank stays inside its own partition.
+    """
+    start = step * global_batch + (rank * grad_accum_steps + micro) * batch_size
+    return range(start, start + batch_size)

@@ -1,0 +1,73 @@
+"""Read any sample of a local tar shard directly: an index of member offsets, then seek + read.
+
+The index of a shard (each sample's key and, per member, offset and size) is built once per
+process from the tar headers alone, so a resumed run jumps to its position without reading
+the samples before it, and each DataLoader worker reads only its own samples.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections import OrderedDict
+
+from dist_train.data.index import split_member_name
+from dist_train.errors import DataError
+
+MAX_OPEN_FILES = 16
+
+
+class ShardReader:
+    def __init__(self):
+        self._index: dict[str, list[tuple[str, dict[str, tuple[int, int]]]]] = {}
+        self._files: OrderedDict = OrderedDict()
+
+    def sample(self, url: str, index: int) -> dict:
+        """The sample as webdataset's reader gives it: {"__key__", "__url__", ext: bytes}."""
+        entries = self._index.get(url)
+        if entries is None:
+            entries = self._index[url] = _build_index(url)
+        if index >= len(entries):
+            raise DataError(f"{url}: has {len(entries)} samples, sample {index} was asked for "
+                            "(changed since it was indexed?)")
+        key, members = entries[index]
+        f = self._file(url)
+        sample = {"__key__": key, "__url__": url}
+        for ext, (offset, size) in members.items():
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise DataError(f"{url}: sample {key!r}: member .{ext} is truncated")
+            sample[ext] = data
+        return sample
+
+    def _file(self, url: str):
+        f = self._files.pop(url, None)
+        if f is None:
+            if len(self._files) >= MAX_OPEN_FILES:
+                self._files.popitem(last=False)[1].close()
+            f = open(url, "rb")  # noqa: SIM115 - kept open across samples, closed in close()
+        self._files[url] = f
+        return f
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _build_index(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    entries: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        with tarfile.open(url, mode="r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                key, ext = split_member_name(member.name)
+                if key is None:
+                    continue
+                if not entries or entries[-1][0] != key:
+                    entries.append((key, {}))
+                entries[-1][1][ext.lower()] = (member.offset_data, member.size)
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise DataError(f"{url}: unreadable tar shard ({exc})") from None
+    return entries

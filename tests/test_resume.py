@@ -1,0 +1,176 @@
+"""Fault tolerance: SIGKILL and resume (same and other process count), SIGTERM, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_train.checkpoint import load_model_checkpoint
+from dist_train.errors import CheckpointError
+from dist_train.preemption import EXIT_PREEMPTED
+from dist_train.resume import find_resumable, load_resumable
+from dist_train.tracking import read_metrics
+
+from .conftest import DIGITS_CONFIG, REPO, run_cli
+from .test_distributed import CPU_DDP, accelerate_launch, free_port
+
+pytestmark = pytest.mark.slow
+
+STEPS_PER_EPOCH = 1438 // 64  # 2 processes x 32, or 1 process x 2 accumulation x 32
+
+
+def train_args(digits_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}",
+        f"data.val={digits_dir}", f"train.output_dir={out}", "model.name=small_cnn_gn", "train.epochs=2",
+        "train.checkpoint_every_steps=5", "train.progress_bar=false", "tracking.wandb=false",
+        "tracking.plots=false", "train.log_every_steps=1", *extra,
+    ]
+
+
+def val_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run / "metrics.jsonl") if "val/acc" in r]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "last" / "model.safetensors"))
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, "the run ended before the expected checkpoint"
+        assert time.monotonic() < deadline, f"no {path} after {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def runs(digits_dir, tmp_path_factory):
+    """An uninterrupted 2-process run, and a copy of another killed with SIGKILL mid-epoch."""
+    base = tmp_path_factory.mktemp("resume")
+    reference = base / "reference"
+    result = accelerate_launch(*train_args(digits_dir, reference))
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    killed = base / "killed"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()),
+           *train_args(digits_dir, killed)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(killed / "checkpoints" / "step-00000030", process)  # epoch 1, step 8 of 22
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # launcher and both ranks, like a power cut
+        process.wait()
+    return {"reference": reference, "killed": killed, "base": base}
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(runs, digits_dir):
+    resumed = runs["base"] / "resumed-2"
+    shutil.copytree(runs["killed"], resumed)
+    assert not (resumed / "last").exists()
+    result = accelerate_launch(*train_args(digits_dir, resumed, "train.resume=auto"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "resuming from" in result.stdout and "at epoch 1" in result.stdout
+    reference, ours = weights(runs["reference"]), weights(resumed)
+    assert set(reference) == set(ours)
+    assert all(torch.equal(reference[k], ours[k]) for k in reference)  # bitwise
+    assert val_records(resumed) == val_records(runs["reference"])
+
+
+def test_resume_on_one_process_instead_of_two(runs, digits_dir):
+    resumed = runs["base"] / "resumed-1"
+    shutil.copytree(runs["killed"], resumed)
+    result = run_cli(*train_args(digits_dir, resumed, "train.resume=auto")[2:])
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "train.grad_accum_steps 1 -> 2" in result.stdout  # the global batch of 64 is kept
+    reference, ours = weights(runs["reference"]), weights(resumed)
+    for name, value in reference.items():
+        assert torch.allclose(ours[name], value, rtol=1e-4, atol=1e-5), name
+    for ref, got in zip(val_records(runs["reference"]), val_records(resumed), strict=True):
+        assert got["step"] == ref["step"]
+        for key in ("val/acc", "val/f1_macro", "val/loss", "val/auroc_macro"):
+            assert got[key] == pytest.approx(ref[key], abs=1e-4), key
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, *train_args(digits_dir, out, "train.checkpoint_every_steps=null")]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 3:
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == EXIT_PREEMPTED == 75, stderr[-3000:]
+    assert "stopped by signal 15" in stderr
+    checkpoints = list((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 1
+    state = json.loads((checkpoints[0] / "state.json").read_text())
+    step = state["position"]["global_step"]
+    assert 3 <= step < STEPS_PER_EPOCH * 2 and checkpoints[0].name == f"step-{step:08d}"
+    assert state["position"]["step_in_epoch"] == step % (1438 // 32)
+    assert max(r["step"] for r in read_metrics(out / "metrics.jsonl")) <= step + 1
+    finished = run_cli(*train_args(digits_dir, out, "train.resume=auto", "train.epochs=1")[2:])
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert (out / "last" / "model.safetensors").is_file()
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["reference"], run)
+    newest, previous = sorted((run / "checkpoints").iterdir(), reverse=True)[:2]
+    weights_file = newest / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-00000044.*truncated"):
+        assert find_resumable(run) == previous
+    with pytest.raises(CheckpointError, match="missing, truncated or altered"):
+        load_resumable(newest, rank=0)
+
+
+def test_a_pickle_that_would_run_code_is_refused(runs, tmp_path):
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "payload.pt"
+    torch.save({"weight": _RunsCode(str(marker))}, payload)
+    best = tmp_path / "best"
+    shutil.copytree(runs["reference"] / "best", best)
+    meta = json.loads((best / "meta.json").read_text())
+    shutil.copy(payload, best / "model.safetensors")
+    meta.pop("weights_sha256")  # even without the hash check, the format check refuses it
+    (best / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model_checkpoint(best)
+    resumable = tmp_path / "step-00000044"
+    shutil.copytree(sorted((runs["reference"] / "checkpoints").iterdir())[-1], resumable)
+    shutil.copy(payload, resumable / "optimizer.safetensors")
+    state = json.loads((resumable / "state.json").read_text())
+    from dist_train.checkpoint import sha256_file
+
+    state["files"]["optimizer.safetensors"] = sha256_file(resumable / "optimizer.safetensors")
+    (resumable / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="unreadable tensors"):
+        load_resumable(resumable, rank=0)
+    assert not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this would create a file: the kind of payload a checkpoint must never run."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
