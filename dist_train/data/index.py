@@ -139,14 +139,15 @@ def _manifest_counts(directory: Path) -> tuple[dict[str, int], list[str] | None]
     return counts, list(manifest["classes"])
 
 
-def count_samples(path: str, num_classes: int = 0) -> int:
-    """Count the samples of one local tar shard and check its labels, without decoding images.
+TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]  # [(key, {ext: (offset, size)})] in file order
 
-    Random-access tar reading seeks past image data, so this reads little more than headers.
+
+def index_tar(path: str) -> TarIndex:
+    """Each sample's key and members (offset and size of the data) of a local tar shard.
+
+    Random-access tar reading seeks past member data, so this reads little more than headers.
     """
-    keys: list[str] = []
-    labels: dict[str, bytes] = {}
-    images: set[str] = set()
+    entries: TarIndex = []
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -155,25 +156,29 @@ def count_samples(path: str, num_classes: int = 0) -> int:
                 key, ext = split_member_name(member.name)
                 if key is None:
                     continue
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                ext = ext.lower()
-                if ext == "cls":
-                    stream = tar.extractfile(member)
-                    labels[key] = stream.read(64) if stream else b""
-                elif ext in IMAGE_EXTENSIONS:
-                    images.add(key)
+                if not entries or entries[-1][0] != key:
+                    entries.append((key, {}))
+                entries[-1][1][ext.lower()] = (member.offset_data, member.size)
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise DataError(f"{path}: unreadable tar shard ({exc})") from None
-    for key in keys:
-        if key not in images:
-            raise DataError(f"{path}: sample {key!r} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-        if key not in labels:
-            raise DataError(f"{path}: sample {key!r} has no .cls label")
-        parse_label(labels[key], num_classes, where=f"{path}: sample {key!r}")
-    if len(set(keys)) != len(keys):
+    return entries
+
+
+def count_samples(path: str, num_classes: int = 0) -> int:
+    """Count the samples of one local tar shard and check their labels, without decoding images."""
+    entries = index_tar(path)
+    if len({key for key, _ in entries}) != len(entries):
         raise DataError(f"{path}: members of one sample are not stored together")
-    return len(keys)
+    with open(path, "rb") as f:
+        for key, members in entries:
+            if not any(ext in members for ext in IMAGE_EXTENSIONS):
+                raise DataError(f"{path}: sample {key!r} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
+            if "cls" not in members:
+                raise DataError(f"{path}: sample {key!r} has no .cls label")
+            offset, size = members["cls"]
+            f.seek(offset)
+            parse_label(f.read(min(size, 64)), num_classes, where=f"{path}: sample {key!r}")
+    return len(entries)
 
 
 def parse_label(raw: bytes, num_classes: int, where: str) -> int:

@@ -97,8 +97,7 @@ class ShardStream(IterableDataset):
         self.decode = decode
 
     def __iter__(self) -> Iterator:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = _this_worker()
         s = self.spec
         slices = plan.val_slices(s.shards.shards, rank=s.rank, world_size=s.world_size,
                                  worker=worker, num_workers=num_workers)
@@ -124,8 +123,7 @@ class TrainStream(IterableDataset):
         self.decode = decode
 
     def __iter__(self) -> Iterator:
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        worker, num_workers = _this_worker()
         s = self.spec
         order = EpochOrder(s.shards.shards, s.order, s.epoch)
         reader = ShardReader()
@@ -145,6 +143,12 @@ class TrainStream(IterableDataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(plan.derive_seed(self.spec.order.seed, self.spec.epoch, position))
             return self.decode(raw)
+
+
+def _this_worker() -> tuple[int, int]:
+    """(worker id, number of workers) inside a DataLoader worker; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
 
 
 def read_slices(slices: Iterable[plan.Slice]) -> Iterator[dict]:

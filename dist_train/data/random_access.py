@@ -7,10 +7,9 @@ the samples before it, and each DataLoader worker reads only its own samples.
 
 from __future__ import annotations
 
-import tarfile
 from collections import OrderedDict
 
-from dist_train.data.index import split_member_name
+from dist_train.data.index import TarIndex, index_tar
 from dist_train.errors import DataError
 
 MAX_OPEN_FILES = 16
@@ -18,14 +17,14 @@ MAX_OPEN_FILES = 16
 
 class ShardReader:
     def __init__(self):
-        self._index: dict[str, list[tuple[str, dict[str, tuple[int, int]]]]] = {}
+        self._index: dict[str, TarIndex] = {}
         self._files: OrderedDict = OrderedDict()
 
     def sample(self, url: str, index: int) -> dict:
         """The sample as webdataset's reader gives it: {"__key__", "__url__", ext: bytes}."""
         entries = self._index.get(url)
         if entries is None:
-            entries = self._index[url] = _build_index(url)
+            entries = self._index[url] = index_tar(url)
         if index >= len(entries):
             raise DataError(f"{url}: has {len(entries)} samples, sample {index} was asked for "
                             "(changed since it was indexed?)")
@@ -53,21 +52,3 @@ class ShardReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
-
-
-def _build_index(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    entries: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    try:
-        with tarfile.open(url, mode="r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                key, ext = split_member_name(member.name)
-                if key is None:
-                    continue
-                if not entries or entries[-1][0] != key:
-                    entries.append((key, {}))
-                entries[-1][1][ext.lower()] = (member.offset_data, member.size)
-    except (OSError, tarfile.TarError, EOFError) as exc:
-        raise DataError(f"{url}: unreadable tar shard ({exc})") from None
-    return entries
