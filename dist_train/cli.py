@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, help="default: the run's validation batch size")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
+    bench = _command(sub, "bench", cmd_bench, "measure overhead, loader speed, DDP scaling (ratios)")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes, seconds per figure (CI)")
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+
     rep = _command(sub, "report", cmd_report, "plots, summary.md and the per-class table of a run")
     rep.add_argument("run_dir", help="a run directory (train.output_dir)")
 
@@ -130,6 +134,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"{name:22s} {value:.6f}")
         print(f"{'samples':22s} {samples}")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dist_train.bench import main as bench_main
+
+    return bench_main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else [])])
 
 
 def cmd_report(args: argparse.Namespace) -> int:

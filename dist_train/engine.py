@@ -164,13 +164,13 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
         f"{steps} steps per epoch of {order.global_batch} images"
         + (f"; resuming from {resume_from} at epoch {position.epoch}, step {position.global_step}" if resumed else "")
     )
+    train_loader = make_train_loader(TrainStreamSpec(
+        shards=datasets.train, order=order, epoch=position.epoch, num_classes=datasets.num_classes, batch_size=batch,
+        grad_accum_steps=accum, rank=accelerator.process_index, world_size=world,
+    ), cfg.data, pin)
     for epoch in range(position.epoch, cfg.train.epochs):
-        train_spec = TrainStreamSpec(
-            shards=datasets.train, order=order, epoch=epoch, num_classes=datasets.num_classes, batch_size=batch,
-            grad_accum_steps=accum, rank=accelerator.process_index, world_size=world,
-            start_step=position.step_in_epoch,
-        )
-        batches = iter(make_train_loader(train_spec, cfg.data, pin))
+        train_loader.set_position(epoch, position.step_in_epoch)
+        batches = iter(train_loader)
         progress = TrainProgress(accelerator, epoch, first_step=position.global_step,
                                  total_batches=(steps - position.step_in_epoch) * accum,
                                  log_every_steps=cfg.train.log_every_steps, show_bar=cfg.train.progress_bar)

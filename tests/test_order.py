@@ -84,3 +84,16 @@ def test_two_ranks_split_each_global_batch(digits_dir):
     for step, (x, y) in enumerate(whole):
         assert torch.equal(torch.cat([halves[0][step][1], halves[1][step][1]]), y)
         assert torch.equal(torch.cat([halves[0][step][0], halves[1][step][0]]), x)
+
+
+@pytest.mark.parametrize(
+    ("world", "accum", "batch", "partitions"), [(2, 2, 2, 2), (1, 4, 2, 2), (4, 1, 2, 2), (2, 1, 4, 1)]
+)
+def test_a_rank_reads_only_the_shards_it_is_told(world, accum, batch, partitions):
+    order = EpochOrder(shards([9, 14, 3, 20, 11]), OrderSpec(1, world * accum * batch, partitions, 5), epoch=3)
+    for rank in range(world):
+        allowed = set(order.shards_for_rank(rank, world, accum, batch))
+        for step in range(order.steps):
+            for micro in range(accum):
+                for q in micro_batch_positions(step, micro, rank, world, accum, batch, order.spec.global_batch):
+                    assert order.sample(q)[0] in allowed

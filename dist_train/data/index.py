@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,13 +141,60 @@ def _manifest_counts(directory: Path) -> tuple[dict[str, int], list[str] | None]
 
 
 TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]  # [(key, {ext: (offset, size)})] in file order
+TAR_BLOCK = 512
 
 
 def index_tar(path: str) -> TarIndex:
     """Each sample's key and members (offset and size of the data) of a local tar shard.
 
-    Random-access tar reading seeks past member data, so this reads little more than headers.
+    Reads the 512-byte headers only, seeking past member data: several times faster than
+    `tarfile`. Understands ustar, pax extended headers (which `webdataset.TarWriter` writes for
+    float mtimes) and GNU long names; other archives go through `tarfile`.
     """
+    entries: TarIndex = []
+    try:
+        with open(path, "rb") as f:
+            end = os.fstat(f.fileno()).st_size
+            pos = 0
+            override: dict[str, str] = {}  # from a pax or long-name header, for the next member
+            while pos + TAR_BLOCK <= end:
+                f.seek(pos)
+                header = f.read(TAR_BLOCK)
+                if header[0] == 0:  # end-of-archive blocks
+                    break
+                if _tar_checksum(header) != _tar_number(header[148:156]):
+                    raise DataError(f"{path}: unreadable tar shard (bad header checksum at byte {pos})")
+                kind = header[156:157]
+                size = _tar_number(header[124:136])
+                data = pos + TAR_BLOCK
+                if kind in (b"x", b"L"):
+                    f.seek(data)
+                    extra = f.read(size)
+                    override = _pax_records(extra) if kind == b"x" else {"path": extra.split(b"\0", 1)[0].decode()}
+                elif kind in (b"g", b"K"):
+                    pass  # global pax settings and long link names do not name samples
+                elif kind not in (b"0", b"\0"):
+                    return _index_with_tarfile(path)  # directories, links, ...: let tarfile judge
+                else:
+                    size = int(override.get("size", size))
+                    name = override.get("path") or _ustar_name(header)
+                    override = {}
+                    key, ext = split_member_name(name)
+                    if key is not None:
+                        if not entries or entries[-1][0] != key:
+                            entries.append((key, {}))
+                        entries[-1][1][ext.lower()] = (data, size)
+                if data + size > end:
+                    raise DataError(f"{path}: unreadable tar shard (truncated: a member ends past the file)")
+                pos = data + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable tar shard ({exc})") from None
+    except ValueError:
+        raise DataError(f"{path}: unreadable tar shard (malformed header)") from None
+    return entries
+
+
+def _index_with_tarfile(path: str) -> TarIndex:
     entries: TarIndex = []
     try:
         with tarfile.open(path, mode="r:") as tar:
@@ -162,6 +210,34 @@ def index_tar(path: str) -> TarIndex:
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise DataError(f"{path}: unreadable tar shard ({exc})") from None
     return entries
+
+
+def _ustar_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") if header[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """`<length> <key>=<value>\n` records."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        length = int(data[pos:data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        records[key.decode()] = value.decode("utf-8", "replace")
+        pos += length
+    return records
+
+
+def _tar_number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 for large values
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _tar_checksum(header: bytes) -> int:
+    return sum(header[:148]) + 8 * 0x20 + sum(header[156:])
 
 
 def count_samples(path: str, num_classes: int = 0) -> int:

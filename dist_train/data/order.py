@@ -70,6 +70,15 @@ class EpochOrder:
         shard = bisect.bisect_right(self.starts, concat) - 1
         return self.shards[shard], concat - self.starts[shard]
 
+    def shards_for_rank(self, rank: int, world_size: int, grad_accum_steps: int, batch_size: int) -> list[Shard]:
+        """The shards a rank reads this epoch: those overlapping its partitions."""
+        chunk = grad_accum_steps * batch_size  # this rank's run of every global batch
+        first = rank * chunk // self.per_partition_step
+        last = ((rank + 1) * chunk - 1) // self.per_partition_step
+        lo, hi = first * self.partition_len, (last + 1) * self.partition_len
+        return [s for s, start, stop in zip(self.shards, self.starts, self.starts[1:], strict=False)
+                if start < hi and stop > lo]
+
     def _window_perm(self, partition: int, window: int) -> np.ndarray:
         return _permutation(self.spec.seed, self.epoch, partition, window,
                             min(self.spec.window, self.partition_len - window * self.spec.window))

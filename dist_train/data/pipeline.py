@@ -14,8 +14,9 @@ stream, both at odds with the per-rank plan. Batches are moved to the device by 
 from __future__ import annotations
 
 import io
+import multiprocessing
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 
 import torch
@@ -27,7 +28,7 @@ from dist_train.config import DataConfig
 from dist_train.data import plan
 from dist_train.data.index import ShardSet, parse_label
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
-from dist_train.data.random_access import ShardReader
+from dist_train.data.random_access import ShardReader, preload
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
 from dist_train.errors import DataError
@@ -121,10 +122,12 @@ class TrainStream(IterableDataset):
     def __init__(self, spec: TrainStreamSpec, decode: SampleDecoder):
         self.spec = spec
         self.decode = decode
+        # (epoch, start step), shared with worker processes that outlive an epoch.
+        self.position = multiprocessing.Array("q", [spec.epoch, spec.start_step])
 
     def __iter__(self) -> Iterator:
         worker, num_workers = _this_worker()
-        s = self.spec
+        s = replace(self.spec, epoch=self.position[0], start_step=self.position[1])
         order = EpochOrder(s.shards.shards, s.order, s.epoch)
         reader = ShardReader()
         try:
@@ -140,9 +143,16 @@ class TrainStream(IterableDataset):
     def _prepare(self, order: EpochOrder, reader: ShardReader, position: int) -> tuple:
         shard, index = order.sample(position)
         raw = reader.sample(shard.url, index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(plan.derive_seed(self.spec.order.seed, self.spec.epoch, position))
+        epoch = order.epoch
+        # Random transforms draw from torch's CPU generator: seed it for this sample, and put
+        # its state back (in the main process it also serves the model). torch.manual_seed
+        # would cost 50x more, seeding CUDA too.
+        saved = torch.get_rng_state()
+        torch.default_generator.manual_seed(plan.derive_seed(self.spec.order.seed, epoch, position))
+        try:
             return self.decode(raw)
+        finally:
+            torch.set_rng_state(saved)
 
 
 def _this_worker() -> tuple[int, int]:
@@ -181,18 +191,44 @@ def make_loader(spec: StreamSpec, data_cfg: DataConfig, pin_memory: bool = False
     return _loader(ShardStream(spec, decode), data_cfg, pin_memory)
 
 
-def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
-    """This rank's training micro-batches for one epoch, from `spec.start_step` on."""
-    return _loader(TrainStream(spec, SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes)),
-                   data_cfg, pin_memory)
+class TrainLoader:
+    """The training batches of a run, epoch after epoch, from persistent DataLoader workers.
+
+        loader = make_train_loader(spec, data_cfg)
+        loader.set_position(epoch, start_step)
+        for images, labels in loader: ...
+    """
+
+    def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False):
+        self.stream = TrainStream(spec, SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes))
+        # Workers live across epochs (no start-up cost per epoch; their shard indexes stay).
+        self.loader = _loader(self.stream, data_cfg, pin_memory, persistent=True)
+        self.set_position(spec.epoch, spec.start_step)
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        s = self.stream.spec
+        self.stream.position[0], self.stream.position[1] = epoch, start_step
+        # Index the shards this rank reads in the main process: workers started after this
+        # inherit the indexes, and the main process reads itself when there are no workers.
+        order = EpochOrder(s.shards.shards, s.order, epoch)
+        preload([x.url for x in order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size)])
+
+    def __iter__(self) -> Iterator:
+        return iter(self.loader)
 
 
-def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool) -> DataLoader:
+def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> TrainLoader:
+    """This rank's training micro-batches, from `spec.epoch` and `spec.start_step` on."""
+    return TrainLoader(spec, data_cfg, pin_memory)
+
+
+def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, persistent: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,  # batches are formed in the workers
         num_workers=data_cfg.num_workers,
         pin_memory=pin_memory,
+        persistent_workers=persistent and data_cfg.num_workers > 0,
         # Two batches in flight per worker: enough to hide decode jitter, little memory.
         prefetch_factor=2 if data_cfg.num_workers > 0 else None,
     )

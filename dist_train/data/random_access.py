@@ -1,8 +1,8 @@
 """Read any sample of a local tar shard directly: an index of member offsets, then seek + read.
 
-The index of a shard (each sample's key and, per member, offset and size) is built once per
-process from the tar headers alone, so a resumed run jumps to its position without reading
-the samples before it, and each DataLoader worker reads only its own samples.
+The index of a shard (each sample's key and, per member, offset and size) is built from the
+tar headers alone, once per training process, so a resumed run jumps to its position without
+reading the samples before it, and each DataLoader worker reads only its own samples.
 """
 
 from __future__ import annotations
@@ -15,16 +15,28 @@ from dist_train.errors import DataError
 MAX_OPEN_FILES = 16
 
 
+# Shard indexes of this process, by path. Filled in the main process before DataLoader
+# workers start (`preload`), so forked workers inherit them instead of each re-reading the
+# headers every epoch.
+_INDEXES: dict[str, TarIndex] = {}
+
+
+def preload(urls: list[str]) -> None:
+    for url in urls:
+        if url not in _INDEXES:
+            _INDEXES[url] = index_tar(url)
+
+
 class ShardReader:
     def __init__(self):
-        self._index: dict[str, TarIndex] = {}
         self._files: OrderedDict = OrderedDict()
 
     def sample(self, url: str, index: int) -> dict:
         """The sample as webdataset's reader gives it: {"__key__", "__url__", ext: bytes}."""
-        entries = self._index.get(url)
+        entries = _INDEXES.get(url)
         if entries is None:
-            entries = self._index[url] = index_tar(url)
+            preload([url])
+            entries = _INDEXES[url]
         if index >= len(entries):
             raise DataError(f"{url}: has {len(entries)} samples, sample {index} was asked for "
                             "(changed since it was indexed?)")

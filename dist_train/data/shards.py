@@ -74,8 +74,9 @@ def write_split(
 def _write_shard(samples: list[RawSample], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as stream:
-        # encoder=False: we hand over bytes already; mtime=0 makes the bytes reproducible.
-        with wds.TarWriter(stream, encoder=False, mtime=0.0) as writer:
+        # encoder=False: we hand over bytes already. mtime=0 makes the bytes reproducible; an
+        # int, as a float would add a pax header to every member.
+        with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
             for sample in samples:
                 writer.write(
                     {

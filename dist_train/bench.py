@@ -1,0 +1,408 @@
+"""`dist-train bench`: what the framework costs and how it scales, each figure a ratio measured
+side by side in the same run (alternating repeats, medians), printed with its target.
+
+    dist-train bench                     # about 5 minutes on 2 CPU cores
+    dist-train bench --quick --json b.json   # seconds per figure: a smoke test (CI)
+
+Figures (targets for 2 CPU cores):
+  loop_overhead          dist-train's train step / a hand-written PyTorch loop     >= 0.97
+  loader_vs_decode       shard loader (best worker count) / decoding in one loop   >= 0.9
+  loader_vs_imagefolder  shard loader / torchvision ImageFolder, same files        >= 1.0
+  ddp_scaling            2-process CPU DDP / 1 process, 1 thread each              >= 1.7
+  no_sync_gain           step time, K=8 accumulation with no_sync / syncing each   <  1.0
+  time_to_acc            seconds from command start to val acc >= 0.97 (digits)    <= 60
+  peak_rss_mb            peak resident memory of any process of the digits run     <= 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cpu.yaml"
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
+@dataclass(frozen=True)
+class Target:
+    op: str  # ">=", "<=", "<"
+    value: float
+
+    def met(self, x: float) -> bool:
+        return {">=": x >= self.value, "<=": x <= self.value, "<": x < self.value}[self.op]
+
+
+TARGETS = {
+    "loop_overhead": Target(">=", 0.97),
+    "loader_vs_decode": Target(">=", 0.9),
+    "loader_vs_imagefolder": Target(">=", 1.0),
+    "ddp_scaling": Target(">=", 1.7),
+    "no_sync_gain": Target("<", 1.0),
+    "time_to_acc": Target("<=", 60.0),
+    "peak_rss_mb": Target("<=", 1500.0),
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeats: int
+    steps: int  # optimizer steps per timed repeat
+    loader_epochs: int
+    ddp_steps: int
+    train_epochs: int
+
+
+FULL = Sizes(repeats=8, steps=30, loader_epochs=3, ddp_steps=60, train_epochs=15)
+QUICK = Sizes(repeats=2, steps=4, loader_epochs=1, ddp_steps=6, train_epochs=3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dist-train bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every figure runs")
+    parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--worker", choices=["ddp", "accum"], help=argparse.SUPPRESS)  # inside accelerate launch
+    parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _launched_worker(args.worker, args.steps)
+    sizes = QUICK if args.quick else FULL
+    figures: dict[str, float] = {}
+    details: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = _digits_shards(Path(tmp))
+        figures["loop_overhead"] = loop_overhead(sizes)
+        figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"] = loaders(
+            shards, Path(tmp), sizes)
+        figures["ddp_scaling"] = ddp_scaling(sizes)
+        figures["no_sync_gain"] = no_sync_gain(sizes)
+        figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
+    report = {**figures, **details, "machine": _machine(), "quick": args.quick}
+    _print_table(figures, details)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+# --- loop_overhead --------------------------------------------------------------------------
+
+
+def loop_overhead(sizes: Sizes) -> float:
+    """Images/s of dist-train's `train_one_epoch` over a plain loop: same model, data, batch."""
+    from dist_train.config import SchedConfig, TrainConfig
+    from dist_train.engine import make_accelerator, train_one_epoch
+    from dist_train.models import SmallCNN
+    from dist_train.optim import Schedule
+    from dist_train.progress import TrainProgress
+
+    torch.set_num_threads(1)  # steadier timings; the same for both sides
+    accelerator = make_accelerator(TrainConfig(cpu=True))
+    batches = _digit_batches(64, sizes.steps)
+
+    def plain() -> float:
+        model, optimizer = _fresh_model(SmallCNN)
+        criterion = torch.nn.CrossEntropyLoss()
+        start = time.perf_counter()
+        model.train()
+        for images, labels in batches:
+            optimizer.zero_grad()
+            loss = criterion(model(images), labels)
+            loss.backward()
+            optimizer.step()
+        return len(batches) * 64 / (time.perf_counter() - start)
+
+    def ours() -> float:
+        model, optimizer = _fresh_model(SmallCNN)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        schedule = Schedule(optimizer, SchedConfig(name="cosine"), len(batches), 1)
+        progress = TrainProgress(accelerator, 0, 0, len(batches), log_every_steps=10, show_bar=False)
+        start = time.perf_counter()
+        train_one_epoch(model, iter(batches), torch.nn.CrossEntropyLoss(), optimizer, schedule, accelerator,
+                        progress)
+        return len(batches) * 64 / (time.perf_counter() - start)
+
+    return _ratio(ours, plain, sizes.repeats)
+
+
+# --- loaders --------------------------------------------------------------------------------
+
+
+def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
+    """(shard loader / decode bound, shard loader / ImageFolder, best worker count)."""
+    from torchvision.datasets import ImageFolder
+
+    from dist_train.config import load_config
+    from dist_train.data.index import resolve_shards
+    from dist_train.data.order import EpochOrder, OrderSpec
+    from dist_train.data.pipeline import SampleDecoder, TrainStreamSpec, make_train_loader
+    from dist_train.data.random_access import ShardReader
+    from dist_train.data.transforms import build_transform
+
+    cfg = load_config(REPO_CONFIG)
+    train = resolve_shards(str(shards), "train", 10)
+    order = OrderSpec(seed=0, global_batch=cfg.data.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
+    reader = ShardReader()
+    epoch_order = EpochOrder(train.shards, order, 0)
+    positions = range(epoch_order.steps * order.global_batch)
+    raw = [reader.sample(*_url_index(epoch_order.sample(q))) for q in positions]
+    reader.close()
+    decode = SampleDecoder(cfg.data, train=True, num_classes=10)
+
+    def decode_bound() -> float:
+        start = time.perf_counter()
+        for sample in raw:
+            decode(sample)
+        return len(raw) / (time.perf_counter() - start)
+
+    def shard_loader(workers: int) -> float:
+        cfg.data.num_workers = workers
+        spec = TrainStreamSpec(train, order, epoch=0, num_classes=10, batch_size=cfg.data.batch_size)
+        start, n = time.perf_counter(), 0
+        loader = make_train_loader(spec, cfg.data)
+        for epoch in range(sizes.loader_epochs):
+            loader.set_position(epoch)
+            for _, labels in loader:
+                n += len(labels)
+        return n / (time.perf_counter() - start)
+
+    worker_counts = [0, 2] if sizes is QUICK else [0, 1, 2]
+    best = max(worker_counts, key=lambda w: statistics.median(shard_loader(w) for _ in range(2)))
+    vs_decode = _ratio(lambda: shard_loader(best), decode_bound, max(2, sizes.repeats // 2))
+
+    folder = tmp / "imagefolder"
+    for i, sample in enumerate(raw):
+        path = folder / sample["cls"].decode() / f"{i:05d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(sample["png"])
+    transform = build_transform(cfg.data, train=True)
+    dataset = ImageFolder(str(folder), transform=transform, loader=lambda p: _open_gray(p))
+
+    def image_folder() -> float:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True,
+                                             num_workers=best, drop_last=True, persistent_workers=best > 0)
+        start, n = time.perf_counter(), 0
+        for _ in range(sizes.loader_epochs):
+            for _, labels in loader:
+                n += len(labels)
+        return n / (time.perf_counter() - start)
+
+    vs_folder = _ratio(lambda: shard_loader(best), image_folder, max(2, sizes.repeats // 2))
+    return vs_decode, vs_folder, best
+
+
+# --- ddp_scaling and no_sync_gain (real accelerate launch) ------------------------------------
+
+
+def ddp_scaling(sizes: Sizes) -> float:
+    def run(config: str) -> float:
+        return _launch(config, "ddp", sizes.ddp_steps)["images_per_sec"]
+
+    # Each launch warms up inside the worker; no extra untimed launches.
+    return _ratio(lambda: run("cpu-ddp.yaml"), lambda: run("cpu.yaml"), max(2, sizes.repeats // 2), warmup=False)
+
+
+def no_sync_gain(sizes: Sizes) -> float:
+    result = _launch("cpu-ddp.yaml", "accum", sizes.ddp_steps // 4 or 1)
+    return result["no_sync_step_s"] / result["sync_each_step_s"]
+
+
+def _launch(config: str, worker: str, steps: int) -> dict:
+    port = str(29600 + os.getpid() % 300)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / config),
+           "--main_process_port", port, "-m", "dist_train.bench", "--worker", worker, "--steps", str(steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def _launched_worker(kind: str, steps: int) -> int:
+    from dist_train.config import SchedConfig, TrainConfig
+    from dist_train.engine import make_accelerator, train_one_epoch
+    from dist_train.models import SmallCNN
+    from dist_train.optim import Schedule
+    from dist_train.progress import TrainProgress
+
+    torch.set_num_threads(1)
+    accum = 8 if kind == "accum" else 1
+    accelerator = make_accelerator(TrainConfig(cpu=True, grad_accum_steps=accum))
+    batch = 64 if kind == "ddp" else 16
+    width = 32 if kind == "ddp" else 128  # accum: more parameters, so the all-reduce matters
+    batches = _digit_batches(batch, steps * accum, seed=accelerator.process_index)
+    model, optimizer = _fresh_model(lambda n, c: SmallCNN(n, c, width=width))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = Schedule(optimizer, SchedConfig(name="constant"), steps, 1)
+
+    def timed_epoch() -> float:
+        progress = TrainProgress(accelerator, 0, 0, len(batches), log_every_steps=10**9, show_bar=False)
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        train_one_epoch(model, iter(batches), torch.nn.CrossEntropyLoss(), optimizer, schedule, accelerator,
+                        progress)
+        accelerator.wait_for_everyone()
+        return time.perf_counter() - start
+
+    timed_epoch()  # warm-up: allocations, DDP bucket rebuild
+    if kind == "ddp":
+        seconds = statistics.median(timed_epoch() for _ in range(3))
+        result = {"images_per_sec": len(batches) * batch * accelerator.num_processes / seconds}
+    else:
+        flags = accelerator.gradient_state.plugin_kwargs
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for _ in range(3):
+            for sync_each in (False, True):
+                flags["sync_each_batch"] = sync_each
+                times[sync_each].append(timed_epoch() / steps)
+        result = {"no_sync_step_s": statistics.median(times[False]),
+                  "sync_each_step_s": statistics.median(times[True])}
+    if accelerator.is_main_process:
+        print(json.dumps(result), flush=True)
+    accelerator.wait_for_everyone()
+    return 0
+
+
+# --- time_to_acc and peak_rss_mb: the digits run itself ------------------------------------------
+
+
+def digits_run(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float]:
+    out = tmp / "run"
+    cmd = [sys.executable, "-m", "dist_train", "train", "--config", str(REPO_CONFIG), f"data.train={shards}",
+           f"data.val={shards}", f"train.output_dir={out}", f"train.epochs={sizes.train_epochs}",
+           "train.progress_bar=false", "tracking.wandb=false", "tracking.plots=false"]
+    start = time.perf_counter()
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reached, peak_kb = float("nan"), 0
+    while process.poll() is None:
+        peak_kb = max(peak_kb, _peak_rss_kb(process.pid))
+        if reached != reached and _val_accuracy(out) >= 0.97:  # still nan: not reached yet
+            reached = time.perf_counter() - start
+        time.sleep(0.05)
+    if process.returncode != 0:
+        raise RuntimeError(f"digits run failed:\n{process.stderr.read()[-3000:]}")
+    if reached != reached and _val_accuracy(out) >= 0.97:
+        reached = time.perf_counter() - start
+    return reached, peak_kb / 1024
+
+
+def _val_accuracy(run: Path) -> float:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    accs = [json.loads(line).get("val/acc", 0.0) for line in path.read_text().splitlines() if line.strip()]
+    return max(accs, default=0.0)
+
+
+def _peak_rss_kb(pid: int) -> int:
+    """The largest VmHWM (peak resident set) among a process and its descendants (Linux)."""
+    import psutil
+
+    peak = 0
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in processes:
+        try:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+        except OSError:
+            continue
+    return peak
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _ratio(ours, theirs, repeats: int, warmup: bool = True) -> float:
+    """median(ours) / median(theirs) of rates measured in ABBA order, after one untimed run of
+    each, so that warm-up and slow drifts of the machine hit both sides alike."""
+    if warmup:
+        ours(), theirs()
+    a, b = [], []
+    for i in range(repeats):
+        pair = ((ours, a), (theirs, b)) if i % 2 == 0 else ((theirs, b), (ours, a))
+        for measure, sink in pair:
+            sink.append(measure())
+    return statistics.median(a) / statistics.median(b)
+
+
+def _digits_shards(tmp: Path) -> Path:
+    from dist_train.data import sources
+    from dist_train.data.shards import make_shards
+
+    out = tmp / "digits"
+    make_shards(sources.digits(), out, val_fraction=0.2, seed=0, shard_size=256)
+    return out
+
+
+def _digit_batches(batch: int, count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.tensor(digits.images[:, None] / 16.0, dtype=torch.float32)
+    images = torch.nn.functional.interpolate(pixels, size=16, mode="bilinear")
+    labels = torch.tensor(digits.target)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    picks = [order[(i * batch) % (len(labels) - batch):][:batch] for i in range(count)]
+    return [(images[p].contiguous(), labels[p].contiguous()) for p in picks]
+
+
+def _fresh_model(build):
+    torch.manual_seed(0)
+    model = build(10, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _url_index(shard_and_index):
+    shard, index = shard_and_index
+    return shard.url, index
+
+
+def _open_gray(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("L")
+
+
+def _machine() -> dict[str, object]:
+    import accelerate
+    import torchvision
+    import webdataset
+
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+        "webdataset": webdataset.__version__,
+    }
+
+
+def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
+    print(f"{'figure':24s} {'value':>10s}  {'target':>10s}  met")
+    for name, value in figures.items():
+        target = TARGETS[name]
+        verdict = "yes" if target.met(value) else "NO"
+        print(f"{name:24s} {value:10.3f}  {target.op + ' ' + str(target.value):>10s}  {verdict}")
+    print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""`dist-train bench --quick` runs every figure end to end (values are reported, not asserted:
+timings belong in benchmarks/RESULTS.md, not in tests that flake)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dist_train.bench import TARGETS
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_quick_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", "--quick", "--json", str(out), timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    figures = json.loads(out.read_text())
+    for name in TARGETS:
+        assert math.isfinite(figures[name]) and figures[name] > 0, name
+        assert name in result.stdout
+    assert figures["best_workers"] in (0, 2)
+    assert {"torch", "accelerate", "cores", "date"} <= set(figures["machine"])
