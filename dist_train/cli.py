@@ -1,10 +1,11 @@
-"""The `dist-train` command: train, eval, predict, report, make-shards.
+"""The `dist-train` command: train, eval, predict, report, bench, make-shards.
 
     dist-train make-shards --source digits --out data/digits
     dist-train train --config configs/digits_cpu.yaml optim.lr=0.05 train.epochs=3
     dist-train eval --checkpoint runs/digits/best --data data/digits --json
     dist-train predict --checkpoint runs/digits/best --input images/ --out preds.csv
     dist-train report runs/digits
+    dist-train bench --quick
 
 Wrong input (config keys, types, missing or malformed data, bad checkpoints) ends with a
 one-line error naming the culprit and exit code 2, before any training starts.
