@@ -39,10 +39,6 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def available_models() -> list[str]:
-    return ["small_cnn", "small_cnn_gn", *torchvision.models.list_models(module=torchvision.models)]
-
-
 def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
     if num_classes < 2:
         raise ConfigError(f"data.num_classes must be at least 2, got {num_classes}")
