@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 
 from dist_train.data.index import Shard
-from dist_train.data.plan import derive_seed, epoch_shard_order
+from dist_train.data.plan import derive_seed
 from dist_train.errors import ConfigError
 
 
@@ -52,7 +52,8 @@ class EpochOrder:
     def __init__(self, shards: tuple[Shard, ...], spec: OrderSpec, epoch: int):
         self.spec = spec
         self.epoch = epoch
-        self.shards = epoch_shard_order(shards, spec.seed, epoch, shuffle=True)
+        shard_order = np.random.default_rng(derive_seed(spec.seed, epoch)).permutation(len(shards))
+        self.shards = [shards[i] for i in shard_order]
         self.starts = np.cumsum([0] + [s.samples for s in self.shards]).tolist()
         total = self.starts[-1]
         self.steps = steps_per_epoch(total, spec.global_batch)

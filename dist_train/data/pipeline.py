@@ -143,12 +143,11 @@ class TrainStream(IterableDataset):
     def _prepare(self, order: EpochOrder, reader: ShardReader, position: int) -> tuple:
         shard, index = order.sample(position)
         raw = reader.sample(shard.url, index)
-        epoch = order.epoch
         # Random transforms draw from torch's CPU generator: seed it for this sample, and put
         # its state back (in the main process it also serves the model). torch.manual_seed
         # would cost 50x more, seeding CUDA too.
         saved = torch.get_rng_state()
-        torch.default_generator.manual_seed(plan.derive_seed(self.spec.order.seed, epoch, position))
+        torch.default_generator.manual_seed(plan.derive_seed(self.spec.order.seed, order.epoch, position))
         try:
             return self.decode(raw)
         finally:
@@ -203,17 +202,21 @@ class TrainLoader:
         self.stream = TrainStream(spec, SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes))
         # Workers live across epochs (no start-up cost per epoch; their shard indexes stay).
         self.loader = _loader(self.stream, data_cfg, pin_memory, persistent=True)
+        self._workers_started = False
         self.set_position(spec.epoch, spec.start_step)
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
         s = self.stream.spec
         self.stream.position[0], self.stream.position[1] = epoch, start_step
-        # Index the shards this rank reads in the main process: workers started after this
-        # inherit the indexes, and the main process reads itself when there are no workers.
-        order = EpochOrder(s.shards.shards, s.order, epoch)
-        preload([x.url for x in order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size)])
+        # Index the shards this rank reads in the main process while that helps: workers
+        # started afterwards inherit the indexes, and without workers the main process reads.
+        # Persistent workers index later epochs' new shards themselves, once.
+        if self.loader.num_workers == 0 or not self._workers_started:
+            order = EpochOrder(s.shards.shards, s.order, epoch)
+            preload([x.url for x in order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size)])
 
     def __iter__(self) -> Iterator:
+        self._workers_started = True
         return iter(self.loader)
 
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import numpy as np
-
 from dist_train.data.index import Shard
 
 
@@ -34,13 +32,6 @@ def derive_seed(*parts: int) -> int:
     (about a microsecond: it is computed for every training sample)."""
     digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
-
-
-def epoch_shard_order(shards: tuple[Shard, ...], seed: int, epoch: int, shuffle: bool) -> list[Shard]:
-    if not shuffle:
-        return list(shards)
-    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(len(shards))
-    return [shards[i] for i in order]
 
 
 def val_slices(
