@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, eval, predict, report, bench, make-shards.
+"""The `dist-train` command: train, eval, predict, report, bench, make-shards, submit.
 
     dist-train make-shards --source digits --out data/digits
     dist-train train --config configs/digits_cpu.yaml optim.lr=0.05 train.epochs=3
@@ -6,6 +6,7 @@
     dist-train predict --checkpoint runs/digits/best --input images/ --out preds.csv
     dist-train report runs/digits
     dist-train bench --quick
+    dist-train submit --nodes 2 --gpus-per-node 8 --config configs/imagenet_resnet50.yaml
 
 Wrong input (config keys, types, missing or malformed data, bad checkpoints) ends with a
 one-line error naming the culprit and exit code 2, before any training starts.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 from dist_train import __version__
 from dist_train.errors import UserInputError
+from dist_train.slurm import add_submit_arguments, cmd_submit
 
 EXIT_USER_ERROR = 2
 
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = _command(sub, "report", cmd_report, "plots, summary.md and the per-class table of a run")
     rep.add_argument("run_dir", help="a run directory (train.output_dir)")
 
+    sb = _command(sub, "submit", cmd_submit, "submit training to Slurm (slurm/train.sbatch)")
+    add_submit_arguments(sb)
+
     pr = _command(sub, "predict", cmd_predict, "classify images, folders or shards into a CSV")
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--input", required=True, nargs="+", help="image files, folders, shards")
@@ -89,6 +94,9 @@ def _command(sub, name: str, handler: Callable, help_text: str) -> argparse.Argu
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dist_train.preemption import catch_stop_signals
+
+    catch_stop_signals()  # a preemption notice during start-up must not kill the process
     from dist_train.config import load_config
     from dist_train.data import resolve_datasets
     from dist_train.engine import fit

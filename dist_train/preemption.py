@@ -4,14 +4,24 @@ The handler only sets a flag: saving inside a signal handler can deadlock or cor
 checkpoint. The loop asks `requested()` after every optimizer step; the answer is agreed by
 all ranks (a sum over a one-element all-reduce), so every rank stops after the same step,
 saves a resumable checkpoint and exits with EXIT_PREEMPTED. Resume with `train.resume=auto`.
+
+`catch_stop_signals()` runs first thing in `dist-train train`: a signal that arrives while the
+process still imports or indexes shards is remembered, not fatal (SIGUSR1's default action
+kills), and honoured after the first step. Under Slurm every process of a job step receives
+the signal, DataLoader workers included: they ignore it (`ignore_stop_signals`) and leave the
+decision to the training process, which shuts them down.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import os
 import signal
+from typing import TYPE_CHECKING
 
-import torch
-from accelerate import Accelerator
+if TYPE_CHECKING:  # kept light: `catch_stop_signals` runs before torch is imported
+    from accelerate import Accelerator
 
 # EX_TEMPFAIL from sysexits.h: "try again later". Job schedulers requeue on it.
 EXIT_PREEMPTED = 75
@@ -22,15 +32,62 @@ class TrainingStopped(Exception):
     """Raised by `fit` after the checkpoint that a stop signal asked for has been saved."""
 
 
+_received: list[int] = []  # the stop signals this process has received, in order
+_previous: dict[int, object] = {}
+# Set once the training process stops caring about signals (at exit, or when `fit` ends).
+# DataLoader workers, forked from it, read it: until then a SIGTERM is not theirs to act on.
+_releasing = multiprocessing.Event()
+atexit.register(_releasing.set)  # runs before multiprocessing's own exit hook, which
+                                 # SIGTERMs the workers and joins them
+
+
+def _remember(signum, frame) -> None:
+    _received.append(signum)
+
+
+def catch_stop_signals() -> None:
+    """From now on SIGTERM and SIGUSR1 only set the stop flag (idempotent)."""
+    for sig in SIGNALS:
+        if signal.getsignal(sig) is not _remember:
+            _previous[sig] = signal.signal(sig, _remember)
+    _releasing.clear()
+
+
+def release_stop_signals() -> None:
+    """Give the signals back to the handlers they had before `catch_stop_signals`."""
+    _releasing.set()
+    for sig, handler in _previous.items():
+        signal.signal(sig, handler)
+    _previous.clear()
+    _received.clear()
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: a stop signal is the training process's to act on.
+
+    Slurm signals every process of a job step; a worker that died of it would break the
+    step the training process still has to finish before it saves.
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _term_in_worker)
+
+
+def _term_in_worker(signum, frame) -> None:
+    if _releasing.is_set():  # the training process is shutting its workers down
+        os._exit(0)  # quietly: a worker killed by a signal would be reported as a failure
+
+
 class StopRequest:
     def __init__(self, accelerator: Accelerator):
-        self.accelerator = accelerator
-        self.received: int | None = None
-        self._flag = torch.zeros(1, device=accelerator.device)
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
+        import torch
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
+        self.accelerator = accelerator
+        self._flag = torch.zeros(1, device=accelerator.device)
+        catch_stop_signals()
+
+    @property
+    def received(self) -> int | None:
+        return _received[0] if _received else None
 
     def requested(self) -> bool:
         """True on every rank once any rank has received a stop signal (collective)."""
@@ -40,5 +97,4 @@ class StopRequest:
         return self.accelerator.reduce(self._flag.clone(), "sum").item() > 0
 
     def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        release_stop_signals()

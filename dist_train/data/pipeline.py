@@ -32,6 +32,7 @@ from dist_train.data.random_access import ShardReader, preload
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
 from dist_train.errors import DataError
+from dist_train.preemption import ignore_stop_signals
 
 
 @dataclass(frozen=True)
@@ -234,4 +235,5 @@ def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, pe
         persistent_workers=persistent and data_cfg.num_workers > 0,
         # Two batches in flight per worker: enough to hide decode jitter, little memory.
         prefetch_factor=2 if data_cfg.num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )
