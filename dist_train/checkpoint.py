@@ -11,10 +11,12 @@ records their SHA-256, so a truncated or altered file is caught before it is use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +30,34 @@ WEIGHTS_NAME = "model.safetensors"
 META_NAME = "meta.json"
 
 
+@contextlib.contextmanager
+def disk_errors_as_checkpoint_errors(final: Path, tmp: Path) -> Iterator[None]:
+    """A full disk or a read-only directory while writing `tmp`: drop the partial copy and
+    say so in one line. Nothing has touched `final` yet, so the previous version stands."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = " (the previous one there is intact)" if final.exists() else ""
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}{intact}") from None
+
+
 def save_model_checkpoint(directory: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     final = Path(directory)
     tmp = final.with_name(f".{final.name}.tmp")
     old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = tmp / WEIGHTS_NAME
-    # safetensors wants contiguous tensors that do not share memory.
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(weights))
-    meta = {**meta, "weights_sha256": sha256_file(weights)}
-    (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-    for path in (weights, tmp / META_NAME):
-        fsync_path(path)
+    with disk_errors_as_checkpoint_errors(final, tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = tmp / WEIGHTS_NAME
+        # safetensors wants contiguous tensors that do not share memory.
+        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(weights))
+        meta = {**meta, "weights_sha256": sha256_file(weights)}
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        for path in (weights, tmp / META_NAME):
+            fsync_path(path)
+    # From here on only renames, which need no space: the swap itself cannot run out of it.
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)

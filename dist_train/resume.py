@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dist_train.checkpoint import fsync_path, sha256_file
+from dist_train.checkpoint import disk_errors_as_checkpoint_errors, fsync_path, sha256_file
 from dist_train.data.order import OrderSpec
 from dist_train.errors import CheckpointError
 
@@ -85,29 +85,32 @@ def save_resumable(accelerator, run_dir: Path, position: TrainPosition, order: O
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _write_json(tmp / f"rng-rank{accelerator.process_index}.json", _rng_state())
+    with disk_errors_as_checkpoint_errors(final, tmp):
+        _write_json(tmp / f"rng-rank{accelerator.process_index}.json", _rng_state())
     model_state = accelerator.get_state_dict(model)  # collective for sharded models; cheap here
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        files = sorted(p.name for p in tmp.iterdir())
-        state = {
-            "version": STATE_VERSION,
-            "position": asdict(position),
-            "order": asdict(order),
-            "best": asdict(best),
-            "world_size": accelerator.num_processes,
-            "optimizer": optimizer_json,
-            "scheduler": schedule.state_dict(),
-            "scaler": scaler,
-            "files": {name: sha256_file(tmp / name) for name in files},
-        }
-        _write_json(tmp / STATE_NAME, state)
-        for name in [*files, STATE_NAME]:
-            fsync_path(tmp / name)
+        with disk_errors_as_checkpoint_errors(final, tmp):
+            weights = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+            save_file(weights, str(tmp / "model.safetensors"))
+            tensors, optimizer_json = _split_optimizer_state(optimizer.state_dict())
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            files = sorted(p.name for p in tmp.iterdir())
+            state = {
+                "version": STATE_VERSION,
+                "position": asdict(position),
+                "order": asdict(order),
+                "best": asdict(best),
+                "world_size": accelerator.num_processes,
+                "optimizer": optimizer_json,
+                "scheduler": schedule.state_dict(),
+                "scaler": scaler,
+                "files": {name: sha256_file(tmp / name) for name in files},
+            }
+            _write_json(tmp / STATE_NAME, state)
+            for name in [*files, STATE_NAME]:
+                fsync_path(tmp / name)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         fsync_path(final.parent)
