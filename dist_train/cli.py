@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except UserInputError as exc:
-        print(f"dist-train: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).splitlines())  # a culprit's name may hold a newline
+        print(f"dist-train: error: {one_line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingStopped as exc:
         print(f"dist-train: {exc}", file=sys.stderr)

@@ -261,7 +261,7 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+            raise ConfigError(f"{_shown('.'.join(parts[: i + 1]))} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -273,7 +273,7 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in tree:
         if key not in names:
-            raise ConfigError(f"unknown config key: {prefix}{key}")
+            raise ConfigError(f"unknown config key: {_shown(f'{prefix}{key}')}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in tree:
@@ -316,6 +316,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _shown(key: str) -> str:
+    """A key as the user can read it in one line: odd ones (newlines, blanks) quoted."""
+    return key if key.isprintable() and key.strip() == key and key else repr(key)
 
 
 def _one_line(exc: Exception) -> str:

@@ -1,0 +1,95 @@
+"""Config fuzzing: whatever YAML and overrides a user writes, the answer is a valid config or a
+one-line ConfigError (exit 2 on the command line), never a traceback.
+
+Trees are drawn around the real schema (real section and key names, often with values of the
+wrong type, out of range, nested or null), plus raw text as YAML and free-form overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+from pathlib import Path
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dist_train.cli import main
+from dist_train.config import Config, config_from_dict, load_config, to_dict
+from dist_train.errors import ConfigError
+from dist_train.preemption import release_stop_signals
+
+_DEFAULTS = Config()
+SECTIONS = {section.name: [key.name for key in dataclasses.fields(getattr(_DEFAULTS, section.name))]
+            for section in dataclasses.fields(Config)}
+KEYS = [f"{section}.{key}" for section, keys in SECTIONS.items() for key in keys]
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["auto", "bf16", "fp16", "no", "cosine", "plateau", "focal", "sgd", "adamw",
+                     "val/acc", "small_cnn", "resnet18", "data/digits", "1e-3", "-1", "0", "[1,2]"]),
+)
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                      | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+key_names = st.one_of(st.sampled_from(sorted({k for keys in SECTIONS.values() for k in keys})), st.text(max_size=8))
+sections = st.dictionaries(key_names, values, max_size=5)
+trees = st.dictionaries(st.one_of(st.sampled_from(sorted(SECTIONS)), st.text(max_size=8)),
+                        st.one_of(sections, values), max_size=4)
+overrides = st.lists(st.one_of(
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), st.text(max_size=16)),
+    st.builds(lambda k, v: f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}",
+              st.sampled_from(KEYS), values),
+    st.text(max_size=24),
+), max_size=4)
+documents = st.one_of(trees.map(lambda t: yaml.safe_dump(t, allow_unicode=True)), st.text(max_size=200))
+
+
+def _valid_or_one_line_error(text: str, items: list[str]) -> Config | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "c.yaml"
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        try:
+            return load_config(path, items)
+        except ConfigError as exc:
+            message = str(exc)
+            assert message and "\n" not in message, message
+            return None
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(documents, overrides)
+def test_any_yaml_and_overrides_give_a_config_or_a_one_line_error(text, items):
+    cfg = _valid_or_one_line_error(text, items)
+    if cfg is not None:  # what was accepted is a config that survives its own round trip
+        again = config_from_dict(to_dict(cfg))
+        assert _same(to_dict(again), to_dict(cfg))
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(overrides.filter(lambda items: any("=" in i for i in items)))
+def test_the_command_line_answers_exit_2_with_one_line(capsys, items):
+    """Through `dist-train train`: bad overrides end with exit 2 and one line on stderr.
+
+    A config that is valid goes on to look for its data in a directory that does not exist,
+    a one-line exit 2 as well: training itself never starts here."""
+    missing = "/nonexistent/dist-train-fuzz"
+    try:
+        code = main(["train", *items, f"data.train={missing}", f"data.val={missing}"])
+    finally:
+        release_stop_signals()  # `train` takes over SIGTERM; give it back to pytest
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("dist-train: error: ")
