@@ -24,6 +24,22 @@ from dist_train.errors import UserInputError
 from dist_train.slurm import add_submit_arguments, cmd_submit
 
 EXIT_USER_ERROR = 2
+EXIT_PEER_FAILED = 1
+# What gloo and torch.distributed say when the process at the other end has died.
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def user_message(exc: UserInputError) -> str:
+    """The error in one line; from a DataLoader worker, without the worker's traceback."""
+    text = str(exc)
+    if "Original Traceback" in text:  # torch re-raised it in the training process
+        text = text.rstrip().splitlines()[-1].split(f"{type(exc).__name__}: ", 1)[-1]
+    return " ".join(text.splitlines())  # a culprit's name may hold a newline
+
+
+def lost_a_peer(exc: BaseException) -> bool:
+    """True for the error a collective raises because another rank died."""
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in PEER_LOST_MESSAGES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,12 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except UserInputError as exc:
-        one_line = " ".join(str(exc).splitlines())  # a culprit's name may hold a newline
-        print(f"dist-train: error: {one_line}", file=sys.stderr)
+        print(f"dist-train: error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingStopped as exc:
         print(f"dist-train: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except Exception as exc:
+        if not lost_a_peer(exc):
+            raise
+        # Another process failed and printed its own error: one line here, not a traceback
+        # that would bury it (the launcher names the first failure, its root cause).
+        print(f"dist-train: stopping: another process of the job failed ({type(exc).__name__})",
+              file=sys.stderr)
+        return EXIT_PEER_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ from dist_train.errors import ConfigError, UserInputError
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
 SIGNALS_TO_FORWARD = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-DEFAULT_SHUTDOWN_TIMEOUT_S = 300
+DEFAULT_SHUTDOWN_TIMEOUT_S = 120  # grace for the final save; also how long a survivor of a crash may linger
 
 
 @dataclass(frozen=True)
