@@ -158,7 +158,7 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
     reader = ShardReader()
     epoch_order = EpochOrder(train.shards, order, 0)
     positions = range(epoch_order.steps * order.global_batch)
-    raw = [reader.sample(*_url_index(epoch_order.sample(q))) for q in positions]
+    raw = [reader.sample(*epoch_order.sample(q)) for q in positions]
     reader.close()
     decode = SampleDecoder(cfg.data, train=True, num_classes=10)
 
@@ -367,11 +367,6 @@ def _fresh_model(build):
     torch.manual_seed(0)
     model = build(10, 1)
     return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-
-
-def _url_index(shard_and_index):
-    shard, index = shard_and_index
-    return shard.url, index
 
 
 def _open_gray(path: str):

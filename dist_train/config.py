@@ -41,6 +41,11 @@ class DataConfig:
     # standard: random-resized crop and horizontal flip (natural images)
     augment: Literal["none", "light", "standard"] = "standard"
     shuffle_buffer: int = 1000  # training samples are shuffled within windows of this many
+    # Damaged data: raise stops the run naming shard and sample; skip leaves damaged samples
+    # and shards out, counts them (metrics.jsonl `data/skipped_samples`) and stops only past
+    # max_skipped. Skip scans every shard's headers and labels at start-up.
+    on_error: Literal["raise", "skip"] = "raise"
+    max_skipped: int = 100
 
 
 @dataclass
@@ -190,6 +195,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.data.max_skipped < 0:
+        raise ConfigError(f"data.max_skipped must be >= 0, got {cfg.data.max_skipped}")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
     if cfg.data.num_classes < 0:

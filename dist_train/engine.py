@@ -164,6 +164,7 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
         f"{steps} steps per epoch of {order.global_batch} images"
         + (f"; resuming from {resume_from} at epoch {position.epoch}, step {position.global_step}" if resumed else "")
     )
+    report_damage(accelerator, datasets)
     train_loader = make_train_loader(TrainStreamSpec(
         shards=datasets.train, order=order, epoch=position.epoch, num_classes=datasets.num_classes, batch_size=batch,
         grad_accum_steps=accum, rank=accelerator.process_index, world_size=world,
@@ -187,14 +188,21 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
 
         val_spec = StreamSpec(datasets.val, batch_size=cfg.data.val_batch_size or batch,
                               num_classes=datasets.num_classes, rank=accelerator.process_index, world_size=world)
-        values, confusion = evaluate(model, make_loader(val_spec, cfg.data, pin), metrics, accelerator)
+        val_loader = make_loader(val_spec, cfg.data, pin)
+        values, confusion = evaluate(model, val_loader, metrics, accelerator)
         schedule.after_validation(values)
         step = (epoch + 1) * steps
-        tracker.log({"epoch": epoch, "step": step, **values, "val/confusion_matrix": confusion, **epoch_stats})
+        damage = {}
+        if cfg.data.on_error == "skip":
+            read_here = train_loader.stream.skipped.take() + val_loader.dataset.skipped.take()
+            damage = {"data/skipped_samples": skipped_samples(accelerator, datasets, read_here)}
+        tracker.log({"epoch": epoch, "step": step, **values, "val/confusion_matrix": confusion, **epoch_stats,
+                     **damage})
         accelerator.print(
             f"epoch {epoch}: train loss {epoch_stats['train/epoch_loss']:.4f} | val "
             + "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in values.items())
             + f" | {epoch_stats['train/images_per_sec']:.0f} img/s"
+            + (f" | skipped {damage['data/skipped_samples']} damaged samples" if damage else "")
         )
         if is_better(values[cfg.train.monitor], best.value, cfg.train.monitor_mode):
             best = BestSoFar(values[cfg.train.monitor], epoch, values)
@@ -302,6 +310,25 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # cpu=True matters even without a GPU: it makes a multi-process launch join one gloo
     # process group instead of running as independent single-process jobs.
     return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps)
+
+
+def skipped_samples(accelerator: Accelerator, datasets: Datasets, read_here: int) -> int:
+    """Damaged samples left out (data.on_error=skip): those found while indexing, the same on
+    every rank, plus those that failed to decode this epoch on any rank (collective)."""
+    read = accelerator.reduce(torch.tensor([read_here], device=accelerator.device), "sum").item()
+    return datasets.train.skipped_samples + datasets.val.skipped_samples + int(read)
+
+
+def report_damage(accelerator: Accelerator, datasets: Datasets, shown: int = 10) -> None:
+    damage = datasets.train.damage + datasets.val.damage
+    if not damage:
+        return
+    accelerator.print(f"dist-train: data.on_error=skip: left out {sum(d.samples for d in damage)} damaged "
+                      f"samples ({len(damage)} problems):")
+    for d in damage[:shown]:
+        accelerator.print(f"  {d.where}: {d.problem}" + (f" ({d.samples} samples)" if d.samples > 1 else ""))
+    if len(damage) > shown:
+        accelerator.print(f"  ... and {len(damage) - shown} more")
 
 
 def prepare_run_dir(cfg: Config, out: Path, accelerator: Accelerator, resuming: bool) -> None:

@@ -19,8 +19,15 @@ class Datasets:
 
 def resolve_datasets(cfg: DataConfig) -> Datasets:
     """Find and check the train and val shards; settle the number and names of classes."""
-    train = resolve_shards(cfg.train, "train", cfg.num_classes)
-    val = resolve_shards(cfg.val, "val", cfg.num_classes)
+    skip = cfg.on_error == "skip"
+    train = resolve_shards(cfg.train, "train", cfg.num_classes, skip_damaged=skip)
+    val = resolve_shards(cfg.val, "val", cfg.num_classes, skip_damaged=skip)
+    damage = train.damage + val.damage
+    lost = sum(d.samples for d in damage)
+    if lost > cfg.max_skipped:
+        first = next(d for d in damage if d.samples)
+        raise DataError(f"{lost} damaged samples, more than data.max_skipped={cfg.max_skipped}; "
+                        f"the first: {first.where}: {first.problem}")
     manifest_names = train.class_names or val.class_names
     num_classes = cfg.num_classes or (len(manifest_names) if manifest_names else 0)
     if not num_classes:

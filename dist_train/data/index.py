@@ -32,6 +32,24 @@ from dist_train.errors import DataError
 @dataclass(frozen=True)
 class Shard:
     url: str
+    samples: int  # usable samples: those the run reads
+    # With data.on_error=skip: keys of damaged samples left out, and whether the file ends
+    # early (only the samples before the damage are read). Readers index the shard the same
+    # way (`usable_index`), so sample i means the same sample everywhere.
+    exclude: frozenset[str] = frozenset()
+    truncated: bool = False
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.exclude) or self.truncated
+
+
+@dataclass(frozen=True)
+class Damage:
+    """What data.on_error=skip left out: `samples` lost (0 when unknown) and why."""
+
+    where: str
+    problem: str
     samples: int
 
 
@@ -39,17 +57,24 @@ class Shard:
 class ShardSet:
     shards: tuple[Shard, ...]
     class_names: list[str] | None  # from a manifest, when there is one
+    damage: tuple[Damage, ...] = ()  # found while indexing, with data.on_error=skip
 
     @property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
 
+    @property
+    def skipped_samples(self) -> int:
+        return sum(d.samples for d in self.damage)
 
-def resolve_shards(spec: str | list[str], split: str, num_classes: int) -> ShardSet:
+
+def resolve_shards(spec: str | list[str], split: str, num_classes: int, skip_damaged: bool = False) -> ShardSet:
     """Expand `spec`, check that every shard exists, and learn every shard's sample count.
 
     `split` ("train" or "val") picks the split of a dataset directory. `num_classes` (0 when
-    unknown) bounds labels of shards without a manifest.
+    unknown) bounds labels of shards without a manifest. With `skip_damaged` (data.on_error=
+    skip) every shard is scanned, manifest or not, and damaged samples and shards are left
+    out and listed in `ShardSet.damage` instead of stopping the run.
     """
     specs = spec if isinstance(spec, list) else [spec]
     if not specs or not all(isinstance(s, str) and s for s in specs):
@@ -57,13 +82,21 @@ def resolve_shards(spec: str | list[str], split: str, num_classes: int) -> Shard
     shards: list[Shard] = []
     class_names: list[str] | None = None
     for one in specs:
-        found, names = _resolve_one(one, split, num_classes)
+        found, names = _resolve_one(one, split, num_classes, skip_damaged)
         shards.extend(found)
         class_names = class_names or names
     urls = [s.url for s in shards]
     if len(set(urls)) != len(urls):
         raise DataError(f"data.{split} names a shard more than once")
-    return ShardSet(tuple(shards), class_names)
+    if not skip_damaged:
+        return ShardSet(tuple(shards), class_names)
+    usable, damage = [], []
+    for shard in shards:
+        scanned, found = scan_shard(shard.url, num_classes, expected=shard.samples)
+        damage.extend(found)
+        if scanned.samples:
+            usable.append(scanned)
+    return ShardSet(tuple(usable), class_names, tuple(damage))
 
 
 def read_manifest(directory: Path) -> dict:
@@ -77,7 +110,7 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def _resolve_one(spec: str, split: str, num_classes: int) -> tuple[list[Shard], list[str] | None]:
+def _resolve_one(spec: str, split: str, num_classes: int, skip_damaged: bool) -> tuple[list[Shard], list[str] | None]:
     if "://" in spec or spec.startswith("pipe:"):
         raise DataError(
             f"{spec}: remote shards are not supported yet; copy them to a local or shared "
@@ -85,7 +118,7 @@ def _resolve_one(spec: str, split: str, num_classes: int) -> tuple[list[Shard], 
         )
     path = Path(spec)
     if path.is_dir() and (path / MANIFEST_NAME).is_file():
-        return _from_manifest(path, split)
+        return _from_manifest(path, split, skip_damaged)
     if path.is_dir():
         files = sorted(str(p) for p in path.glob("*.tar"))
         if not files:
@@ -97,7 +130,7 @@ def _resolve_one(spec: str, split: str, num_classes: int) -> tuple[list[Shard], 
     else:
         files = list(braceexpand.braceexpand(spec))
     missing = [f for f in files if not Path(f).is_file()]
-    if missing:
+    if missing and not skip_damaged:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"missing shard file: {missing[0]}{more}")
     manifests: dict[Path, dict[str, int]] = {}
@@ -110,18 +143,21 @@ def _resolve_one(spec: str, split: str, num_classes: int) -> tuple[list[Shard], 
             manifests[Path(f).parent] = counts
             names = names or names_here
         n = counts.get(Path(f).name)
-        shards.append(Shard(f, n if n is not None else count_samples(f, num_classes)))
+        if skip_damaged:  # scanned later; -1: count unknown
+            shards.append(Shard(f, n if n is not None else -1))
+        else:
+            shards.append(Shard(f, n if n is not None else count_samples(f, num_classes)))
     return shards, names
 
 
-def _from_manifest(directory: Path, split: str) -> tuple[list[Shard], list[str]]:
+def _from_manifest(directory: Path, split: str, skip_damaged: bool) -> tuple[list[Shard], list[str]]:
     manifest = read_manifest(directory)
     if split not in manifest["splits"]:
         raise DataError(f"{directory / MANIFEST_NAME}: has no {split!r} split")
     shards = []
     for entry in manifest["splits"][split]["shards"]:
         path = directory / entry["file"]
-        if not path.is_file():
+        if not path.is_file() and not skip_damaged:
             raise DataError(f"missing shard file: {path} (listed in {MANIFEST_NAME})")
         shards.append(Shard(str(path), int(entry["samples"])))
     return shards, list(manifest["classes"])
@@ -144,13 +180,31 @@ TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]  # [(key, {ext: (offset,
 TAR_BLOCK = 512
 
 
-def index_tar(path: str) -> TarIndex:
+def index_tar(path: str, partial: bool = False):
     """Each sample's key and members (offset and size of the data) of a local tar shard.
 
     Reads the 512-byte headers only, seeking past member data: several times faster than
     `tarfile`. Understands ustar, pax extended headers (which `webdataset.TarWriter` writes for
     float mtimes) and GNU long names; other archives go through `tarfile`.
+
+    A truncated or corrupt archive raises DataError, or with `partial` returns
+    `(entries before the damage, what the damage is)`; `(entries, None)` when intact.
     """
+    try:
+        entries = _index_headers(path)
+    except _CutShort as cut:
+        if not partial:
+            raise DataError(f"{path}: unreadable tar shard ({cut.reason})") from None
+        return cut.entries, cut.reason
+    return (entries, None) if partial else entries
+
+
+class _CutShort(Exception):
+    def __init__(self, entries: TarIndex, reason: str):
+        self.entries, self.reason = entries, reason
+
+
+def _index_headers(path: str) -> TarIndex:
     entries: TarIndex = []
     try:
         with open(path, "rb") as f:
@@ -163,7 +217,7 @@ def index_tar(path: str) -> TarIndex:
                 if header[0] == 0:  # end-of-archive blocks
                     break
                 if _tar_checksum(header) != _tar_number(header[148:156]):
-                    raise DataError(f"{path}: unreadable tar shard (bad header checksum at byte {pos})")
+                    raise _CutShort(entries, f"bad header checksum at byte {pos}")
                 kind = header[156:157]
                 size = _tar_number(header[124:136])
                 data = pos + TAR_BLOCK
@@ -179,18 +233,20 @@ def index_tar(path: str) -> TarIndex:
                     size = int(override.get("size", size))
                     name = override.get("path") or _ustar_name(header)
                     override = {}
+                    if data + size > end:
+                        raise _CutShort(entries, f"truncated: member {name!r} ends past the file")
                     key, ext = split_member_name(name)
                     if key is not None:
                         if not entries or entries[-1][0] != key:
                             entries.append((key, {}))
                         entries[-1][1][ext.lower()] = (data, size)
                 if data + size > end:
-                    raise DataError(f"{path}: unreadable tar shard (truncated: a member ends past the file)")
+                    raise _CutShort(entries, "truncated: a header's data ends past the file")
                 pos = data + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
     except OSError as exc:
         raise DataError(f"{path}: unreadable tar shard ({exc})") from None
     except ValueError:
-        raise DataError(f"{path}: unreadable tar shard (malformed header)") from None
+        raise _CutShort(entries, "malformed header") from None
     return entries
 
 
@@ -243,18 +299,70 @@ def _tar_checksum(header: bytes) -> int:
 def count_samples(path: str, num_classes: int = 0) -> int:
     """Count the samples of one local tar shard and check their labels, without decoding images."""
     entries = index_tar(path)
+    if not entries:
+        raise DataError(f"{path}: empty shard (no samples); remove it, or set data.on_error=skip")
+    problems = _sample_problems(path, entries, num_classes, stop_at_first=True)
+    if problems:
+        raise DataError(f"{path}: {problems[0][1]}")
+    return len(entries)
+
+
+def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, list[Damage]]:
+    """data.on_error=skip: the shard with its damaged samples left out, and what was left out.
+
+    `expected`: the sample count a manifest gives (-1: unknown), to count what a missing or
+    cut-short file loses.
+    """
+    if not Path(path).is_file():
+        return Shard(path, 0), [Damage(path, "missing shard file", max(expected, 0))]
+    try:
+        entries, cut = index_tar(path, partial=True)
+        problems = _sample_problems(path, entries, num_classes)
+    except DataError as exc:  # not a tar at all, or unreadable
+        return Shard(path, 0), [Damage(path, str(exc).removeprefix(f"{path}: "), max(expected, 0))]
+    damage = [Damage(path, problem, 1) for _, problem in problems]
+    if cut is not None:
+        lost = max(expected - len(entries), 0)  # samples after the damage, if a manifest says
+        damage.append(Damage(path, f"unreadable tar shard ({cut}); read the samples before it", lost))
+    if not entries and cut is None:
+        damage.append(Damage(path, "empty shard (no samples)", 0))
+    exclude = frozenset(key for key, _ in problems)
+    return Shard(path, len(entries) - len(exclude), exclude, truncated=cut is not None), damage
+
+
+def usable_index(shard: Shard) -> TarIndex:
+    """The index readers use: the shard's samples less those `scan_shard` left out."""
+    if not shard.damaged:
+        return index_tar(shard.url)
+    entries, _ = index_tar(shard.url, partial=True)
+    return [e for e in entries if e[0] not in shard.exclude]
+
+
+def _sample_problems(path: str, entries: TarIndex, num_classes: int,
+                     stop_at_first: bool = False) -> list[tuple[str, str]]:
+    """(key, problem) for each sample without an image, without a label, or with a bad label."""
     if len({key for key, _ in entries}) != len(entries):
         raise DataError(f"{path}: members of one sample are not stored together")
+    problems = []
     with open(path, "rb") as f:
         for key, members in entries:
+            problem = None
             if not any(ext in members for ext in IMAGE_EXTENSIONS):
-                raise DataError(f"{path}: sample {key!r} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-            if "cls" not in members:
-                raise DataError(f"{path}: sample {key!r} has no .cls label")
-            offset, size = members["cls"]
-            f.seek(offset)
-            parse_label(f.read(min(size, 64)), num_classes, where=f"{path}: sample {key!r}")
-    return len(entries)
+                problem = f"sample {key!r} has no image member ({'/'.join(IMAGE_EXTENSIONS)})"
+            elif "cls" not in members:
+                problem = f"sample {key!r} has no .cls label"
+            else:
+                offset, size = members["cls"]
+                f.seek(offset)
+                try:
+                    parse_label(f.read(min(size, 64)), num_classes, where=f"sample {key!r}")
+                except DataError as exc:
+                    problem = str(exc)
+            if problem:
+                problems.append((key, problem))
+                if stop_at_first:
+                    break
+    return problems
 
 
 def parse_label(raw: bytes, num_classes: int, where: str) -> int:

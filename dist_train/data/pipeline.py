@@ -26,13 +26,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_train.config import DataConfig
 from dist_train.data import plan
-from dist_train.data.index import ShardSet, parse_label
+from dist_train.data.index import Shard, ShardSet, parse_label
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.random_access import ShardReader, preload
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
 from dist_train.errors import DataError
 from dist_train.preemption import ignore_stop_signals
+
+MAX_REPLACEMENTS = 16  # damaged training samples in a row replaced before giving up
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class SampleDecoder:
         self.mode = "L" if data_cfg.channels == 1 else "RGB"
         self.num_classes = num_classes
         self.with_keys = with_keys
+        self.skip_damaged = data_cfg.on_error == "skip"
+        self.max_skipped = data_cfg.max_skipped
 
     def __call__(self, sample: dict) -> tuple:
         where = f"{sample['__url__']}: sample {sample['__key__']!r}"
@@ -97,18 +101,27 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec, decode: SampleDecoder):
         self.spec = spec
         self.decode = decode
+        self.skipped = SkipCounter(decode)
 
     def __iter__(self) -> Iterator:
         worker, num_workers = _this_worker()
         s = self.spec
         slices = plan.val_slices(s.shards.shards, rank=s.rank, world_size=s.world_size,
                                  worker=worker, num_workers=num_workers)
+        damaged = {shard.url: shard for shard in s.shards.shards if shard.damaged}
         return iter(wds.DataPipeline(
             lambda: iter(slices),
-            read_slices,
-            wds.map(self.decode),
+            lambda pieces: read_slices(pieces, damaged),
+            self._decoded,
             wds.batched(s.batch_size, partial=True, collation_fn=collate),
         ))
+
+    def _decoded(self, samples: Iterable[dict]) -> Iterator[tuple]:
+        for sample in samples:
+            try:
+                yield self.decode(sample)
+            except DataError as exc:  # evaluated without it (data.on_error=skip), and counted
+                self.skipped.skip_or_raise(exc)
 
 
 class TrainStream(IterableDataset):
@@ -125,6 +138,7 @@ class TrainStream(IterableDataset):
         self.decode = decode
         # (epoch, start step), shared with worker processes that outlive an epoch.
         self.position = multiprocessing.Array("q", [spec.epoch, spec.start_step])
+        self.skipped = SkipCounter(decode)
 
     def __iter__(self) -> Iterator:
         worker, num_workers = _this_worker()
@@ -143,16 +157,48 @@ class TrainStream(IterableDataset):
 
     def _prepare(self, order: EpochOrder, reader: ShardReader, position: int) -> tuple:
         shard, index = order.sample(position)
-        raw = reader.sample(shard.url, index)
-        # Random transforms draw from torch's CPU generator: seed it for this sample, and put
-        # its state back (in the main process it also serves the model). torch.manual_seed
-        # would cost 50x more, seeding CUDA too.
-        saved = torch.get_rng_state()
-        torch.default_generator.manual_seed(plan.derive_seed(self.spec.order.seed, order.epoch, position))
-        try:
-            return self.decode(raw)
-        finally:
-            torch.set_rng_state(saved)
+        # A sample that does not decode (data.on_error=skip) is replaced by the shard's next
+        # one: every batch keeps its size, so all ranks still run the same number of steps.
+        for attempt in range(min(shard.samples, MAX_REPLACEMENTS)):
+            raw = reader.sample(shard, (index + attempt) % shard.samples)
+            # Random transforms draw from torch's CPU generator: seed it for this sample, and
+            # put its state back (in the main process it also serves the model).
+            # torch.manual_seed would cost 50x more, seeding CUDA too.
+            saved = torch.get_rng_state()
+            torch.default_generator.manual_seed(plan.derive_seed(self.spec.order.seed, order.epoch, position))
+            try:
+                return self.decode(raw)
+            except DataError as exc:
+                self.skipped.skip_or_raise(exc)
+            finally:
+                torch.set_rng_state(saved)
+        raise DataError(f"{shard.url}: {MAX_REPLACEMENTS} samples in a row do not decode")
+
+
+class SkipCounter:
+    """Samples this process skipped while reading (data.on_error=skip), shared with its
+    DataLoader workers. Past data.max_skipped the run stops: damage that widespread is a
+    broken dataset, not a few bad files."""
+
+    def __init__(self, decode: SampleDecoder):
+        self.decode = decode
+        self.value = multiprocessing.Value("q", 0)
+
+    def skip_or_raise(self, error: DataError) -> None:
+        if not self.decode.skip_damaged:
+            raise error
+        with self.value.get_lock():
+            self.value.value += 1
+            count = self.value.value
+        if count > self.decode.max_skipped:
+            raise DataError(f"more than data.max_skipped={self.decode.max_skipped} damaged samples "
+                            f"read by this process; the last: {error}")
+
+    def take(self) -> int:
+        """The count so far, and start again from zero."""
+        with self.value.get_lock():
+            count, self.value.value = self.value.value, 0
+        return count
 
 
 def _this_worker() -> tuple[int, int]:
@@ -161,9 +207,15 @@ def _this_worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def read_slices(slices: Iterable[plan.Slice]) -> Iterator[dict]:
-    """Samples of each slice, in shard order, read with webdataset's tar reader."""
+def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None = None) -> Iterator[dict]:
+    """Samples of each slice, in shard order, read with webdataset's tar reader; a shard with
+    samples left out (data.on_error=skip) is read through its filtered index instead."""
     for piece in slices:
+        if damaged and piece.url in damaged:
+            reader = ShardReader()
+            yield from (reader.sample(damaged[piece.url], i) for i in range(piece.start, piece.stop))
+            reader.close()
+            continue
         samples = wds.tariterators.tarfile_samples([{"url": piece.url}])
         yielded = 0
         for sample in islice(samples, piece.start, piece.stop):
@@ -214,7 +266,7 @@ class TrainLoader:
         # Persistent workers index later epochs' new shards themselves, once.
         if self.loader.num_workers == 0 or not self._workers_started:
             order = EpochOrder(s.shards.shards, s.order, epoch)
-            preload([x.url for x in order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size)])
+            preload(order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size))
 
     def __iter__(self) -> Iterator:
         self._workers_started = True

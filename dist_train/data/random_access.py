@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from dist_train.data.index import TarIndex, index_tar
+from dist_train.data.index import Shard, TarIndex, usable_index
 from dist_train.errors import DataError
 
 MAX_OPEN_FILES = 16
@@ -21,21 +21,22 @@ MAX_OPEN_FILES = 16
 _INDEXES: dict[str, TarIndex] = {}
 
 
-def preload(urls: list[str]) -> None:
-    for url in urls:
-        if url not in _INDEXES:
-            _INDEXES[url] = index_tar(url)
+def preload(shards: list[Shard]) -> None:
+    for shard in shards:
+        if shard.url not in _INDEXES:
+            _INDEXES[shard.url] = usable_index(shard)
 
 
 class ShardReader:
     def __init__(self):
         self._files: OrderedDict = OrderedDict()
 
-    def sample(self, url: str, index: int) -> dict:
+    def sample(self, shard: Shard, index: int) -> dict:
         """The sample as webdataset's reader gives it: {"__key__", "__url__", ext: bytes}."""
+        url = shard.url
         entries = _INDEXES.get(url)
         if entries is None:
-            preload([url])
+            preload([shard])
             entries = _INDEXES[url]
         if index >= len(entries):
             raise DataError(f"{url}: has {len(entries)} samples, sample {index} was asked for "
