@@ -180,23 +180,27 @@ TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]  # [(key, {ext: (offset,
 TAR_BLOCK = 512
 
 
-def index_tar(path: str, partial: bool = False):
+def index_tar(path: str) -> TarIndex:
     """Each sample's key and members (offset and size of the data) of a local tar shard.
 
     Reads the 512-byte headers only, seeking past member data: several times faster than
     `tarfile`. Understands ustar, pax extended headers (which `webdataset.TarWriter` writes for
-    float mtimes) and GNU long names; other archives go through `tarfile`.
-
-    A truncated or corrupt archive raises DataError, or with `partial` returns
-    `(entries before the damage, what the damage is)`; `(entries, None)` when intact.
+    float mtimes) and GNU long names; other archives go through `tarfile`. A truncated or
+    corrupt archive raises DataError.
     """
+    entries, damage = index_tar_until_damage(path)
+    if damage:
+        raise DataError(f"{path}: unreadable tar shard ({damage})")
+    return entries
+
+
+def index_tar_until_damage(path: str) -> tuple[TarIndex, str | None]:
+    """`index_tar` of the samples before a truncation or corrupt header, and what the damage
+    is (None for an intact archive)."""
     try:
-        entries = _index_headers(path)
+        return _index_headers(path), None
     except _CutShort as cut:
-        if not partial:
-            raise DataError(f"{path}: unreadable tar shard ({cut.reason})") from None
         return cut.entries, cut.reason
-    return (entries, None) if partial else entries
 
 
 class _CutShort(Exception):
@@ -316,7 +320,7 @@ def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, 
     if not Path(path).is_file():
         return Shard(path, 0), [Damage(path, "missing shard file", max(expected, 0))]
     try:
-        entries, cut = index_tar(path, partial=True)
+        entries, cut = index_tar_until_damage(path)
         problems = _sample_problems(path, entries, num_classes)
     except DataError as exc:  # not a tar at all, or unreadable
         return Shard(path, 0), [Damage(path, str(exc).removeprefix(f"{path}: "), max(expected, 0))]
@@ -334,7 +338,7 @@ def usable_index(shard: Shard) -> TarIndex:
     """The index readers use: the shard's samples less those `scan_shard` left out."""
     if not shard.damaged:
         return index_tar(shard.url)
-    entries, _ = index_tar(shard.url, partial=True)
+    entries, _ = index_tar_until_damage(shard.url)
     return [e for e in entries if e[0] not in shard.exclude]
 
 
