@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 
 from dist_train.config import load_config
 from dist_train.data import resolve_datasets
-from dist_train.data.index import index_tar
+from dist_train.data.index import index_tar, scan_shard
 from dist_train.errors import DataError
 
 from .conftest import DIGITS_CONFIG
@@ -153,3 +153,16 @@ def test_max_skipped_bounds_the_damage(dataset):
     cfg.data.max_skipped = 4
     datasets = resolve_datasets(cfg.data)
     assert datasets.train.skipped_samples == 4 and datasets.train.samples == 348
+
+
+@pytest.mark.parametrize("member", ["cls", "png"])
+def test_a_sample_cut_short_is_counted_whichever_member_is_cut(tmp_path, member):
+    """The cut sample counts once, also when its first member is the one cut (no entry at all)."""
+    shard = _write(tmp_path / "cut.tar", 0, 8)
+    _, members = index_tar(str(shard))[-1]
+    offset, size = members[member]
+    with open(shard, "r+b") as f:
+        f.truncate(offset + size // 2)
+    scanned, damage = scan_shard(str(shard), 10)
+    assert scanned.samples == 7 and scanned.truncated
+    assert sum(d.samples for d in damage) == 1, damage

@@ -190,22 +190,26 @@ def index_tar(path: str) -> TarIndex:
     """
     entries, damage = index_tar_until_damage(path)
     if damage:
-        raise DataError(f"{path}: unreadable tar shard ({damage})")
+        raise DataError(f"{path}: unreadable tar shard ({damage.reason})")
     return entries
 
 
-def index_tar_until_damage(path: str) -> tuple[TarIndex, str | None]:
-    """`index_tar` of the samples before a truncation or corrupt header, and what the damage
-    is (None for an intact archive)."""
+def index_tar_until_damage(path: str) -> tuple[TarIndex, TarDamage | None]:
+    """`index_tar` of the samples before a truncation or corrupt header, and the damage
+    (None for an intact archive)."""
     try:
         return _index_headers(path), None
-    except _CutShort as cut:
-        return cut.entries, cut.reason
+    except TarDamage as cut:
+        return cut.entries, cut
 
 
-class _CutShort(Exception):
-    def __init__(self, entries: TarIndex, reason: str):
-        self.entries, self.reason = entries, reason
+class TarDamage(Exception):
+    """Where an archive stops being readable: the entries before it, why, and how many
+    samples without an entry the damage is known to have cut (the one being read)."""
+
+    def __init__(self, entries: TarIndex, reason: str, lost: int = 0):
+        super().__init__(reason)
+        self.entries, self.reason, self.lost = entries, reason, lost
 
 
 def _index_headers(path: str) -> TarIndex:
@@ -221,7 +225,7 @@ def _index_headers(path: str) -> TarIndex:
                 if header[0] == 0:  # end-of-archive blocks
                     break
                 if _tar_checksum(header) != _tar_number(header[148:156]):
-                    raise _CutShort(entries, f"bad header checksum at byte {pos}")
+                    raise TarDamage(entries, f"bad header checksum at byte {pos}")
                 kind = header[156:157]
                 size = _tar_number(header[124:136])
                 data = pos + TAR_BLOCK
@@ -237,20 +241,22 @@ def _index_headers(path: str) -> TarIndex:
                     size = int(override.get("size", size))
                     name = override.get("path") or _ustar_name(header)
                     override = {}
-                    if data + size > end:
-                        raise _CutShort(entries, f"truncated: member {name!r} ends past the file")
                     key, ext = split_member_name(name)
+                    if data + size > end:
+                        # A sample whose first member is cut has no entry: count it anyway.
+                        lost = 1 if key is not None and (not entries or entries[-1][0] != key) else 0
+                        raise TarDamage(entries, f"truncated: member {name!r} ends past the file", lost)
                     if key is not None:
                         if not entries or entries[-1][0] != key:
                             entries.append((key, {}))
                         entries[-1][1][ext.lower()] = (data, size)
                 if data + size > end:
-                    raise _CutShort(entries, "truncated: a header's data ends past the file")
+                    raise TarDamage(entries, "truncated: a header's data ends past the file")
                 pos = data + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
     except OSError as exc:
         raise DataError(f"{path}: unreadable tar shard ({exc})") from None
     except ValueError:
-        raise _CutShort(entries, "malformed header") from None
+        raise TarDamage(entries, "malformed header") from None
     return entries
 
 
@@ -326,8 +332,9 @@ def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, 
         return Shard(path, 0), [Damage(path, str(exc).removeprefix(f"{path}: "), max(expected, 0))]
     damage = [Damage(path, problem, 1) for _, problem in problems]
     if cut is not None:
-        lost = max(expected - len(entries), 0)  # samples after the damage, if a manifest says
-        damage.append(Damage(path, f"unreadable tar shard ({cut}); read the samples before it", lost))
+        # Samples after the damage: a manifest knows how many; else the one cut, if any.
+        lost = max(expected - len(entries), 0) if expected >= 0 else cut.lost
+        damage.append(Damage(path, f"unreadable tar shard ({cut.reason}); read the samples before it", lost))
     if not entries and cut is None:
         damage.append(Damage(path, "empty shard (no samples)", 0))
     exclude = frozenset(key for key, _ in problems)
