@@ -95,6 +95,32 @@ class SampleDecoder:
         return prepared
 
 
+class SkipCounter:
+    """Samples this process skipped while reading (data.on_error=skip), shared with its
+    DataLoader workers. Past data.max_skipped the run stops: damage that widespread is a
+    broken dataset, not a few bad files."""
+
+    def __init__(self, decode: SampleDecoder):
+        self.decode = decode
+        self.value = multiprocessing.Value("q", 0)
+
+    def skip_or_raise(self, error: DataError) -> None:
+        if not self.decode.skip_damaged:
+            raise error
+        with self.value.get_lock():
+            self.value.value += 1
+            count = self.value.value
+        if count > self.decode.max_skipped:
+            raise DataError(f"more than data.max_skipped={self.decode.max_skipped} damaged samples "
+                            f"read by this process; the last: {error}")
+
+    def take(self) -> int:
+        """The count so far, and start again from zero."""
+        with self.value.get_lock():
+            count, self.value.value = self.value.value, 0
+        return count
+
+
 class ShardStream(IterableDataset):
     """Streams this rank's share of the shards with webdataset's tar reader, in order."""
 
@@ -159,7 +185,8 @@ class TrainStream(IterableDataset):
         shard, index = order.sample(position)
         # A sample that does not decode (data.on_error=skip) is replaced by the shard's next
         # one: every batch keeps its size, so all ranks still run the same number of steps.
-        for attempt in range(min(shard.samples, MAX_REPLACEMENTS)):
+        tries = min(shard.samples, MAX_REPLACEMENTS)
+        for attempt in range(tries):
             raw = reader.sample(shard, (index + attempt) % shard.samples)
             # Random transforms draw from torch's CPU generator: seed it for this sample, and
             # put its state back (in the main process it also serves the model).
@@ -172,33 +199,7 @@ class TrainStream(IterableDataset):
                 self.skipped.skip_or_raise(exc)
             finally:
                 torch.set_rng_state(saved)
-        raise DataError(f"{shard.url}: {MAX_REPLACEMENTS} samples in a row do not decode")
-
-
-class SkipCounter:
-    """Samples this process skipped while reading (data.on_error=skip), shared with its
-    DataLoader workers. Past data.max_skipped the run stops: damage that widespread is a
-    broken dataset, not a few bad files."""
-
-    def __init__(self, decode: SampleDecoder):
-        self.decode = decode
-        self.value = multiprocessing.Value("q", 0)
-
-    def skip_or_raise(self, error: DataError) -> None:
-        if not self.decode.skip_damaged:
-            raise error
-        with self.value.get_lock():
-            self.value.value += 1
-            count = self.value.value
-        if count > self.decode.max_skipped:
-            raise DataError(f"more than data.max_skipped={self.decode.max_skipped} damaged samples "
-                            f"read by this process; the last: {error}")
-
-    def take(self) -> int:
-        """The count so far, and start again from zero."""
-        with self.value.get_lock():
-            count, self.value.value = self.value.value, 0
-        return count
+        raise DataError(f"{shard.url}: {tries} samples in a row from sample {index} on do not decode")
 
 
 def _this_worker() -> tuple[int, int]:
