@@ -192,10 +192,7 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
         values, confusion = evaluate(model, val_loader, metrics, accelerator)
         schedule.after_validation(values)
         step = (epoch + 1) * steps
-        damage = {}
-        if cfg.data.on_error == "skip":
-            read_here = train_loader.stream.skipped.take() + val_loader.dataset.skipped.take()
-            damage = {"data/skipped_samples": skipped_samples(accelerator, datasets, read_here)}
+        damage = damage_record(cfg, accelerator, datasets, train_loader, val_loader)
         tracker.log({"epoch": epoch, "step": step, **values, "val/confusion_matrix": confusion, **epoch_stats,
                      **damage})
         accelerator.print(
@@ -312,18 +309,21 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps)
 
 
-def skipped_samples(accelerator: Accelerator, datasets: Datasets, read_here: int) -> int:
-    """Damaged samples left out (data.on_error=skip): those found while indexing, the same on
-    every rank, plus those that failed to decode this epoch on any rank (collective)."""
+def damage_record(cfg, accelerator: Accelerator, datasets: Datasets, train_loader, val_loader) -> dict[str, int]:
+    """With data.on_error=skip, the damaged samples left out: those found while indexing (the
+    same on every rank) plus those that failed to decode this epoch on any rank (collective)."""
+    if cfg.data.on_error != "skip":
+        return {}
+    read_here = train_loader.stream.skipped.take() + val_loader.dataset.skipped.take()
     read = accelerator.reduce(torch.tensor([read_here], device=accelerator.device), "sum").item()
-    return datasets.train.skipped_samples + datasets.val.skipped_samples + int(read)
+    return {"data/skipped_samples": datasets.skipped_samples + int(read)}
 
 
 def report_damage(accelerator: Accelerator, datasets: Datasets, shown: int = 10) -> None:
-    damage = datasets.train.damage + datasets.val.damage
+    damage = datasets.damage
     if not damage:
         return
-    accelerator.print(f"dist-train: data.on_error=skip: left out {sum(d.samples for d in damage)} damaged "
+    accelerator.print(f"dist-train: data.on_error=skip: left out {datasets.skipped_samples} damaged "
                       f"samples ({len(damage)} problems):")
     for d in damage[:shown]:
         accelerator.print(f"  {d.where}: {d.problem}" + (f" ({d.samples} samples)" if d.samples > 1 else ""))

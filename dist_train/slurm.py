@@ -35,8 +35,9 @@ from pathlib import Path
 
 from dist_train.errors import ConfigError, UserInputError
 
-LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
-SBATCH_SCRIPT = Path(__file__).resolve().parent.parent / "slurm" / "train.sbatch"
+REPO = Path(__file__).resolve().parent.parent  # launch/ and slurm/ sit beside the package
+LAUNCH_DIR = REPO / "launch"
+SBATCH_SCRIPT = REPO / "slurm" / "train.sbatch"
 SIGNALS_TO_FORWARD = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120  # grace for the final save; also how long a survivor of a crash may linger
 
@@ -100,9 +101,8 @@ def node_launch_from_env(env: Mapping[str, str], cuda_devices: int | None = None
     if gpus is None:
         gpus = cuda_devices if cuda_devices is not None else _cuda_device_count()
     uses_gpus = gpus > 0
-    per_node = gpus if uses_gpus else int(env.get("PROCESSES_PER_NODE", "1"))
-    if env.get("PROCESSES_PER_NODE") and uses_gpus:
-        per_node = int(env["PROCESSES_PER_NODE"])  # fewer processes than GPUs, when asked
+    # One process per GPU, or one on a CPU node, unless PROCESSES_PER_NODE says otherwise.
+    per_node = int(env.get("PROCESSES_PER_NODE") or (gpus if uses_gpus else 1))
     main_host = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
     address = env.get("MAIN_PROCESS_ADDR") or node_address(main_host)
     # One port per job, so that jobs sharing a node do not collide; stable across requeues.
@@ -184,7 +184,6 @@ def cmd_node(args: argparse.Namespace) -> int:
           f"{launch.processes_per_node} process(es) on {'GPU' if launch.uses_gpus else 'CPU'}, "
           f"main {launch.main_address}:{launch.main_port}\n  {shown}", file=sys.stderr, flush=True)
     os.execvpe(cmd[0], cmd, launch_environment(os.environ))
-    return 0  # not reached
 
 
 def cmd_run_dir(args: argparse.Namespace) -> int:

@@ -33,10 +33,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+def accelerate_launch_command(*args: str) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` of 2 CPU processes on a free port, and its environment (no W&B key)."""
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()), *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "WANDB_API_KEY": "", "NETRC": os.devnull}
+    return cmd, env
+
+
+def accelerate_launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
+    cmd, env = accelerate_launch_command(*args)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

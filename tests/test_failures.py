@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from dist_train.data.index import index_tar
 
 from .conftest import DIGITS_CONFIG, REPO
-from .test_distributed import CPU_DDP, free_port
+from .test_distributed import accelerate_launch_command
 
 pytestmark = pytest.mark.slow
 
@@ -28,11 +27,10 @@ BOUND_S = 60
 
 
 def _launch(run_dir: Path, data: Path, *overrides: str) -> subprocess.Popen:
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(CPU_DDP),
-           "--main_process_port", str(free_port()), "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG),
-           f"data.train={data}", f"data.val={data}", f"train.output_dir={run_dir}", "tracking.wandb=false",
-           "train.epochs=50", "train.checkpoint_every_steps=5", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "WANDB_API_KEY": ""}
+    cmd, env = accelerate_launch_command(
+        "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={data}", f"data.val={data}",
+        f"train.output_dir={run_dir}", "tracking.wandb=false", "train.epochs=50", "train.checkpoint_every_steps=5",
+        *overrides)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_train.config import DataConfig
-from dist_train.data.index import ShardSet, resolve_shards
+from dist_train.data.index import Damage, ShardSet, resolve_shards
 from dist_train.errors import ConfigError, DataError
 
 
@@ -16,18 +16,22 @@ class Datasets:
     num_classes: int
     class_names: list[str]
 
+    @property
+    def damage(self) -> tuple[Damage, ...]:
+        """What data.on_error=skip left out while indexing, train then val."""
+        return self.train.damage + self.val.damage
+
+    @property
+    def skipped_samples(self) -> int:
+        return self.train.skipped_samples + self.val.skipped_samples
+
 
 def resolve_datasets(cfg: DataConfig) -> Datasets:
     """Find and check the train and val shards; settle the number and names of classes."""
     skip = cfg.on_error == "skip"
     train = resolve_shards(cfg.train, "train", cfg.num_classes, skip_damaged=skip)
     val = resolve_shards(cfg.val, "val", cfg.num_classes, skip_damaged=skip)
-    damage = train.damage + val.damage
-    lost = sum(d.samples for d in damage)
-    if lost > cfg.max_skipped:
-        first = next(d for d in damage if d.samples)
-        raise DataError(f"{lost} damaged samples, more than data.max_skipped={cfg.max_skipped}; "
-                        f"the first: {first.where}: {first.problem}")
+
     manifest_names = train.class_names or val.class_names
     num_classes = cfg.num_classes or (len(manifest_names) if manifest_names else 0)
     if not num_classes:
@@ -41,4 +45,9 @@ def resolve_datasets(cfg: DataConfig) -> Datasets:
         raise ConfigError(f"data.class_names has {len(names)} names; data.num_classes is {num_classes}")
     if train.samples == 0 or val.samples == 0:
         raise DataError(f"empty split: train has {train.samples} samples, val {val.samples}")
-    return Datasets(train, val, num_classes, list(names))
+    datasets = Datasets(train, val, num_classes, list(names))
+    if datasets.skipped_samples > cfg.max_skipped:
+        first = next(d for d in datasets.damage if d.samples)
+        raise DataError(f"{datasets.skipped_samples} damaged samples, more than data.max_skipped="
+                        f"{cfg.max_skipped}; the first: {first.where}: {first.problem}")
+    return datasets
