@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dist_train.data import sources
@@ -28,7 +30,31 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     """Run `python -m dist_train ARGS` in a fresh process, as a user would."""
     # No W&B credentials: runs log offline into their run directory, never to the network.
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_API_KEY": "", "NETRC": os.devnull, **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "dist_train", *args],
-        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-    )
+    return run_reaped([sys.executable, "-m", "dist_train", *args], cwd=cwd or REPO, env=full_env, timeout=timeout)
+
+
+def run_reaped(cmd: list[str], *, timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True, timeout=...)`, except that a timeout
+    kills every process the command started, not only the command: a launcher's ranks (torchrun
+    starts each in a session of its own) would otherwise outlive a hung test and load the
+    machine under every test after it."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(process)
+            stdout, stderr = process.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr) from None
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process and all its descendants (ranks, DataLoader workers, wandb's service)."""
+    try:
+        root = psutil.Process(process.pid)
+        doomed = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for p in doomed:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()

@@ -17,7 +17,7 @@ from sklearn.datasets import load_digits
 
 from dist_train.tracking import read_metrics
 
-from .conftest import DIGITS_CONFIG, REPO, run_cli
+from .conftest import DIGITS_CONFIG, REPO, run_cli, run_reaped
 from .distributed.accumulation_check import make_data, make_model
 from .test_metrics import sklearn_reference
 
@@ -43,7 +43,7 @@ def accelerate_launch_command(*args: str) -> tuple[list[str], dict[str, str]]:
 
 def accelerate_launch(*args: str, timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
     cmd, env = accelerate_launch_command(*args)
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_reaped(cmd, cwd=REPO, env=env, timeout=timeout)
 
 
 def write_uneven_digit_shards(directory: Path, counts: list[int], offset: int = 0) -> str:

@@ -18,7 +18,7 @@ import pytest
 
 from dist_train.data.index import index_tar
 
-from .conftest import DIGITS_CONFIG, REPO
+from .conftest import DIGITS_CONFIG, REPO, kill_tree
 from .test_distributed import accelerate_launch_command
 
 pytestmark = pytest.mark.slow
@@ -26,12 +26,23 @@ pytestmark = pytest.mark.slow
 BOUND_S = 60
 
 
-def _launch(run_dir: Path, data: Path, *overrides: str) -> subprocess.Popen:
-    cmd, env = accelerate_launch_command(
-        "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={data}", f"data.val={data}",
-        f"train.output_dir={run_dir}", "tracking.wandb=false", "train.epochs=50", "train.checkpoint_every_steps=5",
-        *overrides)
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def launch():
+    """Starts a 2-process training job; whatever of it still runs at the test's end is killed."""
+    jobs: list[subprocess.Popen] = []
+
+    def start(run_dir: Path, data: Path, *overrides: str) -> subprocess.Popen:
+        cmd, env = accelerate_launch_command(
+            "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={data}", f"data.val={data}",
+            f"train.output_dir={run_dir}", "tracking.wandb=false", "train.epochs=50",
+            "train.checkpoint_every_steps=5", *overrides)
+        jobs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        kill_tree(job)
 
 
 def _wait_for_checkpoint(run_dir: Path, job: subprocess.Popen, timeout: float = 180) -> None:
@@ -48,8 +59,8 @@ def _rank_pids(job: subprocess.Popen) -> list[int]:
     return sorted(int(p) for p in out.stdout.split())
 
 
-def test_a_killed_rank_ends_the_job_within_the_bound(digits_dir, tmp_path):
-    job = _launch(tmp_path / "run", digits_dir)
+def test_a_killed_rank_ends_the_job_within_the_bound(launch, digits_dir, tmp_path):
+    job = launch(tmp_path / "run", digits_dir)
     _wait_for_checkpoint(tmp_path / "run", job)
     rank_pids = _rank_pids(job)
     assert len(rank_pids) == 2
@@ -66,7 +77,7 @@ def test_a_killed_rank_ends_the_job_within_the_bound(digits_dir, tmp_path):
     assert "another process of the job failed" in output
 
 
-def test_a_rank_that_raises_ends_the_job_with_its_error_shown_once(digits_dir, tmp_path):
+def test_a_rank_that_raises_ends_the_job_with_its_error_shown_once(launch, digits_dir, tmp_path):
     """A sample whose image does not decode: the rank that reads it stops with the error."""
     data = tmp_path / "digits"
     data.mkdir()
@@ -81,7 +92,7 @@ def test_a_rank_that_raises_ends_the_job_with_its_error_shown_once(digits_dir, t
         f.write(b"\x00" * size)
 
     started = time.monotonic()
-    job = _launch(tmp_path / "run", data, "train.epochs=3")
+    job = launch(tmp_path / "run", data, "train.epochs=3")
     output, _ = job.communicate(timeout=300)
     print(f"job exited after {time.monotonic() - started:.1f} s")
     assert job.returncode != 0

@@ -21,7 +21,7 @@ from dist_train.preemption import EXIT_PREEMPTED
 from dist_train.resume import find_resumable, load_resumable
 from dist_train.tracking import read_metrics
 
-from .conftest import DIGITS_CONFIG, REPO, run_cli
+from .conftest import DIGITS_CONFIG, REPO, kill_tree, run_cli
 from .test_distributed import CPU_DDP, accelerate_launch, free_port
 
 pytestmark = pytest.mark.slow
@@ -69,12 +69,13 @@ def runs(digits_dir, tmp_path_factory):
     cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()),
            *train_args(digits_dir, killed)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(killed / "checkpoints" / "step-00000030", process)  # epoch 1, step 8 of 22
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # launcher and both ranks, like a power cut
+        # The launcher and both ranks, like a power cut. Not the launcher's process group: torchrun
+        # starts each rank in a session of its own, and ranks outlive a killed launcher.
+        kill_tree(process)
         process.wait()
     return {"reference": reference, "killed": killed, "base": base}
 
