@@ -189,7 +189,8 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
         val_spec = StreamSpec(datasets.val, batch_size=cfg.data.val_batch_size or batch,
                               num_classes=datasets.num_classes, rank=accelerator.process_index, world_size=world)
         val_loader = make_loader(val_spec, cfg.data, pin)
-        values, confusion = evaluate(model, val_loader, metrics, accelerator)
+        share_main_buffers(model, accelerator)
+        values, confusion = evaluate(accelerator.unwrap_model(model), val_loader, metrics, accelerator)
         schedule.after_validation(values)
         step = (epoch + 1) * steps
         damage = damage_record(cfg, accelerator, datasets, train_loader, val_loader)
@@ -285,6 +286,20 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     model = loaded.model.to(accelerator.device)
     values, confusion = evaluate(model, make_loader(spec, cfg.data), metrics, accelerator)
     return values, confusion, shards.samples
+
+
+def share_main_buffers(model, accelerator: Accelerator) -> None:
+    """Copy the main process's buffers (BatchNorm statistics) to every rank before validation.
+
+    DDP does this itself inside the next forward, so a DDP-wrapped model would run a collective
+    in its first validation batch, one that a rank without a validation batch (fewer samples
+    than processes, or all of them damaged) never joins: the job would hang. Here every rank
+    takes part, and validation then runs the unwrapped model, which has no collective inside.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        torch.distributed.broadcast(buffer, src=0)
 
 
 def write_plots_and_summary(out: Path) -> None:

@@ -34,6 +34,7 @@ class ValidationMetrics:
                 "val/auroc_macro": MulticlassAUROC(num_classes, average="macro", thresholds=None),
             },
         ).to(device)
+        self.num_classes = num_classes
         self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
         # Cross-entropy whatever the training loss, so runs with different losses compare.
         self.loss = MeanMetric().to(device)
@@ -47,10 +48,24 @@ class ValidationMetrics:
 
     def compute(self) -> tuple[dict[str, float], list[list[int]]]:
         """(scalar metrics, confusion matrix rows=true, cols=predicted); syncs across ranks."""
+        self._shape_empty_predictions()
         values = {name: float(v) for name, v in self.scores.compute().items()}
         values["val/loss"] = float(self.loss.compute())
         confusion = self.confusion.compute().long().tolist()
         return values, confusion
+
+    def _shape_empty_predictions(self) -> None:
+        """Give a rank that validated nothing empty AUROC states of the others' shape and type.
+
+        Left empty, torchmetrics' sync sends a 1-d float placeholder for them, against the (N, C)
+        float predictions and int64 labels of the other ranks, and the gather fails (gloo: "Received
+        data size doesn't match expected size"). A rank has no validation sample when the set is
+        smaller than the process count, or when data.on_error=skip dropped all of its share.
+        """
+        auroc = self.scores["val/auroc_macro"]
+        if not auroc.preds:
+            auroc.preds.append(torch.empty(0, self.num_classes, device=auroc.device))
+            auroc.target.append(torch.empty(0, dtype=torch.long, device=auroc.device))
 
     def reset(self) -> None:
         self.scores.reset()

@@ -145,9 +145,10 @@ def test_uneven_shards_prime_val_set_metrics_equal_sklearn(tmp_path):
 
 
 def test_training_on_fewer_shards_than_workers_finishes(tmp_path):
-    """3 training shards of prime sizes, 2 ranks x 2 workers, K=2: equal batches, no hang."""
+    """3 training shards of prime sizes, 2 ranks x 2 workers, K=2: equal batches, no hang; and
+    a one-sample val set, so one rank validates nothing yet takes part in every sync."""
     train = write_uneven_digit_shards(tmp_path / "train", [101, 53, 7])
-    val = write_uneven_digit_shards(tmp_path / "val", [29, 2], offset=200)
+    val = write_uneven_digit_shards(tmp_path / "val", [1], offset=200)
     out = tmp_path / "run"
     result = accelerate_launch(
         "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={train}", f"data.val={val}",
