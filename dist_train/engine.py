@@ -29,6 +29,7 @@ from dist_train.data.index import resolve_shards
 from dist_train.data.order import OrderSpec, steps_per_epoch
 from dist_train.data.pipeline import StreamSpec, TrainStreamSpec, make_loader, make_train_loader
 from dist_train.errors import ConfigError, DataError
+from dist_train.host_memory import keep_freed_memory
 from dist_train.losses import build_loss
 from dist_train.metrics import ValidationMetrics
 from dist_train.models import create_model
@@ -319,6 +320,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             "train.mixed_precision=fp16 is not supported on the CPU (accelerate would silently "
             "train in fp32); use bf16 or no"
         )
+    if on_cpu:
+        keep_freed_memory()  # a CPU step would otherwise fault its activations back in every time
     # cpu=True matters even without a GPU: it makes a multi-process launch join one gloo
     # process group instead of running as independent single-process jobs.
     return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps)
