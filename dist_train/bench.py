@@ -1,7 +1,7 @@
 """`dist-train bench`: what the framework costs and how it scales, each figure a ratio measured
 side by side in the same run (alternating repeats, medians), printed with its target.
 
-    dist-train bench                     # about 5 minutes on 2 CPU cores
+    dist-train bench                     # about 5 minutes on 2 CPU cores (up to 10 on a loaded host)
     dist-train bench --quick --json b.json   # seconds per figure: a smoke test (CI)
 
 Figures (targets for 2 CPU cores):
@@ -9,6 +9,8 @@ Figures (targets for 2 CPU cores):
   loader_vs_decode       shard loader (best worker count) / decoding in one loop   >= 0.9
   loader_vs_imagefolder  shard loader / torchvision ImageFolder, same files        >= 1.0
   ddp_scaling            2-process CPU DDP / 1 process, 1 thread each              >= 1.7
+                         (printed beside it: the same 2 processes without DDP / 1 process,
+                         what this machine allows)
   no_sync_gain           step time, K=8 accumulation with no_sync / syncing each   <  1.0
   time_to_acc            seconds from command start to val acc >= 0.97 (digits)    <= 60
   peak_rss_mb            peak resident memory of any process of the digits run     <= 1500
@@ -60,12 +62,13 @@ class Sizes:
     repeats: int
     steps: int  # optimizer steps per timed repeat
     loader_epochs: int
-    ddp_steps: int
+    ddp_steps: int  # optimizer steps per timed epoch of a ddp_scaling launch
+    accum_steps: int  # optimizer steps (of K=8 micro-steps) per timed epoch of no_sync_gain
     train_epochs: int
 
 
-FULL = Sizes(repeats=8, steps=30, loader_epochs=3, ddp_steps=60, train_epochs=15)
-QUICK = Sizes(repeats=2, steps=4, loader_epochs=1, ddp_steps=6, train_epochs=3)
+FULL = Sizes(repeats=8, steps=30, loader_epochs=3, ddp_steps=40, accum_steps=15, train_epochs=10)
+QUICK = Sizes(repeats=2, steps=4, loader_epochs=1, ddp_steps=6, accum_steps=1, train_epochs=3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = _digits_shards(Path(tmp))
         # The launched (multi-process) figures first: nothing of this process (DataLoader
         # workers, threads) may compete with them for the 2 cores.
-        figures["ddp_scaling"] = ddp_scaling(sizes)
+        figures["ddp_scaling"], details["ddp_ceiling"] = ddp_scaling(sizes)
         figures["no_sync_gain"] = no_sync_gain(sizes)
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
         figures["loop_overhead"] = loop_overhead(sizes)
@@ -207,16 +210,31 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
 # --- ddp_scaling and no_sync_gain (real accelerate launch) ------------------------------------
 
 
-def ddp_scaling(sizes: Sizes) -> float:
-    def run(config: str) -> float:
-        return _launch(config, "ddp", sizes.ddp_steps)["images_per_sec"]
+def ddp_scaling(sizes: Sizes) -> tuple[float, float]:
+    """(2-process DDP / 1 process, the same 2 processes without DDP / 1 process).
+
+    The second is this machine's ceiling for the first: the two processes train the same epochs
+    on their own, without communicating, inside the same launches (interleaved with the DDP
+    epochs), so what the machine gives a second process is measured beside what DDP makes of it.
+    """
+    apart, single = [], []
+
+    def two_processes() -> float:
+        result = _launch("cpu-ddp.yaml", "ddp", sizes.ddp_steps)
+        apart.append(result["apart_images_per_sec"])
+        return result["images_per_sec"]
+
+    def one_process() -> float:
+        single.append(_launch("cpu.yaml", "ddp", sizes.ddp_steps)["images_per_sec"])
+        return single[-1]
 
     # Each launch warms up inside the worker; no extra untimed launches.
-    return _ratio(lambda: run("cpu-ddp.yaml"), lambda: run("cpu.yaml"), max(2, sizes.repeats // 2), warmup=False)
+    scaling = _ratio(two_processes, one_process, max(2, sizes.repeats // 2), warmup=False)
+    return scaling, statistics.median(apart) / statistics.median(single)
 
 
 def no_sync_gain(sizes: Sizes) -> float:
-    result = _launch("cpu-ddp.yaml", "accum", sizes.ddp_steps // 4 or 1)
+    result = _launch("cpu-ddp.yaml", "accum", sizes.accum_steps)
     return result["no_sync_step_s"] / result["sync_each_step_s"]
 
 
@@ -248,26 +266,40 @@ def _launched_worker(kind: str, steps: int) -> int:
     model, optimizer = accelerator.prepare(model, optimizer)
     schedule = Schedule(optimizer, SchedConfig(name="constant"), steps, 1)
 
-    def timed_epoch() -> float:
+    def timed_epoch(model, optimizer, schedule) -> float:
         progress = TrainProgress(accelerator, 0, 0, len(batches), log_every_steps=10**9, show_bar=False)
         accelerator.wait_for_everyone()
         start = time.perf_counter()
         train_one_epoch(model, iter(batches), torch.nn.CrossEntropyLoss(), optimizer, schedule, accelerator,
                         progress)
-        accelerator.wait_for_everyone()
+        accelerator.wait_for_everyone()  # an epoch of several processes ends with the slowest
         return time.perf_counter() - start
 
-    timed_epoch()  # warm-up: allocations, DDP bucket rebuild
+    timed_epoch(model, optimizer, schedule)  # warm-up: allocations, DDP bucket rebuild
     if kind == "ddp":
-        seconds = statistics.median(timed_epoch() for _ in range(3))
-        result = {"images_per_sec": len(batches) * batch * accelerator.num_processes / seconds}
+        epochs = {"ddp": lambda: timed_epoch(model, optimizer, schedule)}
+        if accelerator.num_processes > 1:
+            # Interleaved with the DDP epochs, each process also trains a model of its own, not
+            # wrapped in DDP, on the same batches: no communication at all, so the rate the
+            # machine itself allows these processes together.
+            own_model, own_optimizer = _fresh_model(lambda n, c: SmallCNN(n, c, width=width))
+            own_schedule = Schedule(own_optimizer, SchedConfig(name="constant"), steps, 1)
+            epochs["apart"] = lambda: timed_epoch(own_model, own_optimizer, own_schedule)
+            epochs["apart"]()  # warm-up
+        seconds: dict[str, list[float]] = {name: [] for name in epochs}
+        for _ in range(3):
+            for name, epoch in epochs.items():
+                seconds[name].append(epoch())
+        images = len(batches) * batch * accelerator.num_processes
+        rates = {name: images / statistics.median(times) for name, times in seconds.items()}
+        result = {"images_per_sec": rates["ddp"], "apart_images_per_sec": rates.get("apart", rates["ddp"])}
     else:
         flags = accelerator.gradient_state.plugin_kwargs
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(3):
             for sync_each in (False, True):
                 flags["sync_each_batch"] = sync_each
-                times[sync_each].append(timed_epoch() / steps)
+                times[sync_each].append(timed_epoch(model, optimizer, schedule) / steps)
         result = {"no_sync_step_s": statistics.median(times[False]),
                   "sync_each_step_s": statistics.median(times[True])}
     if accelerator.is_main_process:
@@ -399,7 +431,8 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
         target = TARGETS[name]
         verdict = "yes" if target.met(value) else "NO"
         print(f"{name:24s} {value:10.3f}  {target.op + ' ' + str(target.value):>10s}  {verdict}")
-    print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried)")
+    print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried; "
+          f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here)")
 
 
 if __name__ == "__main__":
