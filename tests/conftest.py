@@ -50,6 +50,8 @@ def run_reaped(cmd: list[str], *, timeout: float, **popen_kwargs) -> subprocess.
 
 def kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process and all its descendants (ranks, DataLoader workers, wandb's service)."""
+    if process.poll() is not None:
+        return  # ended and reaped: its pid may already belong to another process
     try:
         root = psutil.Process(process.pid)
         doomed = [*root.children(recursive=True), root]
