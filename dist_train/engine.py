@@ -22,6 +22,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from dist_train import __version__
+from dist_train.accelerate_costs import look_up_optional_packages_once
 from dist_train.checkpoint import save_model_checkpoint
 from dist_train.config import METRIC_NAMES, Config, TrainConfig, save_config, to_dict
 from dist_train.data import Datasets, resolve_datasets
@@ -320,6 +321,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             "train.mixed_precision=fp16 is not supported on the CPU (accelerate would silently "
             "train in fp32); use bf16 or no"
         )
+    look_up_optional_packages_once()  # accelerate would search sys.path on every optimizer step
     if on_cpu:
         keep_freed_memory()  # a CPU step would otherwise fault its activations back in every time
     # cpu=True matters even without a GPU: it makes a multi-process launch join one gloo
