@@ -4,8 +4,9 @@ glibc gives freed memory back to the kernel: a block above the mmap threshold (1
 start, raised only as such blocks are freed) is unmapped on free, and the top of the heap is
 trimmed once 128 KiB or more of it is free. A training step on the CPU frees its activations
 and gradients at its end and allocates the same sizes again in the next step, so every step
-page-faults its working set back in: about 2,000 minor faults per step for the digits model,
-~10% of the step spent in the kernel (measured with `perf stat` and per-step `ru_minflt`).
+page-faults its working set back in: 750-3,000 minor faults per step of the digits model
+(batch 64, one thread; per-step `ru_minflt`). Kept, 0-29 faults per step and 12% more images/s
+(benchmarks/RESULTS.md).
 
 Raising both thresholds keeps those pages mapped for the next step. Peak memory does not
 grow: the memory kept is what the next step allocates anyway. Only the CPU path calls this;
@@ -26,7 +27,8 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 2**30
 
-# glibc's own variables for the same settings: a user who sets one has chosen, and wins.
+# glibc's own variables for these settings, and its tunables (any GLIBC_TUNABLES counts, malloc
+# ones or not): a user who sets one has chosen how this process runs, and wins.
 USER_SETTINGS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 
 
