@@ -147,13 +147,14 @@ def loop_overhead(sizes: Sizes) -> float:
 def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
     """(shard loader / decode bound, shard loader / ImageFolder, best worker count)."""
     from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
 
     from dist_train.config import load_config
     from dist_train.data.index import resolve_shards
     from dist_train.data.order import EpochOrder, OrderSpec
     from dist_train.data.pipeline import SampleDecoder, TrainStreamSpec, make_train_loader
     from dist_train.data.random_access import ShardReader
-    from dist_train.data.transforms import build_transform
+    from dist_train.data.transforms import build_batch_normalize, build_transform
 
     cfg = load_config(REPO_CONFIG)
     train = resolve_shards(str(shards), "train", 10)
@@ -166,9 +167,9 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
     decode = SampleDecoder(cfg.data, train=True, num_classes=10)
 
     def decode_bound() -> float:
-        start = time.perf_counter()
-        for sample in raw:
-            decode(sample)
+        start, size = time.perf_counter(), cfg.data.batch_size
+        for first in range(0, len(raw), size):
+            decode.collate([decode(sample) for sample in raw[first:first + size]])
         return len(raw) / (time.perf_counter() - start)
 
     def shard_loader(workers: int) -> float:
@@ -191,7 +192,8 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
         path = folder / sample["cls"].decode() / f"{i:05d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(sample["png"])
-    transform = build_transform(cfg.data, train=True)
+    # The usual recipe: the whole transform, normalization included, on each sample.
+    transform = v2.Compose([build_transform(cfg.data, train=True), build_batch_normalize(cfg.data)])
     dataset = ImageFolder(str(folder), transform=transform, loader=lambda p: _open_gray(p))
 
     def image_folder() -> float:

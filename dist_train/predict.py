@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
 from dist_train.data.index import ShardSet, resolve_shards
-from dist_train.data.pipeline import StreamSpec, make_loader
+from dist_train.data.pipeline import Collate, StreamSpec, make_loader
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
 from dist_train.errors import CheckpointError, DataError
@@ -94,7 +94,7 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
     loaders = []
     if images:
         loaders.append(DataLoader(ImageFiles(images, loaded.cfg), batch_size=batch_size,
-                                  num_workers=loaded.cfg.data.num_workers))
+                                  num_workers=loaded.cfg.data.num_workers, collate_fn=Collate(loaded.cfg.data)))
     if shards:
         shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names)).shards, None)
         spec = StreamSpec(shard_set, batch_size=batch_size,

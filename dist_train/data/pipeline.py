@@ -4,7 +4,8 @@ Training (`TrainStream`) reads samples in the order of data/order.py, each direc
 shard (data/random_access.py): a function of (seed, epoch, position), resumable at any step.
 Evaluation and prediction (`ShardStream`) stream each rank's share of the shards once, in
 order, through webdataset's tar reader (data/plan.py says which share). Batches are formed
-inside the DataLoader workers, so loaders use `batch_size=None`.
+inside the DataLoader workers, so loaders use `batch_size=None`; a batch is turned into
+normalized float32 there too, once per batch (data/transforms.py).
 
 The loader is deliberately not passed through `accelerator.prepare()`: for an iterable
 dataset accelerate would either broadcast rank 0's batches or make every rank read the whole
@@ -30,7 +31,7 @@ from dist_train.data.index import Shard, ShardSet, parse_label
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.random_access import ShardReader, preload
 from dist_train.data.sources import IMAGE_EXTENSIONS
-from dist_train.data.transforms import build_transform
+from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
 from dist_train.preemption import ignore_stop_signals
 
@@ -65,11 +66,12 @@ class TrainStreamSpec:
 
 
 class SampleDecoder:
-    """A raw sample (dict of member bytes) -> (image tensor, label[, source]), or a DataError
-    that names the shard and the sample key."""
+    """A raw sample (dict of member bytes) -> (uint8 image tensor, label[, source]), or a
+    DataError that names the shard and the sample key. `collate` makes a batch of them."""
 
     def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False):
         self.transform = build_transform(data_cfg, train=train)
+        self.collate = Collate(data_cfg)
         self.mode = "L" if data_cfg.channels == 1 else "RGB"
         self.num_classes = num_classes
         self.with_keys = with_keys
@@ -139,7 +141,7 @@ class ShardStream(IterableDataset):
             lambda: iter(slices),
             lambda pieces: read_slices(pieces, damaged),
             self._decoded,
-            wds.batched(s.batch_size, partial=True, collation_fn=collate),
+            wds.batched(s.batch_size, partial=True, collation_fn=self.decode.collate),
         ))
 
     def _decoded(self, samples: Iterable[dict]) -> Iterator[tuple]:
@@ -177,7 +179,7 @@ class TrainStream(IterableDataset):
                 step, micro = divmod(j, s.grad_accum_steps)
                 positions = micro_batch_positions(step, micro, s.rank, s.world_size, s.grad_accum_steps,
                                                   s.batch_size, s.order.global_batch)
-                yield collate([self._prepare(order, reader, q) for q in positions])
+                yield self.decode.collate([self._prepare(order, reader, q) for q in positions])
         finally:
             reader.close()
 
@@ -230,12 +232,18 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
             )
 
 
-def collate(samples: list[tuple]) -> tuple:
-    images = torch.stack([s[0] for s in samples])
-    labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
-    if len(samples[0]) == 3:
-        return images, labels, [s[2] for s in samples]
-    return images, labels
+class Collate:
+    """Samples (uint8 image, label[, source]) -> (float32 images, int64 labels[, sources])."""
+
+    def __init__(self, data_cfg: DataConfig):
+        self.normalize = build_batch_normalize(data_cfg)
+
+    def __call__(self, samples: list[tuple]) -> tuple:
+        images = self.normalize(torch.stack([s[0] for s in samples]))
+        labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
+        if len(samples[0]) == 3:
+            return images, labels, [s[2] for s in samples]
+        return images, labels
 
 
 def make_loader(spec: StreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:

@@ -1,4 +1,11 @@
-"""Image transforms (torchvision.transforms.v2): random augmentation for training, fixed for eval."""
+"""Image transforms (torchvision.transforms.v2): random augmentation for training, fixed for eval.
+
+A sample's transform ends at a uint8 tensor; turning a batch into normalized float32 is one
+call per batch (`build_batch_normalize`). On small images torchvision's per-call overhead
+made the two float steps about 40% of a sample's transform time; on a batch they cost under
+a microsecond per image. Element by element the arithmetic is the same, so the values are
+bitwise those of normalizing each sample.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,10 @@ EVAL_CROP_RATIO = 0.875
 
 
 def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
+    """PIL image -> uint8 tensor (C, H, W), augmented when `train`."""
     size = cfg.image_size
     # Geometry runs on the PIL image (PIL's C kernels are several times faster per image
-    # than tensor kernels on small images), then conversion to float and normalization.
+    # than tensor kernels on small images).
     if train and cfg.augment == "standard":
         geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
     elif train and cfg.augment == "light":
@@ -26,15 +34,13 @@ def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
         geometry = [v2.Resize(round(size / EVAL_CROP_RATIO), antialias=True), v2.CenterCrop(size)]
     else:
         geometry = [v2.Resize((size, size), antialias=True)]
+    return v2.Compose([*geometry, v2.ToImage()])
+
+
+def build_batch_normalize(cfg: DataConfig) -> v2.Compose:
+    """uint8 images (N, C, H, W) -> float32 in [0, 1], normalized by the config's mean and std."""
     mean, std = _per_channel(cfg.mean, cfg.channels), _per_channel(cfg.std, cfg.channels)
-    return v2.Compose(
-        [
-            *geometry,
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=mean, std=std),
-        ]
-    )
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=mean, std=std)])
 
 
 def _per_channel(values: list[float], channels: int) -> list[float]:
