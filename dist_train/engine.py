@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 
 from dist_train import __version__
@@ -293,10 +293,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
 def share_main_buffers(model, accelerator: Accelerator) -> None:
     """Copy the main process's buffers (BatchNorm statistics) to every rank before validation.
 
-    DDP does this itself inside the next forward, so a DDP-wrapped model would run a collective
-    in its first validation batch, one that a rank without a validation batch (fewer samples
-    than processes, or all of them damaged) never joins: the job would hang. Here every rank
-    takes part, and validation then runs the unwrapped model, which has no collective inside.
+    DDP is told not to do this in every forward (`DDP_SETTINGS`), so the ranks' running
+    statistics drift apart in training; here they become rank 0's, the ones it saves. Every
+    rank takes part, also one without a validation batch (fewer samples than processes, or
+    all of them damaged), and validation runs the unwrapped model, which has no collective
+    inside: a collective in the first validation batch would hang such a rank's peers.
     """
     if accelerator.num_processes == 1:
         return
@@ -326,7 +327,20 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         keep_freed_memory()  # a CPU step would otherwise fault its activations back in every time
     # cpu=True matters even without a GPU: it makes a multi-process launch join one gloo
     # process group instead of running as independent single-process jobs.
-    return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps)
+    return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+                       kwargs_handlers=[DDP_SETTINGS])
+
+
+# How DDP wraps the model (only used when there are several processes):
+# - broadcast_buffers=False: by default DDP copies rank 0's buffers (BatchNorm statistics) to
+#   every rank in each training forward, a collective per step that changes nothing we use.
+#   In training mode BatchNorm normalizes with the batch's own statistics; rank 0's running
+#   statistics follow its own batches either way; it alone saves checkpoints, and
+#   `share_main_buffers` gives every rank its copy before validation. 2-process CPU DDP:
+#   +4% images/s, DDP at 0.89 instead of 0.83 of two processes that do not communicate.
+# - gradient_as_bucket_view=True: gradients live in DDP's all-reduce buckets instead of being
+#   copied into them and back; one copy of the gradients less in memory.
+DDP_SETTINGS = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def damage_record(cfg, accelerator: Accelerator, datasets: Datasets, train_loader, val_loader) -> dict[str, int]:
