@@ -34,7 +34,6 @@ class ValidationMetrics:
                 "val/auroc_macro": MulticlassAUROC(num_classes, average="macro", thresholds=None),
             },
         ).to(device)
-        self.num_classes = num_classes
         self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
         # Cross-entropy whatever the training loss, so runs with different losses compare.
         self.loss = MeanMetric().to(device)
@@ -64,7 +63,7 @@ class ValidationMetrics:
         """
         auroc = self.scores["val/auroc_macro"]
         if not auroc.preds:
-            auroc.preds.append(torch.empty(0, self.num_classes, device=auroc.device))
+            auroc.preds.append(torch.empty(0, auroc.num_classes, device=auroc.device))
             auroc.target.append(torch.empty(0, dtype=torch.long, device=auroc.device))
 
     def reset(self) -> None:
