@@ -149,6 +149,7 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
+    from dist_train import workers
     from dist_train.config import load_config
     from dist_train.data.index import resolve_shards
     from dist_train.data.order import EpochOrder, OrderSpec
@@ -156,6 +157,9 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
     from dist_train.data.random_access import ShardReader
     from dist_train.data.transforms import build_batch_normalize, build_transform
 
+    # As `dist-train train` does first: the fork server that DataLoader workers start from is
+    # started once per run, not per loader (dist_train/workers.py).
+    workers.start_helpers()
     cfg = load_config(REPO_CONFIG)
     train = resolve_shards(str(shards), "train", 10)
     order = OrderSpec(seed=0, global_batch=cfg.data.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
@@ -183,6 +187,7 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
                 n += len(labels)
         return n / (time.perf_counter() - start)
 
+    shard_loader(1)  # untimed: the fork server's imports are done before anything is timed
     worker_counts = [0, 2] if sizes is QUICK else [0, 1, 2]
     best = max(worker_counts, key=lambda w: statistics.median(shard_loader(w) for _ in range(2)))
     vs_decode = _ratio(lambda: shard_loader(best), decode_bound, max(2, sizes.repeats // 2))

@@ -118,14 +118,19 @@ def _command(sub, name: str, handler: Callable, help_text: str) -> argparse.Argu
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dist_train.preemption import catch_stop_signals
+    from dist_train.preemption import catch_stop_signals, dump_stacks_on_request
 
     catch_stop_signals()  # a preemption notice during start-up must not kill the process
+    dump_stacks_on_request()
+    from dist_train import workers
     from dist_train.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    # Before this process imports torch: the fork server imports it at the same time.
+    workers.start_helpers(fork_server=cfg.data.num_workers > 0)
     from dist_train.data import resolve_datasets
     from dist_train.engine import fit
 
-    cfg = load_config(args.config, args.overrides)
     datasets = resolve_datasets(cfg.data)  # checks shards and labels before any process starts work
     fit(cfg, datasets)
     return 0

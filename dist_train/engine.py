@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 
-from dist_train import __version__
+from dist_train import __version__, workers
 from dist_train.accelerate_costs import look_up_optional_packages_once
 from dist_train.checkpoint import save_model_checkpoint
 from dist_train.config import METRIC_NAMES, Config, TrainConfig, save_config, to_dict
@@ -103,6 +103,7 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     one at the next step boundary and raise `TrainingStopped`.
     """
     datasets = datasets or resolve_datasets(cfg.data)
+    workers.start_helpers(fork_server=cfg.data.num_workers > 0)  # already started by `dist-train train`
     accelerator = make_accelerator(cfg.train)
     out = Path(cfg.train.output_dir)
     resume_from = find_resume_checkpoint(cfg.train.resume, out)

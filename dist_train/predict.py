@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dist_train import workers
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
 from dist_train.data.index import ShardSet, resolve_shards
@@ -94,7 +95,8 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
     loaders = []
     if images:
         loaders.append(DataLoader(ImageFiles(images, loaded.cfg), batch_size=batch_size,
-                                  num_workers=loaded.cfg.data.num_workers, collate_fn=Collate(loaded.cfg.data)))
+                                  collate_fn=Collate(loaded.cfg.data),
+                                  **workers.loader_options(loaded.cfg.data.num_workers)))
     if shards:
         shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names)).shards, None)
         spec = StreamSpec(shard_set, batch_size=batch_size,

@@ -8,19 +8,29 @@ saves a resumable checkpoint and exits with EXIT_PREEMPTED. Resume with `train.r
 `catch_stop_signals()` runs first thing in `dist-train train`: a signal that arrives while the
 process still imports or indexes shards is remembered, not fatal (SIGUSR1's default action
 kills), and honoured after the first step. Under Slurm every process of a job step receives
-the signal, DataLoader workers included: they ignore it (`ignore_stop_signals`) and leave the
-decision to the training process, which shuts them down.
+the signal, DataLoader workers included: they ignore it (`stop_signals_in_workers`) and leave
+the decision to the training process, which shuts them down.
+
+SIGUSR2 prints every thread's stack to stderr (`dump_stacks_on_request`), in the training
+process and in its DataLoader workers: for a job that seems hung, `kill -USR2 PID` shows where.
 """
 
 from __future__ import annotations
 
 import atexit
-import multiprocessing
+import faulthandler
+import functools
+import multiprocessing.util  # noqa: F401 - its exit hook must be registered before ours
 import os
 import signal
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # kept light: `catch_stop_signals` runs before torch is imported
+    from collections.abc import Callable
+    from multiprocessing.context import BaseContext
+    from multiprocessing.synchronize import Event
+
     from accelerate import Accelerator
 
 # EX_TEMPFAIL from sysexits.h: "try again later". Job schedulers requeue on it.
@@ -35,10 +45,19 @@ class TrainingStopped(Exception):
 _received: list[int] = []  # the stop signals this process has received, in order
 _previous: dict[int, object] = {}
 # Set once the training process stops caring about signals (at exit, or when `fit` ends).
-# DataLoader workers, forked from it, read it: until then a SIGTERM is not theirs to act on.
-_releasing = multiprocessing.Event()
-atexit.register(_releasing.set)  # runs before multiprocessing's own exit hook, which
-                                 # SIGTERMs the workers and joins them
+# Its DataLoader workers read it: until then a SIGTERM is not theirs to act on. Made with
+# the first workers, in their multiprocessing context (`stop_signals_in_workers`).
+_releasing: Event | None = None
+
+
+def _release_workers() -> None:
+    if _releasing is not None:
+        _releasing.set()
+
+
+# Registered after multiprocessing's own exit hook (imported above), so it runs before it:
+# that hook SIGTERMs the workers and joins them.
+atexit.register(_release_workers)
 
 
 def _remember(signum, frame) -> None:
@@ -50,24 +69,44 @@ def catch_stop_signals() -> None:
     for sig in SIGNALS:
         if signal.getsignal(sig) is not _remember:
             _previous[sig] = signal.signal(sig, _remember)
-    _releasing.clear()
+    if _releasing is not None:
+        _releasing.clear()
 
 
 def release_stop_signals() -> None:
     """Give the signals back to the handlers they had before `catch_stop_signals`."""
-    _releasing.set()
+    _release_workers()
     for sig, handler in _previous.items():
         signal.signal(sig, handler)
     _previous.clear()
     _received.clear()
 
 
-def ignore_stop_signals(worker_id: int | None = None) -> None:
-    """DataLoader `worker_init_fn`: a stop signal is the training process's to act on.
+def dump_stacks_on_request() -> None:
+    """`kill -USR2 PID` prints the stack of every thread of the process to its stderr: where
+    a process that seems hung waits (a collective, a DataLoader worker), without stopping it."""
+    # The process's own stderr (fd 2), also where `sys.stderr` is replaced (captured output).
+    faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
+
+
+def stop_signals_in_workers(ctx: BaseContext) -> Callable[[int], None]:
+    """The DataLoader `worker_init_fn` for workers started from `ctx`: a stop signal is the
+    training process's to act on.
 
     Slurm signals every process of a job step; a worker that died of it would break the
     step the training process still has to finish before it saves.
     """
+    global _releasing
+    if _releasing is None:
+        _releasing = ctx.Event()
+        if signal.getsignal(signal.SIGTERM) is not _remember:  # no training holds the signals
+            _releasing.set()
+    return functools.partial(_init_worker, releasing=_releasing)
+
+
+def _init_worker(worker_id: int, releasing: Event) -> None:
+    global _releasing
+    _releasing = releasing
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _term_in_worker)
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -154,22 +155,42 @@ def _job_field(env: dict, job_id: int, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def _wait_for_end(env: dict, job_id: int, timeout: float = 600) -> str:
+def _wait_for_end(env: dict, job_id: int, run_dir: Path, timeout: float = 480) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = _job_field(env, job_id, "JobState")
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return state
         time.sleep(1)
+    _dump_stacks(run_dir)
     subprocess.run(["scancel", str(job_id)], env=env)
-    pytest.fail(f"job {job_id} still {state} after {timeout} s")
+    # The batch log, then the node logs, latest last: CI shows the end of the output.
+    logs = sorted((run_dir / "logs").glob("slurm-*")) + sorted((run_dir / "logs").glob("job-*"))
+    pytest.fail(f"job {job_id} still {state} after {timeout} s; its logs, with the stacks of its processes:\n"
+                + "\n".join(f"== {p}\n{p.read_text()[-6000:]}" for p in logs))
+
+
+def _dump_stacks(run_dir: Path) -> None:
+    """Have the job's training processes and their DataLoader workers print every thread's
+    stack to their logs (SIGUSR2, see dist_train/preemption.py): where a job that hangs waits."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    processes = {int(pid): (int(ppid), args) for pid, ppid, args in
+                 (line.split(None, 2) for line in table.splitlines() if len(line.split(None, 2)) == 3)}
+    ranks = {pid for pid, (_, args) in processes.items()
+             if "-m dist_train train" in args and f"train.output_dir={run_dir}" in args and "accelerate" not in args}
+    servers = {pid for pid, (ppid, args) in processes.items() if ppid in ranks and "forkserver" in args}
+    workers = {pid for pid, (ppid, _) in processes.items() if ppid in servers}
+    for pid in sorted(ranks | workers):  # one at a time: processes of a node share its log
+        os.kill(pid, signal.SIGUSR2)
+        time.sleep(0.5)
+    time.sleep(2)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(slurm_env, digits_dir, tmp_path_factory) -> tuple[Path, int, str]:
     run_dir = tmp_path_factory.mktemp("slurm") / "uninterrupted"
     job = _submit(slurm_env, digits_dir, run_dir)
-    return run_dir, job, _wait_for_end(slurm_env, job)
+    return run_dir, job, _wait_for_end(slurm_env, job, run_dir)
 
 
 @pytest.mark.slow
@@ -190,6 +211,7 @@ def test_two_node_job_trains_digits_with_world_size_two(uninterrupted_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # two runs of the job, and a first one in the fixture if run alone
 def test_warned_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(slurm_env, digits_dir,
                                                                            uninterrupted_run, tmp_path):
     run_dir = tmp_path / "requeued"
@@ -200,7 +222,7 @@ def test_warned_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(slur
         time.sleep(0.5)
     # What `#SBATCH --signal=B:USR1@180` does before the time limit, now.
     subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm_env, check=True)
-    state = _wait_for_end(slurm_env, job)
+    state = _wait_for_end(slurm_env, job, run_dir)
     batch_log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", batch_log
     assert _job_field(slurm_env, job, "Restarts") == "1"

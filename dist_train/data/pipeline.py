@@ -15,7 +15,6 @@ stream, both at odds with the per-rank plan. Batches are moved to the device by 
 from __future__ import annotations
 
 import io
-import multiprocessing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -25,15 +24,15 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dist_train import workers
 from dist_train.config import DataConfig
-from dist_train.data import plan
+from dist_train.data import plan, random_access
 from dist_train.data.index import Shard, ShardSet, parse_label
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
-from dist_train.data.random_access import ShardReader, preload
+from dist_train.data.random_access import ShardReader
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
-from dist_train.preemption import ignore_stop_signals
 
 MAX_REPLACEMENTS = 16  # damaged training samples in a row replaced before giving up
 
@@ -104,7 +103,7 @@ class SkipCounter:
 
     def __init__(self, decode: SampleDecoder):
         self.decode = decode
-        self.value = multiprocessing.Value("q", 0)
+        self.value = workers.context().Value("q", 0)
 
     def skip_or_raise(self, error: DataError) -> None:
         if not self.decode.skip_damaged:
@@ -165,8 +164,18 @@ class TrainStream(IterableDataset):
         self.spec = spec
         self.decode = decode
         # (epoch, start step), shared with worker processes that outlive an epoch.
-        self.position = multiprocessing.Array("q", [spec.epoch, spec.start_step])
+        self.position = workers.context().Array("q", [spec.epoch, spec.start_step])
         self.skipped = SkipCounter(decode)
+
+    def __getstate__(self) -> dict:
+        # Sent to a starting worker: with it the indexes of its shards read so far, which
+        # spares the worker reading the same tar headers again.
+        urls = [shard.url for shard in self.spec.shards.shards]
+        return {**self.__dict__, "indexes": random_access.indexes_read(urls)}
+
+    def __setstate__(self, state: dict) -> None:
+        random_access.adopt(state.pop("indexes"))
+        self.__dict__.update(state)
 
     def __iter__(self) -> Iterator:
         worker, num_workers = _this_worker()
@@ -271,11 +280,11 @@ class TrainLoader:
         s = self.stream.spec
         self.stream.position[0], self.stream.position[1] = epoch, start_step
         # Index the shards this rank reads in the main process while that helps: workers
-        # started afterwards inherit the indexes, and without workers the main process reads.
+        # started afterwards receive the indexes, and without workers the main process reads.
         # Persistent workers index later epochs' new shards themselves, once.
         if self.loader.num_workers == 0 or not self._workers_started:
             order = EpochOrder(s.shards.shards, s.order, epoch)
-            preload(order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size))
+            random_access.preload(order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size))
 
     def __iter__(self) -> Iterator:
         self._workers_started = True
@@ -291,10 +300,9 @@ def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, pe
     return DataLoader(
         dataset,
         batch_size=None,  # batches are formed in the workers
-        num_workers=data_cfg.num_workers,
         pin_memory=pin_memory,
         persistent_workers=persistent and data_cfg.num_workers > 0,
         # Two batches in flight per worker: enough to hide decode jitter, little memory.
         prefetch_factor=2 if data_cfg.num_workers > 0 else None,
-        worker_init_fn=ignore_stop_signals,
+        **workers.loader_options(data_cfg.num_workers),
     )

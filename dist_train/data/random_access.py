@@ -16,8 +16,8 @@ MAX_OPEN_FILES = 16
 
 
 # Shard indexes of this process, by path. Filled in the main process before DataLoader
-# workers start (`preload`), so forked workers inherit them instead of each re-reading the
-# headers every epoch.
+# workers start (`preload`), and handed to each worker as it starts (`indexes_read`, `adopt`),
+# so that workers do not each read the same headers again.
 _INDEXES: dict[str, TarIndex] = {}
 
 
@@ -25,6 +25,16 @@ def preload(shards: list[Shard]) -> None:
     for shard in shards:
         if shard.url not in _INDEXES:
             _INDEXES[shard.url] = usable_index(shard)
+
+
+def indexes_read(urls: list[str]) -> dict[str, TarIndex]:
+    """The indexes of these shards that this process has read so far."""
+    return {url: _INDEXES[url] for url in urls if url in _INDEXES}
+
+
+def adopt(indexes: dict[str, TarIndex]) -> None:
+    """Use indexes read by another process (the training process, in a worker)."""
+    _INDEXES.update(indexes)
 
 
 class ShardReader:
