@@ -8,6 +8,8 @@ Figures (targets for 2 CPU cores):
   loop_overhead          dist-train's train step / a hand-written PyTorch loop     >= 0.97
   loader_vs_decode       shard loader (best worker count) / decoding in one loop   >= 0.9
   loader_vs_imagefolder  shard loader / torchvision ImageFolder, same files        >= 1.0
+                         (both loaders started, untimed, as a run starts them once;
+                         printed beside them: a new shard loader's first batch, in ms)
   ddp_scaling            2-process CPU DDP / 1 process, 1 thread each              >= 1.7
                          (printed beside it: the same 2 processes without DDP / 1 process,
                          what this machine allows)
@@ -19,6 +21,7 @@ Figures (targets for 2 CPU cores):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["no_sync_gain"] = no_sync_gain(sizes)
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
         figures["loop_overhead"] = loop_overhead(sizes)
-        figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"] = loaders(
-            shards, Path(tmp), sizes)
+        (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
+         details["loader_first_batch_ms"]) = loaders(shards, Path(tmp), sizes)
     figures = {name: figures[name] for name in TARGETS}  # table order
     report = {**figures, **details, "machine": _machine(), "quick": args.quick}
     _print_table(figures, details)
@@ -144,8 +148,9 @@ def loop_overhead(sizes: Sizes) -> float:
 # --- loaders --------------------------------------------------------------------------------
 
 
-def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
-    """(shard loader / decode bound, shard loader / ImageFolder, best worker count)."""
+def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, float]:
+    """(shard loader / decode bound, shard loader / ImageFolder, best worker count, a new
+    loader's first batch in ms)."""
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
@@ -176,21 +181,41 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
             decode.collate([decode(sample) for sample in raw[first:first + size]])
         return len(raw) / (time.perf_counter() - start)
 
-    def shard_loader(workers: int) -> float:
+    def started_shard_loader(workers: int) -> Callable[[], float]:
+        """A measure of images/s over `sizes.loader_epochs` epochs of one loader, used as a run
+        uses it: started once, untimed (its workers live across epochs), each measure going
+        on with the next epochs. A new loader's start is timed apart (`first_batch_ms`)."""
         cfg.data.num_workers = workers
-        spec = TrainStreamSpec(train, order, epoch=0, num_classes=10, batch_size=cfg.data.batch_size)
-        start, n = time.perf_counter(), 0
-        loader = make_train_loader(spec, cfg.data)
-        for epoch in range(sizes.loader_epochs):
-            loader.set_position(epoch)
-            for _, labels in loader:
-                n += len(labels)
-        return n / (time.perf_counter() - start)
+        loader = make_train_loader(TrainStreamSpec(train, order, epoch=0, num_classes=10,
+                                                   batch_size=cfg.data.batch_size), cfg.data)
+        epochs = itertools.count()
 
-    shard_loader(1)  # untimed: the fork server's imports are done before anything is timed
+        def measure() -> float:
+            start, n = time.perf_counter(), 0
+            for _ in range(sizes.loader_epochs):
+                loader.set_position(next(epochs))
+                for _, labels in loader:
+                    n += len(labels)
+            return n / (time.perf_counter() - start)
+
+        measure()
+        return measure
+
+    def first_batch_ms(workers: int) -> float:
+        cfg.data.num_workers = workers
+        start = time.perf_counter()
+        loader = make_train_loader(TrainStreamSpec(train, order, epoch=0, num_classes=10,
+                                                   batch_size=cfg.data.batch_size), cfg.data)
+        next(iter(loader))
+        return (time.perf_counter() - start) * 1000
+
     worker_counts = [0, 2] if sizes is QUICK else [0, 1, 2]
-    best = max(worker_counts, key=lambda w: statistics.median(shard_loader(w) for _ in range(2)))
-    vs_decode = _ratio(lambda: shard_loader(best), decode_bound, max(2, sizes.repeats // 2))
+    started = {w: started_shard_loader(w) for w in worker_counts}
+    best = max(worker_counts, key=lambda w: statistics.median(started[w]() for _ in range(2)))
+    shard_loader = started.pop(best)
+    started.clear()  # the other loaders' workers end
+    start_ms = statistics.median(first_batch_ms(max(best, 1)) for _ in range(3))
+    vs_decode = _ratio(shard_loader, decode_bound, max(2, sizes.repeats // 2))
 
     folder = tmp / "imagefolder"
     for i, sample in enumerate(raw):
@@ -200,18 +225,18 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int]:
     # The usual recipe: the whole transform, normalization included, on each sample.
     transform = v2.Compose([build_transform(cfg.data, train=True), build_batch_normalize(cfg.data)])
     dataset = ImageFolder(str(folder), transform=transform, loader=lambda p: _open_gray(p))
+    folder_loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True,
+                                                num_workers=best, drop_last=True, persistent_workers=best > 0)
 
-    def image_folder() -> float:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True,
-                                             num_workers=best, drop_last=True, persistent_workers=best > 0)
+    def image_folder() -> float:  # started by _ratio's untimed first run, as the shard loader was
         start, n = time.perf_counter(), 0
         for _ in range(sizes.loader_epochs):
-            for _, labels in loader:
+            for _, labels in folder_loader:
                 n += len(labels)
         return n / (time.perf_counter() - start)
 
-    vs_folder = _ratio(lambda: shard_loader(best), image_folder, max(2, sizes.repeats // 2))
-    return vs_decode, vs_folder, best
+    vs_folder = _ratio(shard_loader, image_folder, max(2, sizes.repeats // 2))
+    return vs_decode, vs_folder, best, start_ms
 
 
 # --- ddp_scaling and no_sync_gain (real accelerate launch) ------------------------------------
@@ -438,7 +463,9 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
         target = TARGETS[name]
         verdict = "yes" if target.met(value) else "NO"
         print(f"{name:24s} {value:10.3f}  {target.op + ' ' + str(target.value):>10s}  {verdict}")
-    print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried; "
+    print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried, "
+          f"loaders started before timing: a new one's first batch comes after "
+          f"{details['loader_first_batch_ms']:.0f} ms; "
           f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here)")
 
 

@@ -24,6 +24,9 @@ def test_bench_quick_reports_every_figure(tmp_path):
         assert math.isfinite(figures[name]) and figures[name] > 0, name
         assert name in result.stdout
     assert figures["best_workers"] in (0, 2)
+    # The loaders are timed started; what starting one costs is printed beside them.
+    assert math.isfinite(figures["loader_first_batch_ms"]) and figures["loader_first_batch_ms"] > 0
+    assert "first batch comes after" in result.stdout
     # ddp_scaling's ceiling: the same 2 processes without DDP, measured in the same launches.
     assert math.isfinite(figures["ddp_ceiling"]) and figures["ddp_ceiling"] > 0
     assert "2 processes that do not communicate reach" in result.stdout
