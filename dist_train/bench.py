@@ -181,13 +181,16 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
             decode.collate([decode(sample) for sample in raw[first:first + size]])
         return len(raw) / (time.perf_counter() - start)
 
+    def new_shard_loader(workers: int):
+        cfg.data.num_workers = workers
+        return make_train_loader(TrainStreamSpec(train, order, epoch=0, num_classes=10,
+                                                 batch_size=cfg.data.batch_size), cfg.data)
+
     def started_shard_loader(workers: int) -> Callable[[], float]:
         """A measure of images/s over `sizes.loader_epochs` epochs of one loader, used as a run
         uses it: started once, untimed (its workers live across epochs), each measure going
         on with the next epochs. A new loader's start is timed apart (`first_batch_ms`)."""
-        cfg.data.num_workers = workers
-        loader = make_train_loader(TrainStreamSpec(train, order, epoch=0, num_classes=10,
-                                                   batch_size=cfg.data.batch_size), cfg.data)
+        loader = new_shard_loader(workers)
         epochs = itertools.count()
 
         def measure() -> float:
@@ -202,11 +205,8 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
         return measure
 
     def first_batch_ms(workers: int) -> float:
-        cfg.data.num_workers = workers
         start = time.perf_counter()
-        loader = make_train_loader(TrainStreamSpec(train, order, epoch=0, num_classes=10,
-                                                   batch_size=cfg.data.batch_size), cfg.data)
-        next(iter(loader))
+        next(iter(new_shard_loader(workers)))
         return (time.perf_counter() - start) * 1000
 
     worker_counts = [0, 2] if sizes is QUICK else [0, 1, 2]

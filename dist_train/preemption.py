@@ -101,10 +101,10 @@ def stop_signals_in_workers(ctx: BaseContext) -> Callable[[int], None]:
         _releasing = ctx.Event()
         if signal.getsignal(signal.SIGTERM) is not _remember:  # no training holds the signals
             _releasing.set()
-    return functools.partial(_init_worker, releasing=_releasing)
+    return functools.partial(_take_stop_signals_in_worker, releasing=_releasing)
 
 
-def _init_worker(worker_id: int, releasing: Event) -> None:
+def _take_stop_signals_in_worker(worker_id: int, releasing: Event) -> None:
     global _releasing
     _releasing = releasing
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)

@@ -7,6 +7,7 @@ skipped where Slurm is missing; in CI (CI=true) a missing cluster is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -18,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dist_train import slurm
@@ -173,17 +175,20 @@ def _wait_for_end(env: dict, job_id: int, run_dir: Path, timeout: float = 480) -
 def _dump_stacks(run_dir: Path) -> None:
     """Have the job's training processes and their DataLoader workers print every thread's
     stack to their logs (SIGUSR2, see dist_train/preemption.py): where a job that hangs waits."""
-    table = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    processes = {int(pid): (int(ppid), args) for pid, ppid, args in
-                 (line.split(None, 2) for line in table.splitlines() if len(line.split(None, 2)) == 3)}
-    ranks = {pid for pid, (_, args) in processes.items()
-             if "-m dist_train train" in args and f"train.output_dir={run_dir}" in args and "accelerate" not in args}
-    servers = {pid for pid, (ppid, args) in processes.items() if ppid in ranks and "forkserver" in args}
-    workers = {pid for pid, (ppid, _) in processes.items() if ppid in servers}
-    for pid in sorted(ranks | workers):  # one at a time: processes of a node share its log
-        os.kill(pid, signal.SIGUSR2)
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if _is_rank_of(p.info["cmdline"] or [], run_dir)]
+    servers = [c for rank in ranks for c in rank.children() if "forkserver" in " ".join(c.cmdline())]
+    workers = {w.pid for server in servers for w in server.children()}
+    for pid in sorted({r.pid for r in ranks} | workers):  # one at a time: processes of a node share its log
+        with contextlib.suppress(ProcessLookupError):  # a validation worker may have ended since
+            os.kill(pid, signal.SIGUSR2)
         time.sleep(0.5)
     time.sleep(2)
+
+
+def _is_rank_of(cmdline: list[str], run_dir: Path) -> bool:
+    """A training process of the run (`python -u -m dist_train train ...`), not its launcher."""
+    return (f"train.output_dir={run_dir}" in cmdline and "dist_train" in cmdline
+            and not any("accelerate" in arg for arg in cmdline))
 
 
 @pytest.fixture(scope="module")

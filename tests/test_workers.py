@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from dist_train import workers
 
+from .conftest import REPO
 from .test_process_reaping import assert_ends
 
 # Held by a thread of the test process while a worker starts; a worker that takes it finds
@@ -86,8 +87,7 @@ time.sleep(600)
 
 
 def _start_training_process() -> tuple[subprocess.Popen, dict[str, int]]:
-    process = subprocess.Popen([sys.executable, "-c", TRAINING_PROCESS], stdout=subprocess.PIPE, text=True,
-                               cwd=workers.__file__.rsplit("/dist_train/", 1)[0])
+    process = subprocess.Popen([sys.executable, "-c", TRAINING_PROCESS], stdout=subprocess.PIPE, text=True, cwd=REPO)
     pids = json.loads(process.stdout.readline())
     [tracker] = [p.pid for p in psutil.Process(process.pid).children()
                  if "resource_tracker" in " ".join(p.cmdline())]
