@@ -1,7 +1,7 @@
 """A short GPU check: a torchvision model (ResNet-50) in bf16 on synthetic shards, one device.
 
 Runs dist-train's own pieces (shard writer, streaming pipeline, accelerator set-up,
-`train_one_epoch`) for a fixed number of optimizer steps and prints:
+`train_like_fit`, the per-step body of `fit`) for a fixed number of optimizer steps and prints:
   - pipeline images/s: shards -> decode -> augment -> device -> forward/backward/step,
   - model images/s: the same step on one batch already on the device (the ceiling),
   - peak device memory.
@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
+from dist_train.accelerator import make_accelerator
+from dist_train.bench import train_like_fit
 from dist_train.config import Config
 from dist_train.data import sources
-from dist_train.data.index import resolve_shards
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
+from dist_train.data.resolve import resolve_shards
 from dist_train.data.shards import make_shards
-from dist_train.engine import make_accelerator, train_one_epoch
 from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer
-from dist_train.progress import TrainProgress
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,13 +77,12 @@ def main() -> None:
         loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        progress = TrainProgress(accelerator, epoch=0, first_step=0, total_batches=args.warmup + args.steps,
-                                 log_every_steps=window, show_bar=False)
-        train_one_epoch(model, loader, criterion, optimizer, schedule, accelerator, progress)
+        records = train_like_fit(model, loader, args.warmup + args.steps, optimizer, schedule, accelerator,
+                                 log_every_steps=window, criterion=criterion)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        timed = [r["images_per_sec"] for r in progress.records if r["step"] > args.warmup] or \
-                [r["images_per_sec"] for r in progress.records]
+        timed = [r["images_per_sec"] for r in records if r["step"] > args.warmup] or \
+                [r["images_per_sec"] for r in records]
         pipeline_rate = statistics.median(timed)
         peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
 

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,13 +108,35 @@ def main(argv: list[str] | None = None) -> int:
 # --- loop_overhead --------------------------------------------------------------------------
 
 
+def train_like_fit(model, batches: Iterable, steps: int, optimizer, schedule, accelerator, accum: int = 1,
+                   log_every_steps: int = 10, criterion=None) -> list[dict]:
+    """What `fit` does per optimizer step, without validation and checkpoints: `train_step`
+    over `accum` micro-batches, the schedule, progress, and a train record (a collective)
+    every `log_every_steps`. Returns the records."""
+    from dist_train.engine import train_step
+    from dist_train.progress import TrainProgress
+
+    criterion = criterion or torch.nn.CrossEntropyLoss()
+    progress = TrainProgress(accelerator, show_bar=False)
+    progress.start_epoch(0, steps)
+    micro_batches = iter(batches)
+    records = []
+    for step in range(1, steps + 1):
+        train_step(model, itertools.islice(micro_batches, accum), criterion, optimizer, accelerator, progress)
+        schedule.after_optimizer_step()
+        progress.step_done(schedule.lr)
+        if step % log_every_steps == 0:
+            records.append(progress.train_record(0, step, schedule.lr))
+    return records
+
+
 def loop_overhead(sizes: Sizes) -> float:
-    """Images/s of dist-train's `train_one_epoch` over a plain loop: same model, data, batch."""
+    """Images/s of dist-train's training step (`train_like_fit`) over a plain loop: same model,
+    data, batch."""
+    from dist_train.accelerator import make_accelerator
     from dist_train.config import SchedConfig, TrainConfig
-    from dist_train.engine import make_accelerator, train_one_epoch
     from dist_train.models import SmallCNN
     from dist_train.optim import Schedule
-    from dist_train.progress import TrainProgress
 
     torch.set_num_threads(1)  # steadier timings; the same for both sides
     accelerator = make_accelerator(TrainConfig(cpu=True))
@@ -136,10 +158,8 @@ def loop_overhead(sizes: Sizes) -> float:
         model, optimizer = _fresh_model(SmallCNN)
         model, optimizer = accelerator.prepare(model, optimizer)
         schedule = Schedule(optimizer, SchedConfig(name="cosine"), len(batches), 1)
-        progress = TrainProgress(accelerator, 0, 0, len(batches), log_every_steps=10, show_bar=False)
         start = time.perf_counter()
-        train_one_epoch(model, iter(batches), torch.nn.CrossEntropyLoss(), optimizer, schedule, accelerator,
-                        progress)
+        train_like_fit(model, batches, len(batches), optimizer, schedule, accelerator)
         return len(batches) * 64 / (time.perf_counter() - start)
 
     return _ratio(ours, plain, sizes.repeats)
@@ -156,10 +176,10 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
 
     from dist_train import workers
     from dist_train.config import load_config
-    from dist_train.data.index import resolve_shards
     from dist_train.data.order import EpochOrder, OrderSpec
     from dist_train.data.pipeline import SampleDecoder, TrainStreamSpec, make_train_loader
     from dist_train.data.random_access import ShardReader
+    from dist_train.data.resolve import resolve_shards
     from dist_train.data.transforms import build_batch_normalize, build_transform
 
     # As `dist-train train` does first: the fork server that DataLoader workers start from is
@@ -282,11 +302,10 @@ def _launch(config: str, worker: str, steps: int) -> dict:
 
 
 def _launched_worker(kind: str, steps: int) -> int:
+    from dist_train.accelerator import make_accelerator
     from dist_train.config import SchedConfig, TrainConfig
-    from dist_train.engine import make_accelerator, train_one_epoch
     from dist_train.models import SmallCNN
     from dist_train.optim import Schedule
-    from dist_train.progress import TrainProgress
 
     torch.set_num_threads(1)
     accum = 8 if kind == "accum" else 1
@@ -299,11 +318,9 @@ def _launched_worker(kind: str, steps: int) -> int:
     schedule = Schedule(optimizer, SchedConfig(name="constant"), steps, 1)
 
     def timed_epoch(model, optimizer, schedule) -> float:
-        progress = TrainProgress(accelerator, 0, 0, len(batches), log_every_steps=10**9, show_bar=False)
         accelerator.wait_for_everyone()
         start = time.perf_counter()
-        train_one_epoch(model, iter(batches), torch.nn.CrossEntropyLoss(), optimizer, schedule, accelerator,
-                        progress)
+        train_like_fit(model, batches, steps, optimizer, schedule, accelerator, accum, log_every_steps=10**9)
         accelerator.wait_for_everyone()  # an epoch of several processes ends with the slowest
         return time.perf_counter() - start
 

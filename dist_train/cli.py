@@ -7,6 +7,7 @@
     dist-train report runs/digits
     dist-train bench --quick
     dist-train submit --nodes 2 --gpus-per-node 8 --config configs/imagenet_resnet50.yaml
+    dist-train slurm node|run-dir --config C   (hidden: what slurm/train.sbatch runs per job)
 
 Wrong input (config keys, types, missing or malformed data, bad checkpoints) ends with a
 one-line error naming the culprit and exit code 2, before any training starts.
@@ -21,7 +22,7 @@ from collections.abc import Callable
 
 from dist_train import __version__
 from dist_train.errors import UserInputError
-from dist_train.slurm import add_submit_arguments, cmd_submit
+from dist_train.slurm import add_submit_arguments, add_train_arguments, cmd_node, cmd_run_dir, cmd_submit
 
 EXIT_USER_ERROR = 2
 EXIT_PEER_FAILED = 1
@@ -108,6 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="CSV file to write")
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--batch-size", type=int, default=256)
+
+    # Hidden (no help): what slurm/train.sbatch runs inside a job, not meant to be typed.
+    public = [name for name in sub.choices]
+    sl = sub.add_parser("slurm", description="what slurm/train.sbatch runs inside a Slurm job")
+    steps = sl.add_subparsers(dest="slurm_command", required=True)
+    node = steps.add_parser("node", help="start this node's accelerate launch (one srun task per node)")
+    node.add_argument("--print", action="store_true", help="print the command instead of running it")
+    add_train_arguments(node)
+    node.set_defaults(handler=cmd_node)
+    run_dir = steps.add_parser("run-dir", help="check the config and print its run directory")
+    add_train_arguments(run_dir)
+    run_dir.set_defaults(handler=cmd_run_dir)
+    sub.metavar = "{" + ",".join(public) + "}"
     return parser
 
 
@@ -160,7 +174,7 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from dist_train.engine import evaluate_checkpoint
+    from dist_train.evaluation import evaluate_checkpoint
 
     values, confusion, samples = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size)
     if not PartialState().is_main_process:

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from dist_train import workers
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
-from dist_train.data.index import ShardSet, resolve_shards
-from dist_train.data.pipeline import Collate, StreamSpec, make_loader
+from dist_train.data.pipeline import Collate, EvalStreamSpec, make_eval_loader
+from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
 from dist_train.errors import CheckpointError, DataError
@@ -99,9 +99,9 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
                                   **workers.loader_options(loaded.cfg.data.num_workers)))
     if shards:
         shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names)).shards, None)
-        spec = StreamSpec(shard_set, batch_size=batch_size,
+        spec = EvalStreamSpec(shard_set, batch_size=batch_size,
                           num_classes=len(loaded.class_names), with_keys=True)
-        loaders.append(make_loader(spec, loaded.cfg.data))
+        loaders.append(make_eval_loader(spec, loaded.cfg.data))
     with torch.no_grad():
         for loader in loaders:
             for batch, labels, sources in loader:

@@ -1,4 +1,5 @@
-"""Training progress: a tqdm bar on the main process, and periodic train records for all ranks.
+"""Training progress: a tqdm bar per epoch on the main process, and the train statistics that
+metrics.jsonl records (mean loss and images/s per logging window and per epoch).
 
 Losses are accumulated as tensors on the device and read back only when shown or logged,
 so the training step never waits on a device-to-host copy.
@@ -13,81 +14,86 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-BAR_REFRESH_BATCHES = 10
+BAR_REFRESH_STEPS = 10
+
+
+class _Totals:
+    """Loss, batches and images since `start`, and the time it started."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.start(time.perf_counter())
+
+    def start(self, now: float) -> None:
+        self.loss.zero_()
+        self.batches = self.images = 0
+        self.started = now
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.loss += loss
+        self.batches += 1
+        self.images += images
 
 
 class TrainProgress:
-    def __init__(self, accelerator: Accelerator, epoch: int, first_step: int, total_batches: int,
-                 log_every_steps: int, show_bar: bool):
+    def __init__(self, accelerator: Accelerator, show_bar: bool):
         self.accelerator = accelerator
-        self.epoch = epoch
-        self.step = first_step  # optimizer steps taken before this epoch
-        self.log_every_steps = log_every_steps
-        self.records: list[dict] = []  # train records for metrics.jsonl
-        self.bar = tqdm(
-            total=total_batches,
-            desc=f"epoch {epoch}",
-            # Only on a terminal: in log files (CI, Slurm) a redrawn bar is noise.
-            disable=not (show_bar and accelerator.is_main_process and sys.stderr.isatty()),
-            dynamic_ncols=True,
-            leave=False,
-        )
-        self.epoch_loss = torch.zeros((), device=accelerator.device)
-        self.epoch_batches = 0
-        self.epoch_images = 0
-        self.epoch_start = time.perf_counter()
-        self._window_loss = torch.zeros((), device=accelerator.device)
-        self._window_batches = 0
-        self._window_images = 0
-        self._window_start = self.epoch_start
+        # Only on a terminal: in log files (CI, Slurm) a redrawn bar is noise.
+        self.show_bar = show_bar and accelerator.is_main_process and sys.stderr.isatty()
+        self.bar: tqdm | None = None
+        self.epoch = _Totals(accelerator.device)
+        self.window = _Totals(accelerator.device)  # since the last train record
 
-    def batch_done(self, loss: torch.Tensor, batch_size: int, lr: float) -> None:
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        """An epoch (or the rest of one, after a resume) of `steps` optimizer steps begins."""
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not self.show_bar, dynamic_ncols=True,
+                        leave=False)
+        now = time.perf_counter()
+        self.epoch.start(now)
+        self.window.start(now)
+
+    def batch_done(self, loss: torch.Tensor, batch_size: int) -> None:
         loss = loss.detach().float()
-        self.epoch_loss += loss
-        self._window_loss += loss
-        self.epoch_batches += 1
-        self._window_batches += 1
-        self.epoch_images += batch_size
-        self._window_images += batch_size
-        self.bar.update(1)
-        if not self.bar.disable and self.epoch_batches % BAR_REFRESH_BATCHES == 0:
-            elapsed = time.perf_counter() - self.epoch_start
-            rate = self.epoch_images * self.accelerator.num_processes / max(elapsed, 1e-9)
-            self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+        self.epoch.add(loss, batch_size)
+        self.window.add(loss, batch_size)
 
     def step_done(self, lr: float) -> None:
-        """Count an optimizer step; every `log_every_steps`, add a train record (all ranks)."""
-        self.step += 1
-        if self.step % self.log_every_steps != 0:
-            return
-        step = self.step
+        self.bar.update(1)
+        if self.show_bar and self.bar.n % BAR_REFRESH_STEPS == 0:
+            rate = self._rate(self.epoch, time.perf_counter())
+            loss = self.epoch.loss.item() / max(self.epoch.batches, 1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
+
+    def train_record(self, epoch: int, step: int, lr: float) -> dict:
+        """The train record of the steps since the last one (collective: call on every rank)."""
         now = time.perf_counter()
-        world = self.accelerator.num_processes
-        loss = self.accelerator.reduce(self._window_loss / max(self._window_batches, 1), "mean")
-        record = {
-            "epoch": self.epoch,
-            "step": step,
-            "train/loss": float(loss),
-            "lr": lr,
-            "images_per_sec": self._window_images * world / max(now - self._window_start, 1e-9),
-        }
-        self._window_loss.zero_()
-        self._window_batches = self._window_images = 0
-        self._window_start = now
-        self.records.append(record)
+        loss = self.accelerator.reduce(self.window.loss / max(self.window.batches, 1), "mean")
+        record = {"epoch": epoch, "step": step, "train/loss": float(loss), "lr": lr,
+                  "images_per_sec": self._rate(self.window, now)}
+        self.window.start(now)
+        return record
 
-    def drain(self) -> list[dict]:
-        """The train records so far, handed over once."""
-        records, self.records = self.records, []
-        return records
-
-    def close(self) -> dict:
-        """Epoch totals across ranks: mean train loss, images per second (call on every rank)."""
+    def end_epoch(self) -> dict:
+        """Epoch totals across ranks: mean train loss, images per second (collective)."""
         self.bar.close()
-        elapsed = time.perf_counter() - self.epoch_start
-        loss = self.accelerator.reduce(self.epoch_loss / max(self.epoch_batches, 1), "mean")
+        now = time.perf_counter()
+        loss = self.accelerator.reduce(self.epoch.loss / max(self.epoch.batches, 1), "mean")
         return {
             "train/epoch_loss": float(loss),
-            "train/images_per_sec": self.epoch_images * self.accelerator.num_processes / max(elapsed, 1e-9),
-            "train/epoch_seconds": elapsed,
+            "train/images_per_sec": self._rate(self.epoch, now),
+            "train/epoch_seconds": now - self.epoch.started,
         }
+
+    def _rate(self, totals: _Totals, now: float) -> float:
+        """Images per second over all ranks (each trains as many as this one)."""
+        return totals.images * self.accelerator.num_processes / max(now - totals.started, 1e-9)
+
+
+def epoch_line(record: dict) -> str:
+    """The line printed after each validation."""
+    values = {k: v for k, v in record.items() if k.startswith("val/") and isinstance(v, float)}
+    skipped = record.get("data/skipped_samples")
+    return (f"epoch {record['epoch']}: train loss {record['train/epoch_loss']:.4f} | val "
+            + "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in values.items())
+            + f" | {record['train/images_per_sec']:.0f} img/s"
+            + (f" | skipped {skipped} damaged samples" if skipped is not None else ""))

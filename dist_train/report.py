@@ -43,6 +43,24 @@ class RunRecords:
     def class_names(self) -> list[str]:
         return self.best["class_names"]
 
+    @property
+    def layout(self) -> dict[str, Any]:
+        """How the run ran at its end (processes, accumulation, global batch, base LR), as
+        meta.json records it."""
+        meta = self.last or self.best
+        return meta.get("layout") or _layout_before_it_was_recorded(meta)
+
+
+def _layout_before_it_was_recorded(meta: dict[str, Any]) -> dict[str, Any]:
+    """Run directories of dist-train 0.1.0 lack `layout`: the config's request, which is what
+    ran unless the run was resumed on another number of processes."""
+    cfg = config_from_dict(meta["config"])
+    world = meta.get("world_size", 1)
+    global_batch = world * cfg.train.grad_accum_steps * cfg.data.batch_size
+    return {"world_size": world, "grad_accum_steps": cfg.train.grad_accum_steps, "batch_size": cfg.data.batch_size,
+            "global_batch": global_batch, "steps_per_epoch": meta["step"] // (meta["epoch"] + 1),
+            "epochs": cfg.train.epochs, "base_lr": scaled_lr(cfg.optim, global_batch)}
+
 
 @dataclass(frozen=True)
 class ClassScores:
@@ -188,16 +206,14 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
 
 
 def _lr_curve(run: RunRecords) -> tuple[list[int], list[float]] | None:
-    """The exact per-step LR of a closed-form schedule, rebuilt from the run's config."""
+    """The exact per-step LR of a closed-form schedule, from the config and how the run ran."""
     cfg = config_from_dict(run.best["config"])
     if cfg.sched.name == "plateau":
         return None  # depends on the metrics: only the logged points are known
-    steps_per_epoch = run.best["step"] // (run.best["epoch"] + 1)
-    world = run.best.get("world_size", 1)
-    base = scaled_lr(cfg.optim, world * cfg.train.grad_accum_steps * cfg.data.batch_size)
-    factor = lr_factor_fn(cfg.sched, steps_per_epoch, cfg.train.epochs, base)
-    steps = list(range(steps_per_epoch * cfg.train.epochs + 1))
-    return steps, [base * factor(t) for t in steps]
+    layout = run.layout
+    factor = lr_factor_fn(cfg.sched, layout["steps_per_epoch"], layout["epochs"], layout["base_lr"])
+    steps = list(range(layout["steps_per_epoch"] * layout["epochs"] + 1))
+    return steps, [layout["base_lr"] * factor(t) for t in steps]
 
 
 def _plot_confusion(plt, run: RunRecords, path: Path) -> None:
@@ -236,8 +252,7 @@ def _save(fig, path: Path) -> None:
 def _summary(run: RunRecords, table: str) -> str:
     cfg = run.best["config"]
     best, last = run.best, run.last or run.best
-    world = best.get("world_size", 1)
-    global_batch = world * cfg["train"]["grad_accum_steps"] * cfg["data"]["batch_size"]
+    layout = run.layout
     rates = [r["train/images_per_sec"] for r in run.val if "train/images_per_sec" in r]
     seconds = sum(r.get("train/epoch_seconds", 0.0) for r in run.val)
     lines = [
@@ -249,9 +264,9 @@ def _summary(run: RunRecords, table: str) -> str:
         + (f"; median {np.median(rates):.0f} images/s" if rates else ""),
         f"- model {cfg['model']['name']}, {len(run.class_names)} classes; loss {cfg['loss']['name']}; "
         f"optimizer {cfg['optim']['name']} lr {cfg['optim']['lr']}; schedule {cfg['sched']['name']}",
-        f"- {world} process(es), global batch {global_batch} "
-        f"({cfg['data']['batch_size']} per process x {cfg['train']['grad_accum_steps']} accumulation), "
-        f"mixed precision {best.get('mixed_precision', 'no')}",
+        f"- {layout['world_size']} process(es), global batch {layout['global_batch']} "
+        f"({layout['batch_size']} per process x {layout['grad_accum_steps']} accumulation), "
+        f"base LR {layout['base_lr']:.6g}, mixed precision {last.get('mixed_precision', 'no')}",
         "",
         "| metric | best epoch | last epoch |",
         "| --- | --- | --- |",

@@ -1,7 +1,7 @@
 """Slurm: turn an allocation into one `accelerate launch` per node, and submit jobs.
 
-`slurm/train.sbatch` runs `python -m dist_train.slurm node --config C [overrides]` as one task
-per node (srun). Each reads the allocation from Slurm's environment and starts
+`slurm/train.sbatch` runs `dist-train slurm node --config C [overrides]` as one task per node
+(srun). Each reads the allocation from Slurm's environment and starts
 
     accelerate launch --config_file launch/{multi-node,cpu-ddp}.yaml
         --num_machines $SLURM_NNODES --num_processes NODES*GPUS --machine_rank $SLURM_NODEID
@@ -11,7 +11,7 @@ per node (srun). Each reads the allocation from Slurm's environment and starts
 GPUs per node come from `SLURM_GPUS_ON_NODE` (set with `--gpus-per-node`) or else from CUDA;
 a node without GPUs runs `PROCESSES_PER_NODE` (default 1) CPU processes over gloo.
 
-    python -m dist_train.slurm node --print --config C        # show the command, run nothing
+    dist-train slurm node --print --config C                  # show the command, run nothing
     dist-train submit --nodes 4 --gpus-per-node 8 --config C  # sbatch with logs in the run dir
 
 Preemption: srun passes SIGUSR1 (or Slurm's SIGTERM) to every process of the step. torchrun,
@@ -228,26 +228,7 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     add_train_arguments(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_train.slurm", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    node = sub.add_parser("node", help="start this node's accelerate launch (one srun task per node)")
-    node.add_argument("--print", action="store_true", help="print the command instead of running it")
-    add_train_arguments(node)
-    node.set_defaults(handler=cmd_node)
-    run_dir = sub.add_parser("run-dir", help="check the config and print its run directory")
-    add_train_arguments(run_dir)
-    run_dir.set_defaults(handler=cmd_run_dir)
-    submit = sub.add_parser("submit", help="sbatch slurm/train.sbatch with logs in the run directory")
-    add_submit_arguments(submit)
-    submit.set_defaults(handler=cmd_submit)
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except UserInputError as exc:
-        print(f"dist-train: error: {exc}", file=sys.stderr)
-        return 2
+if __name__ == "__main__":  # the command of earlier releases: `python -m dist_train.slurm node ...`
+    from dist_train.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["slurm", *sys.argv[1:]]))

@@ -18,7 +18,8 @@ from sklearn.datasets import load_digits
 
 from dist_train.config import load_config
 from dist_train.data import resolve_datasets
-from dist_train.data.index import index_tar, scan_shard
+from dist_train.data.resolve import scan_shard
+from dist_train.data.tar_index import index_tar
 from dist_train.errors import DataError
 
 from .conftest import DIGITS_CONFIG

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.data.index import index_tar
+from dist_train.data.tar_index import index_tar
 
 from .conftest import DIGITS_CONFIG, REPO, kill_tree
 from .test_distributed import accelerate_launch_command

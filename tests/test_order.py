@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dist_train.config import DataConfig
-from dist_train.data.index import Shard, ShardSet
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
+from dist_train.data.resolve import Shard, ShardSet
 from dist_train.errors import ConfigError
 
 
@@ -59,7 +59,7 @@ def test_global_batch_must_divide_into_partitions():
 
 
 def batches(digits_dir, workers: int, start_step: int = 0, world=1, rank=0, accum=1):
-    from dist_train.data.index import resolve_shards
+    from dist_train.data.resolve import resolve_shards
 
     shard_set = resolve_shards(str(digits_dir), "train", 10)
     cfg = DataConfig(num_workers=workers, image_size=8, channels=1, mean=[0.3], std=[0.3], augment="light")

@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from dist_train.data.index import Shard
 from dist_train.data.plan import val_slices
+from dist_train.data.resolve import Shard
 
 
 def make_shards(counts: list[int]) -> tuple[Shard, ...]:

@@ -15,10 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_train.checkpoint import load_model_checkpoint
+from dist_train.checkpoint import find_resumable, load_model_checkpoint, load_resumable
 from dist_train.errors import CheckpointError
 from dist_train.preemption import EXIT_PREEMPTED
-from dist_train.resume import find_resumable, load_resumable
 from dist_train.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, kill_tree, run_cli

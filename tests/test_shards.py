@@ -10,7 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from dist_train.data import sources
-from dist_train.data.index import count_samples, resolve_shards
+from dist_train.data.resolve import count_samples, resolve_shards
 from dist_train.data.shards import make_shards, split_stratified
 from dist_train.errors import DataError
 

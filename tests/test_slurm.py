@@ -57,9 +57,9 @@ def test_four_nodes_of_eight_gpus_launch_32_processes(node_rank):
 
 
 def test_node_command_as_the_sbatch_task_prints_it():
-    """`python -m dist_train.slurm node --print`, the task slurm/train.sbatch runs, under a 4x8 allocation."""
+    """`python -m dist_train slurm node --print`, the task slurm/train.sbatch runs, under a 4x8 allocation."""
     env = {**os.environ, **ALLOCATION_4X8, "SLURM_NODEID": "2"}
-    done = subprocess.run([sys.executable, "-m", "dist_train.slurm", "node", "--print", "--config", "c.yaml",
+    done = subprocess.run([sys.executable, "-m", "dist_train", "slurm", "node", "--print", "--config", "c.yaml",
                            "train.resume=null"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     printed = done.stdout.strip()
@@ -80,7 +80,7 @@ def test_cpu_nodes_run_the_gloo_config_with_processes_per_node():
 
 def test_node_outside_a_job_is_a_one_line_error():
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    done = subprocess.run([sys.executable, "-m", "dist_train.slurm", "node", "--config", "c.yaml"],
+    done = subprocess.run([sys.executable, "-m", "dist_train", "slurm", "node", "--config", "c.yaml"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "not inside a Slurm job step" in done.stderr and "Traceback" not in done.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_train.config import DataConfig
-from dist_train.data.index import Damage, ShardSet, resolve_shards
+from dist_train.data.resolve import Damage, ShardSet, resolve_shards
 from dist_train.errors import ConfigError, DataError
 
 

@@ -2,7 +2,7 @@
 
 Training (`TrainStream`) reads samples in the order of data/order.py, each directly from its
 shard (data/random_access.py): a function of (seed, epoch, position), resumable at any step.
-Evaluation and prediction (`ShardStream`) stream each rank's share of the shards once, in
+Evaluation and prediction (`EvalStream`) stream each rank's share of the shards once, in
 order, through webdataset's tar reader (data/plan.py says which share). Batches are formed
 inside the DataLoader workers, so loaders use `batch_size=None`; a batch is turned into
 normalized float32 there too, once per batch (data/transforms.py).
@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_train import workers
 from dist_train.config import DataConfig
 from dist_train.data import plan, random_access
-from dist_train.data.index import Shard, ShardSet, parse_label
-from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
+from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
 from dist_train.data.random_access import ShardReader
+from dist_train.data.resolve import Shard, ShardSet, parse_label
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
@@ -38,7 +38,7 @@ MAX_REPLACEMENTS = 16  # damaged training samples in a row replaced before givin
 
 
 @dataclass(frozen=True)
-class StreamSpec:
+class EvalStreamSpec:
     """A read of every sample once (validation, evaluation, prediction), this rank's share."""
 
     shards: ShardSet
@@ -122,10 +122,10 @@ class SkipCounter:
         return count
 
 
-class ShardStream(IterableDataset):
+class EvalStream(IterableDataset):
     """Streams this rank's share of the shards with webdataset's tar reader, in order."""
 
-    def __init__(self, spec: StreamSpec, decode: SampleDecoder):
+    def __init__(self, spec: EvalStreamSpec, decode: SampleDecoder):
         self.spec = spec
         self.decode = decode
         self.skipped = SkipCounter(decode)
@@ -203,7 +203,7 @@ class TrainStream(IterableDataset):
             # put its state back (in the main process it also serves the model).
             # torch.manual_seed would cost 50x more, seeding CUDA too.
             saved = torch.get_rng_state()
-            torch.default_generator.manual_seed(plan.derive_seed(self.spec.order.seed, order.epoch, position))
+            torch.default_generator.manual_seed(derive_seed(self.spec.order.seed, order.epoch, position))
             try:
                 return self.decode(raw)
             except DataError as exc:
@@ -255,10 +255,10 @@ class Collate:
         return images, labels
 
 
-def make_loader(spec: StreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
+def make_eval_loader(spec: EvalStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
     """Every sample of this rank's share once, in batches (the last may be smaller)."""
     decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys)
-    return _loader(ShardStream(spec, decode), data_cfg, pin_memory)
+    return _loader(EvalStream(spec, decode), data_cfg, pin_memory)
 
 
 class TrainLoader:

@@ -10,10 +10,9 @@ has no per-batch collectives. (Training order: data/order.py.)
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
-from dist_train.data.index import Shard
+from dist_train.data.resolve import Shard
 
 
 @dataclass(frozen=True)
@@ -25,13 +24,6 @@ class Slice:
     @property
     def samples(self) -> int:
         return self.stop - self.start
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (seed, epoch, position...), well mixed and cheap
-    (about a microsecond: it is computed for every training sample)."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def val_slices(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from dist_train.data.index import Shard, TarIndex, usable_index
+from dist_train.data.resolve import Shard, usable_index
+from dist_train.data.tar_index import TarIndex
 from dist_train.errors import DataError
 
 MAX_OPEN_FILES = 16

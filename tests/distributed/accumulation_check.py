@@ -1,5 +1,5 @@
 """Run under `accelerate launch` (2 CPU processes): train a model without batch-norm with
-K-step accumulation through dist-train's own `train_one_epoch`, count the gradient
+K-step accumulation through dist-train's own `train_step`, count the gradient
 all-reduces DDP makes at each micro-step, and save the final parameters (rank 0).
 
 The data layout is the one data/plan.py gives: at optimizer step s, rank r's micro-batch k
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from dist_train.accelerator import make_accelerator
 from dist_train.config import SchedConfig, TrainConfig
-from dist_train.engine import make_accelerator, train_one_epoch
+from dist_train.engine import train_step
 from dist_train.optim import Schedule
 from dist_train.progress import TrainProgress
 
@@ -72,12 +74,18 @@ def main() -> None:
                 yield images[start : start + b], labels[start : start + b]
                 per_micro_step.append(len(allreduces) - before)
 
-    progress = TrainProgress(accelerator, epoch=0, first_step=0, total_batches=args.steps * k,
-                             log_every_steps=10**9, show_bar=False)
-    train_one_epoch(model, loader(), torch.nn.CrossEntropyLoss(), optimizer, schedule, accelerator, progress)
+    progress = TrainProgress(accelerator, show_bar=False)
+    progress.start_epoch(0, args.steps)
+    micro_batches = loader()
+    optimizer_steps = 0  # steps on which accelerate synced the gradients, as the loop counts them
+    for _ in range(args.steps):
+        train_step(model, islice(micro_batches, k), torch.nn.CrossEntropyLoss(), optimizer, accelerator, progress)
+        optimizer_steps += accelerator.sync_gradients
+        schedule.after_optimizer_step()
+    assert next(micro_batches, None) is None  # also counts the last micro-step's all-reduces
     out = Path(args.out)
     (out / f"allreduces-rank{rank}.json").write_text(json.dumps({
-        "per_micro_step": per_micro_step, "optimizer_steps": progress.step, "world_size": world,
+        "per_micro_step": per_micro_step, "optimizer_steps": optimizer_steps, "world_size": world,
         "distributed_type": accelerator.distributed_type.value, "final_lr": schedule.lr,
     }))
     if accelerator.is_main_process:

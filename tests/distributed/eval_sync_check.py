@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
+from dist_train.accelerator import make_accelerator
 from dist_train.config import DataConfig, TrainConfig
-from dist_train.data.index import resolve_shards
-from dist_train.data.pipeline import StreamSpec, make_loader
-from dist_train.engine import evaluate, make_accelerator
+from dist_train.data.pipeline import EvalStreamSpec, make_eval_loader
+from dist_train.data.resolve import resolve_shards
+from dist_train.engine import evaluate
 from dist_train.metrics import ValidationMetrics
 from dist_train.models import SmallCNN
 
@@ -29,17 +30,17 @@ def main() -> None:
     accelerator = make_accelerator(TrainConfig(cpu=True))
     data_cfg = DataConfig(num_workers=2, image_size=8, channels=1, mean=[0.25], std=[0.35], augment="none")
     shards = resolve_shards(args.shards, "val", args.num_classes)
-    spec = StreamSpec(shards, batch_size=7, num_classes=args.num_classes,
+    spec = EvalStreamSpec(shards, batch_size=7, num_classes=args.num_classes,
                       rank=accelerator.process_index, world_size=accelerator.num_processes)
     torch.manual_seed(0)  # the same weights on every rank, without DDP
     model = SmallCNN(args.num_classes, in_channels=1)
     metrics = ValidationMetrics(args.num_classes)
-    values, confusion = evaluate(model, make_loader(spec, data_cfg), metrics, accelerator)
+    values, confusion = evaluate(model, make_eval_loader(spec, data_cfg), metrics, accelerator)
 
     keyed = replace(spec, with_keys=True)
     logits, labels, keys = [], [], []
     with torch.no_grad():
-        for images, batch_labels, batch_keys in make_loader(keyed, data_cfg):
+        for images, batch_labels, batch_keys in make_eval_loader(keyed, data_cfg):
             logits.append(model(images))
             labels.append(batch_labels)
             keys.extend(batch_keys)

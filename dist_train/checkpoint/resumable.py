@@ -1,0 +1,162 @@
+"""Resumable checkpoints: the whole training state at a step boundary; find the newest good one.
+
+A resumable checkpoint is a directory `RUN/checkpoints/step-<global step>/`:
+
+    model.safetensors, meta.json  a model checkpoint (checkpoint/model.py): eval and predict take it
+    <member>.safetensors          the tensors of each other member of the state that has any
+                                  (optimizer.safetensors: momentum buffers, Adam moments, ...)
+    <member>-rank<r>.json         what differs per rank r (rng-rank<r>.json: its random states)
+    state.json                    every member's other values under its name (position, order,
+                                  best, optimizer, scheduler, scaler), the world size, and the
+                                  SHA-256 of every file above
+
+The members are those of `TrainState` (train_state.py). Nothing is pickled, so loading cannot
+run code. Written through checkpoint/atomic.py by all ranks (each its own files) and the
+main process (the rest); loading checks every hash first; `find_resumable` walks back from
+the newest checkpoint to the first that passes, warning about each it skips.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from dist_train.checkpoint.atomic import AtomicDirectory, check_files, file_hashes
+from dist_train.checkpoint.model import save_tensors, write_model_files
+from dist_train.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from dist_train.train_state import TrainState
+
+CHECKPOINTS_DIR = "checkpoints"
+STATE_NAME = "state.json"
+STATE_VERSION = 1  # unchanged since the first release: older checkpoints still resume
+_RESERVED = ("version", "world_size", "files")
+_NAME = re.compile(r"^step-(\d{8,})$")
+
+
+@dataclass
+class SavedState:
+    """A verified resumable checkpoint, read back: `TrainState.resume_from` takes it."""
+
+    members: dict[str, dict[str, Any] | None]
+    rank_members: dict[str, dict[str, Any]]  # this rank's, when the checkpoint has them
+    world_size: int
+    path: Path
+
+
+def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
+    return run_dir / CHECKPOINTS_DIR / f"step-{global_step:08d}"
+
+
+def save_resumable(accelerator: Accelerator, run_dir: Path, state: TrainState, meta: dict[str, Any],
+                   keep: int) -> Path:
+    """Collective: every rank calls it at the same step boundary. `meta`: the model
+    checkpoint's meta.json; the newest `keep` checkpoints are kept."""
+    target = AtomicDirectory(checkpoint_dir(run_dir, state.step))
+    if accelerator.is_main_process:
+        with target.writing():
+            target.create()
+    accelerator.wait_for_everyone()
+    with target.writing():
+        for name, values in state.rank_state_dict().items():
+            _write_json(target.tmp / f"{name}-rank{accelerator.process_index}.json", values)
+    members = state.state_dict()  # every rank: the model's may be a collective for sharded models
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with target.writing():
+            write_model_files(target.tmp, members.pop("model"), meta)
+            index: dict[str, Any] = {"version": STATE_VERSION, "world_size": accelerator.num_processes}
+            for name, values in members.items():
+                index[name] = _save_member(target.tmp, name, values)
+            index["files"] = file_hashes(target.tmp, sorted(p.name for p in target.tmp.iterdir()))
+            _write_json(target.tmp / STATE_NAME, index)
+            target.commit()
+        _rotate(run_dir / CHECKPOINTS_DIR, keep)
+    accelerator.wait_for_everyone()
+    return target.final
+
+
+def find_resumable(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint whose files pass their hashes; None if there is none."""
+    for path in _complete(run_dir / CHECKPOINTS_DIR)[::-1]:
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
+    return None
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """state.json of a resumable checkpoint whose every file passes its hash."""
+    try:
+        index = json.loads((path / STATE_NAME).read_text())
+        files = index["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / STATE_NAME}: unreadable ({exc})") from None
+    if index.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {index.get('version')}, expected {STATE_VERSION}")
+    check_files(path, files, STATE_NAME)
+    return index
+
+
+def load_resumable(path: Path, rank: int) -> SavedState:
+    index = verify(path)
+    members: dict[str, dict[str, Any] | None] = {k: v for k, v in index.items() if k not in _RESERVED}
+    for file in index["files"]:
+        if file.endswith(".safetensors"):
+            name = file.removesuffix(".safetensors")
+            members[name] = {**(members.get(name) or {}), **_load_tensors(path / file)}
+    rank_members = {}
+    for file in index["files"]:
+        name, _, which = file.removesuffix(".json").rpartition("-rank")
+        if file.endswith(".json") and name and which == str(rank):
+            rank_members[name] = json.loads((path / file).read_text())
+    return SavedState(members, rank_members, index["world_size"], path)
+
+
+def _save_member(directory: Path, name: str, values: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Write a member's tensors as `<name>.safetensors`; return the rest, for state.json."""
+    if values is None:
+        return None
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    if tensors:
+        save_tensors(tensors, directory / f"{name}.safetensors")
+    return {k: v for k, v in values.items() if k not in tensors}
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file.parent}: unreadable tensors in {file.name} ({exc})") from None
+
+
+def _complete(directory: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (temporary ones start with a dot)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def _rotate(directory: Path, keep: int) -> None:
+    for old in _complete(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value))
+

@@ -1,0 +1,32 @@
+"""Evaluate a saved model on shards, with the validation code training uses."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from dist_train.accelerator import make_accelerator
+from dist_train.data.pipeline import EvalStreamSpec, make_eval_loader
+from dist_train.data.resolve import resolve_shards
+from dist_train.engine import evaluate
+from dist_train.metrics import ValidationMetrics
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", batch_size: int | None = None):
+    """Metrics of a saved model on shards: (values, confusion, samples). Works in one process
+    or under `accelerate launch`, where each rank evaluates its share and metrics are synced."""
+    from dist_train.predict import load_for_inference
+
+    loaded = load_for_inference(checkpoint)
+    cfg, num_classes = loaded.cfg, len(loaded.class_names)
+    # The precision the run validated with, so that the numbers reproduce.
+    precision = loaded.meta.get("mixed_precision", "no")
+    accelerator = make_accelerator(replace(cfg.train, mixed_precision=precision, grad_accum_steps=1))
+    shards = resolve_shards(data, split, num_classes)
+    spec = EvalStreamSpec(shards, num_classes=num_classes,
+                          batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size,
+                          rank=accelerator.process_index, world_size=accelerator.num_processes)
+    metrics = ValidationMetrics(num_classes, accelerator.device)
+    model = loaded.model.to(accelerator.device)
+    values, confusion = evaluate(model, make_eval_loader(spec, cfg.data), metrics, accelerator)
+    return values, confusion, shards.samples

@@ -1,0 +1,63 @@
+"""How a launch lays the run's global batch out over its processes, and what follows from it.
+
+The global batch (images per optimizer step) is fixed by a run's first launch and kept by
+every resume, on any number of processes: a resume on fewer processes accumulates more
+micro-batches. `RunLayout` is what actually ran; meta.json records it (`layout`) and the
+report reads it from there, since config.yaml says what was asked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from accelerate import Accelerator
+
+from dist_train.config import Config
+from dist_train.data.order import OrderSpec, steps_per_epoch
+from dist_train.errors import ConfigError, DataError
+from dist_train.optim import scaled_lr
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    world_size: int
+    grad_accum_steps: int
+    batch_size: int  # per process, per micro-step
+    global_batch: int  # world_size x grad_accum_steps x batch_size
+    steps_per_epoch: int
+    epochs: int
+    base_lr: float  # optim.lr, scaled to the global batch when optim.lr_base_batch is set
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+
+def plan_layout(cfg: Config, accelerator: Accelerator, train_samples: int,
+                saved_order: OrderSpec | None = None) -> tuple[OrderSpec, RunLayout]:
+    """The training order (a resumed run's own, else a new one) and this launch's layout.
+    Tells accelerate the accumulation steps that keep the global batch."""
+    world, batch = accelerator.num_processes, cfg.data.batch_size
+    order = saved_order or OrderSpec(seed=cfg.train.seed, global_batch=world * cfg.train.grad_accum_steps * batch,
+                                     partitions=world, window=cfg.data.shuffle_buffer)
+    accum, rest = divmod(order.global_batch, world * batch)
+    if rest or accum == 0:
+        raise ConfigError(
+            f"cannot keep the run's global batch of {order.global_batch} on {world} processes with "
+            f"data.batch_size={batch}: choose data.batch_size so that processes x accumulation x batch_size "
+            f"= {order.global_batch}"
+        )
+    if accum != cfg.train.grad_accum_steps:
+        accelerator.print(f"train.grad_accum_steps {cfg.train.grad_accum_steps} -> {accum}: keeps the global "
+                          f"batch of {order.global_batch} on {world} process(es)")
+    accelerator.gradient_accumulation_steps = accum
+    steps = steps_per_epoch(train_samples, order.global_batch)
+    if steps == 0:
+        raise DataError(
+            f"the training set has {train_samples} samples, fewer than one global batch "
+            f"({world} processes x {accum} accumulation steps x {batch} = {order.global_batch})"
+        )
+    layout = RunLayout(world_size=world, grad_accum_steps=accum, batch_size=batch, global_batch=order.global_batch,
+                       steps_per_epoch=steps, epochs=cfg.train.epochs,
+                       base_lr=scaled_lr(cfg.optim, order.global_batch))
+    return order, layout

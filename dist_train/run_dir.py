@@ -1,0 +1,47 @@
+"""The run directory (`train.output_dir`): which checkpoint a run resumes from, what a fresh
+start writes there, and the plots and summary a finished run leaves."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from dist_train.checkpoint import find_resumable, verify
+from dist_train.config import Config, save_config
+from dist_train.errors import ConfigError
+from dist_train.report import write_report
+
+
+def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return find_resumable(out)
+    path = Path(resume)
+    verify(path)  # a named checkpoint must be good: no silent fallback
+    return path
+
+
+def prepare_run_dir(cfg: Config, out: Path, accelerator: Accelerator, resuming: bool) -> None:
+    if (out / "metrics.jsonl").exists() and not resuming and cfg.train.resume != "auto":
+        raise ConfigError(
+            f"train.output_dir {out} already holds a run (metrics.jsonl); choose another directory "
+            "or continue it with train.resume=auto"
+        )
+    accelerator.wait_for_everyone()  # every rank has checked before the main process writes
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")  # what was asked; meta.json says how it ran
+        if not resuming:  # a fresh start, also under resume=auto without a checkpoint yet
+            (out / "metrics.jsonl").write_text("")
+    accelerator.wait_for_everyone()
+
+
+def write_plots_and_summary(out: Path) -> None:
+    """The run's PNG plots and summary.md; a failure here must not fail a finished run."""
+    try:
+        write_report(out)
+    except Exception as exc:
+        warnings.warn(f"could not write plots and summary: {exc} (retry: dist-train report {out})", stacklevel=2)

@@ -1,0 +1,205 @@
+"""Everything the loop needs, set up (and resumed) before its first step; what a run does
+after its last. The loop itself is dist_train/engine.py.
+
+    run = start_run(cfg, datasets)   # accelerator, data, model, optimizer, state, records
+    for micro_batches in run.step_batches(): ...
+    run.finish()
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from dist_train import __version__, workers
+from dist_train.accelerator import make_accelerator
+from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable
+from dist_train.config import METRIC_NAMES, Config, to_dict
+from dist_train.damage import damage_record, report_damage
+from dist_train.data import Datasets, resolve_datasets
+from dist_train.data.order import OrderSpec
+from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, make_eval_loader
+from dist_train.layout import RunLayout, plan_layout
+from dist_train.losses import build_loss
+from dist_train.metrics import ValidationMetrics
+from dist_train.models import create_model
+from dist_train.optim import Schedule, build_optimizer
+from dist_train.preemption import StopRequest, TrainingStopped
+from dist_train.progress import TrainProgress
+from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, write_plots_and_summary
+from dist_train.tracking import RunTracker, read_metrics, truncate_metrics
+from dist_train.train_state import TrainState
+
+
+@dataclass
+class FitResult:
+    best_metrics: dict[str, float]
+    best_epoch: int
+    output_dir: Path
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Accelerator
+    out: Path
+    datasets: Datasets
+    layout: RunLayout
+    state: TrainState
+    criterion: nn.Module
+    train_loader: TrainLoader
+    metrics: ValidationMetrics
+    tracker: RunTracker
+    progress: TrainProgress
+    stop: StopRequest
+    started: float
+
+    def step_batches(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
+        """This rank's micro-batches of each optimizer step left, epoch after epoch, from the
+        state's step on. Each epoch starts the loader at its position and the epoch's progress."""
+        steps, accum = self.layout.steps_per_epoch, self.layout.grad_accum_steps
+        for epoch in range(self.state.epoch, self.layout.epochs):
+            first = self.state.step_in_epoch if epoch == self.state.epoch else 0
+            self.train_loader.set_position(epoch, first)
+            batches = iter(self.train_loader)
+            self.progress.start_epoch(epoch, steps - first)  # timed from here: workers are up
+            for _ in range(first, steps):
+                yield islice(batches, accum)
+            if next(batches, None) is not None:  # also ends the loader's iteration cleanly
+                raise RuntimeError(f"the training loader gave more than {steps} steps in epoch {epoch}")
+
+    def val_loader(self) -> torch.utils.data.DataLoader:
+        spec = EvalStreamSpec(self.datasets.val, batch_size=self.cfg.data.val_batch_size or self.cfg.data.batch_size,
+                              num_classes=self.datasets.num_classes, rank=self.accelerator.process_index,
+                              world_size=self.accelerator.num_processes)
+        return make_eval_loader(spec, self.cfg.data, self.accelerator.device.type == "cuda")
+
+    def damage_since_last(self, val_loader) -> dict[str, int]:
+        return damage_record(self.cfg.data.on_error, self.accelerator, self.datasets, self.train_loader.stream,
+                             val_loader.dataset)
+
+    def meta(self, epoch: int, values: dict[str, float], confusion: list[list[int]] | None) -> dict[str, Any]:
+        """A model checkpoint's meta.json: what inference needs, and how the run ran."""
+        return {
+            "dist_train_version": __version__,
+            "mixed_precision": self.accelerator.mixed_precision,
+            "world_size": self.accelerator.num_processes,
+            "layout": asdict(self.layout),
+            "epoch": epoch,
+            "step": self.state.step,
+            "metrics": values,
+            "monitor": self.cfg.train.monitor,
+            "confusion_matrix": confusion,
+            "class_names": self.datasets.class_names,
+            "num_classes": self.datasets.num_classes,
+            "config": to_dict(self.cfg),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def save_model(self, name: str, epoch: int, values: dict[str, float], confusion: list[list[int]] | None) -> None:
+        """RUN/best or RUN/last, by the main process; the others wait until it is complete."""
+        state_dict = self.accelerator.get_state_dict(self.state.model)
+        if self.accelerator.is_main_process:
+            save_model_checkpoint(self.out / name, state_dict, self.meta(epoch, values, confusion))
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> None:
+        """A resumable checkpoint of this step (collective)."""
+        last = self._last_validation() if self.accelerator.is_main_process else {}
+        meta = self.meta(self.state.epoch_of_last_step, _metrics_of(last), last.get("val/confusion_matrix"))
+        save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
+
+    def stop_now(self) -> NoReturn:
+        self.accelerator.end_training()
+        raise TrainingStopped(f"stopped by signal {self.stop.received} after step {self.state.step}; "
+                              f"resume with train.resume=auto (train.output_dir={self.out})")
+
+    def finish(self) -> FitResult:
+        """Save RUN/last (the last validation's metrics), plots and summary; close the run."""
+        last = self._last_validation() if self.accelerator.is_main_process else {}
+        self.save_model("last", self.layout.epochs - 1, _metrics_of(last), last.get("val/confusion_matrix"))
+        if self.accelerator.is_main_process and self.cfg.tracking.plots:
+            write_plots_and_summary(self.out)
+        self.accelerator.wait_for_everyone()
+        self.stop.restore()
+        best = self.state.best
+        self.accelerator.print(
+            f"best {self.cfg.train.monitor} {best.value:.4f} at epoch {best.epoch}; "
+            f"{time.perf_counter() - self.started:.1f}s; checkpoints in {self.out}/best and {self.out}/last"
+        )
+        self.accelerator.end_training()  # also closes the wandb run
+        return FitResult(best.metrics or {}, best.epoch, self.out)
+
+    def _last_validation(self) -> dict[str, Any]:
+        validations = [r for r in read_metrics(self.out / "metrics.jsonl") if "val/acc" in r]
+        return validations[-1] if validations else {}
+
+
+def _metrics_of(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k in METRIC_NAMES}
+
+
+def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
+    """Build the run from its config, resumed from a checkpoint when `train.resume` finds one."""
+    started = time.perf_counter()
+    datasets = datasets or resolve_datasets(cfg.data)
+    workers.start_helpers(fork_server=cfg.data.num_workers > 0)  # already started by `dist-train train`
+    accelerator = make_accelerator(cfg.train)
+    out = Path(cfg.train.output_dir)
+    resume_from = find_resume_checkpoint(cfg.train.resume, out)
+    prepare_run_dir(cfg, out, accelerator, resuming=resume_from is not None)
+    set_seed(cfg.train.seed)  # the same on every rank: DDP also broadcasts rank 0's weights
+    saved = load_resumable(resume_from, accelerator.process_index) if resume_from else None
+    # A resumed run keeps its order, and so its global batch, on any number of processes.
+    order, layout = plan_layout(cfg, accelerator, datasets.train.samples,
+                                OrderSpec(**saved.members["order"]) if saved else None)
+
+    model = create_model(cfg.model.name, datasets.num_classes, cfg.data.channels)
+    if cfg.model.sync_batchnorm and layout.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # inputs follow the weights' layout
+    optimizer = build_optimizer(model, cfg.optim, global_batch=layout.global_batch)
+    # The schedule is ours, stepped once per optimizer step, not passed to prepare():
+    # accelerate would step it once per process.
+    schedule = Schedule(optimizer, cfg.sched, layout.steps_per_epoch, layout.epochs)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
+    if saved:
+        state.resume_from(saved)  # random states last: nothing above draws from them again
+        if accelerator.is_main_process:
+            truncate_metrics(out / "metrics.jsonl", state.step)  # the later records come again
+        accelerator.wait_for_everyone()
+
+    accelerator.print(
+        f"dist-train {__version__}: {layout.world_size} process(es) on {accelerator.device.type} "
+        f"({accelerator.distributed_type.value}), mixed precision {accelerator.mixed_precision}; "
+        f"{datasets.train.samples} train / {datasets.val.samples} val samples, "
+        f"{layout.steps_per_epoch} steps per epoch of {layout.global_batch} images"
+        + (f"; resuming from {resume_from} at epoch {state.epoch}, step {state.step}" if saved else "")
+    )
+    report_damage(accelerator, datasets)
+    train_loader = TrainLoader(TrainStreamSpec(
+        shards=datasets.train, order=order, epoch=state.epoch, num_classes=datasets.num_classes,
+        batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps, rank=accelerator.process_index,
+        world_size=layout.world_size, start_step=state.step_in_epoch,
+    ), cfg.data, pin_memory=accelerator.device.type == "cuda")
+    return Run(
+        cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,
+        criterion=build_loss(cfg.loss).to(accelerator.device),
+        train_loader=train_loader,
+        metrics=ValidationMetrics(datasets.num_classes, accelerator.device),
+        tracker=RunTracker(accelerator, cfg, out, datasets.class_names),
+        progress=TrainProgress(accelerator, show_bar=cfg.train.progress_bar),
+        stop=StopRequest(accelerator),
+        started=started,
+    )
