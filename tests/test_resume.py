@@ -176,3 +176,39 @@ class _RunsCode:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_a_resume_on_fewer_processes_is_reported_as_it_ran(digits_dir, tmp_path):
+    """Started on 2 processes, resumed on 1: the run's record says what ran (accumulation 2,
+    global batch 64, the LR scaled to it), and the report's LR curve is the logged LRs."""
+    from dist_train.report import _lr_curve, load_run
+
+    out = tmp_path / "run"
+    # A step schedule depends on the step alone, so the second launch may add an epoch.
+    args = ["--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+            f"train.output_dir={out}", "model.name=small_cnn_gn", "train.progress_bar=false",
+            "tracking.wandb=false", "train.log_every_steps=1", "optim.lr=0.1", "optim.lr_base_batch=32",
+            "sched.name=step", "sched.step_size_epochs=1", "sched.gamma=0.5", "sched.warmup_epochs=0"]
+    first = accelerate_launch("-m", "dist_train", "train", *args, "train.epochs=1", "tracking.plots=false")
+    assert first.returncode == 0, first.stderr[-4000:]
+    second = run_cli("train", *args, "train.epochs=2", "tracking.plots=true", "train.resume=auto")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "train.grad_accum_steps 1 -> 2" in second.stdout
+
+    for meta in (json.loads((out / name / "meta.json").read_text()) for name in ("best", "last")):
+        if meta["step"] > STEPS_PER_EPOCH:  # saved by the second launch
+            assert meta["world_size"] == 1
+            assert meta["layout"] == {"world_size": 1, "grad_accum_steps": 2, "batch_size": 32,
+                                      "global_batch": 64, "steps_per_epoch": STEPS_PER_EPOCH, "epochs": 2,
+                                      "base_lr": pytest.approx(0.2)}
+    summary = (out / "summary.md").read_text()
+    assert "1 process(es), global batch 64 (32 per process x 2 accumulation), base LR 0.2" in summary
+
+    logged = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(logged) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    steps, lrs = _lr_curve(load_run(out))
+    curve = dict(zip(steps, lrs, strict=True))
+    assert logged[1] == pytest.approx(0.2) and logged[2 * STEPS_PER_EPOCH] == pytest.approx(0.05)
+    for step, lr in logged.items():
+        assert curve[step] == pytest.approx(lr, rel=1e-12), step
+    assert (out / "lr.png").is_file()
