@@ -2,10 +2,9 @@
 
 accelerate 1.15's `AcceleratedOptimizer.step` asks, twice on every call (every micro-batch),
 whether the `lomo_optim` package is installed, and the answer is not cached: each call is an
-`importlib.util.find_spec`, a search of every `sys.path` entry on disk. On a local disk here
-that is ~90 us per micro-batch, half of the framework's own time per step (a tiny model's
-step: 115 us in a plain loop, 295 us in `train_one_epoch`, 208 us with this); it grows with
-the length of `sys.path` and the latency of the filesystem (a virtualenv on a network file
+`importlib.util.find_spec`, a search of every `sys.path` entry on disk: on a local disk,
+half of the framework's own time per step of a tiny model (benchmarks/RESULTS.md); it grows
+with the length of `sys.path` and the latency of the filesystem (a virtualenv on a network file
 system). Whether a package is installed does not change while a run trains, so the answer is
 looked up once.
 """

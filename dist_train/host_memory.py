@@ -4,9 +4,8 @@ glibc gives freed memory back to the kernel: a block above the mmap threshold (1
 start, raised only as such blocks are freed) is unmapped on free, and the top of the heap is
 trimmed once 128 KiB or more of it is free. A training step on the CPU frees its activations
 and gradients at its end and allocates the same sizes again in the next step, so every step
-page-faults its working set back in: 750-3,000 minor faults per step of the digits model
-(batch 64, one thread; per-step `ru_minflt`). Kept, 0-29 faults per step and 12% more images/s
-(benchmarks/RESULTS.md).
+page-faults its working set back in, every step (the counts and the speed-up:
+benchmarks/RESULTS.md, "Figures behind the code's choices").
 
 Raising both thresholds keeps those pages mapped for the next step. Peak memory does not
 grow: the memory kept is what the next step allocates anyway. Only the CPU path calls this;

@@ -249,6 +249,14 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def _launches(launches: list[dict[str, Any]]) -> list[str]:
+    """A line on how each launch ran, when the run was resumed on another number of processes."""
+    if len({(launch["world_size"], launch["grad_accum_steps"]) for launch in launches}) < 2:
+        return []
+    return ["- launches: " + "; ".join(f"from step {launch['step']}, {launch['world_size']} process(es) x "
+                                      f"{launch['grad_accum_steps']} accumulation" for launch in launches)]
+
+
 def _summary(run: RunRecords, table: str) -> str:
     cfg = run.best["config"]
     best, last = run.best, run.last or run.best
@@ -267,6 +275,7 @@ def _summary(run: RunRecords, table: str) -> str:
         f"- {layout['world_size']} process(es), global batch {layout['global_batch']} "
         f"({layout['batch_size']} per process x {layout['grad_accum_steps']} accumulation), "
         f"base LR {layout['base_lr']:.6g}, mixed precision {last.get('mixed_precision', 'no')}",
+        *_launches(last.get("launches", [])),
         "",
         "| metric | best epoch | last epoch |",
         "| --- | --- | --- |",

@@ -94,6 +94,7 @@ class Run:
             "mixed_precision": self.accelerator.mixed_precision,
             "world_size": self.accelerator.num_processes,
             "layout": asdict(self.layout),
+            "launches": self.state.launches.history,
             "epoch": epoch,
             "step": self.state.step,
             "metrics": values,
@@ -179,6 +180,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", state.step)  # the later records come again
         accelerator.wait_for_everyone()
+    state.launches.started(state.step, asdict(layout))
 
     accelerator.print(
         f"dist-train {__version__}: {layout.world_size} process(es) on {accelerator.device.type} "

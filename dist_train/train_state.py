@@ -15,7 +15,7 @@ number generators differ per rank and are saved by each (`rank_members()`).
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -52,6 +52,23 @@ class BestSoFar:
         self.value, self.epoch, self.metrics = state["value"], state["epoch"], state["metrics"]
 
 
+@dataclass
+class Launches:
+    """How each launch of the run ran, from the step it started at: a resume on another number
+    of processes changes the accumulation (dist_train/layout.py)."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def started(self, step: int, layout: dict[str, Any]) -> None:
+        self.history.append({"step": step, **layout})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
+
+
 class TrainState:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: Schedule, order: OrderSpec, steps_per_epoch: int):
@@ -63,6 +80,7 @@ class TrainState:
         self.steps_per_epoch = steps_per_epoch
         self.step = 0  # optimizer steps taken: the run's one counter
         self.best = BestSoFar()
+        self.launches = Launches()
 
     @property
     def epoch(self) -> int:
@@ -88,6 +106,7 @@ class TrainState:
             "position": _Position(self),
             "order": _Fixed(self.order),
             "best": self.best,
+            "launches": self.launches,
         }
 
     def rank_members(self) -> dict[str, Stateful]:

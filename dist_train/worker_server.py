@@ -9,8 +9,8 @@ and PIL already imported. And it sets the signals that the workers inherit (pree
 - SIGUSR2 prints the stacks, as in the training process.
 
 Last it freezes what it has imported (`gc.freeze`): the collector of a worker then never scans
-those objects, which a worker's first full collection did, 170 ms before its first batch,
-nor touches their memory, which would copy pages the workers could share with the server.
+those objects, which a worker's first full collection did before its first batch (the delay:
+benchmarks/RESULTS.md), nor touches their memory, which would copy pages the workers could share with the server.
 """
 
 import gc

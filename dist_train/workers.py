@@ -10,9 +10,9 @@ the default on Linux.
 
 So workers start from a fork server: one small process per training process, started by
 exec (so it has no threads), that imports the input pipeline once (worker_server.py) and
-forks a worker on request. A worker's first batch comes some 60 ms after its loader starts
-(forked from the training process: 40 ms), not after the seconds a fresh interpreter spends
-importing torch. What a worker needs travels to it pickled: the dataset
+forks a worker on request. A worker's first batch then comes about as soon as one forked from
+the training process would (benchmarks/RESULTS.md), not after the seconds a fresh interpreter
+spends importing torch. What a worker needs travels to it pickled: the dataset
 object, including the shard indexes read so far (data/pipeline.py), and the shared counters
 and events, made with this context.
 """

@@ -201,7 +201,7 @@ class TrainStream(IterableDataset):
             raw = reader.sample(shard, (index + attempt) % shard.samples)
             # Random transforms draw from torch's CPU generator: seed it for this sample, and
             # put its state back (in the main process it also serves the model).
-            # torch.manual_seed would cost 50x more, seeding CUDA too.
+            # torch.manual_seed would cost far more: it seeds CUDA too.
             saved = torch.get_rng_state()
             torch.default_generator.manual_seed(derive_seed(self.spec.order.seed, order.epoch, position))
             try:

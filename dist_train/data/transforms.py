@@ -2,8 +2,8 @@
 
 A sample's transform ends at a uint8 tensor; turning a batch into normalized float32 is one
 call per batch (`build_batch_normalize`). On small images torchvision's per-call overhead
-made the two float steps about 40% of a sample's transform time; on a batch they cost under
-a microsecond per image. Element by element the arithmetic is the same, so the values are
+made the two float steps a large share of a sample's transform time; on a batch they cost
+almost nothing per image (benchmarks/RESULTS.md). Element by element the arithmetic is the same, so the values are
 bitwise those of normalizing each sample.
 """
 
