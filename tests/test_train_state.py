@@ -1,0 +1,98 @@
+"""TrainState through a resumable checkpoint and back: every member, no pickle, one process."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dist_train.accelerator import make_accelerator
+from dist_train.checkpoint import load_model_checkpoint, load_resumable, save_resumable
+from dist_train.config import SchedConfig, TrainConfig
+from dist_train.data.order import OrderSpec
+from dist_train.errors import CheckpointError
+from dist_train.optim import Schedule
+from dist_train.train_state import BestSoFar, TrainState
+
+ORDER = OrderSpec(seed=3, global_batch=8, partitions=1, window=16)
+
+
+def new_state(accelerator, seed: int) -> TrainState:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = Schedule(optimizer, SchedConfig(name="cosine", warmup_epochs=1), steps_per_epoch=5, epochs=3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return TrainState(accelerator, model, optimizer, schedule, ORDER, steps_per_epoch=5)
+
+
+def train(state: TrainState, steps: int) -> None:
+    for _ in range(steps):
+        loss = state.model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.schedule.after_optimizer_step()
+        state.step += 1
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return make_accelerator(TrainConfig(cpu=True))
+
+
+def test_every_member_comes_back(accelerator, tmp_path):
+    saved = new_state(accelerator, seed=0)
+    train(saved, 7)
+    saved.best = BestSoFar(0.5, 1, {"val/acc": 0.5})
+    saved.launches.started(0, {"world_size": 1, "grad_accum_steps": 1})
+    path = save_resumable(accelerator, tmp_path, saved, meta={"note": "test"}, keep=2)
+    random_draws = (random.random(), np.random.rand(), torch.rand(1))  # after the save
+
+    assert path.name == "step-00000007"
+    index = json.loads((path / "state.json").read_text())
+    assert index["position"] == {"epoch": 1, "step_in_epoch": 2, "global_step": 7}
+    assert sorted(index["files"]) == ["meta.json", "model.safetensors", "optimizer.safetensors",
+                                      "rng-rank0.json"]
+    weights, meta = load_model_checkpoint(path)  # also a model checkpoint
+    assert meta["note"] == "test" and set(weights) == set(saved.model.state_dict())
+
+    loaded = new_state(accelerator, seed=1)  # other initial weights
+    loaded.resume_from(load_resumable(path, rank=0))
+    assert loaded.step == 7 and (loaded.epoch, loaded.step_in_epoch, loaded.epoch_of_last_step) == (1, 2, 1)
+    assert loaded.best == saved.best and loaded.launches.history == saved.launches.history
+    for name, value in saved.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name
+    for a, b in zip(saved.optimizer.state.values(), loaded.optimizer.state.values(), strict=True):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert loaded.schedule.lr == saved.schedule.lr and loaded.schedule.state_dict() == saved.schedule.state_dict()
+    assert (random.random(), np.random.rand(), torch.rand(1)) == random_draws  # the random states too
+
+    for state in (saved, loaded):  # on the same batches: momentum and schedule carry on alike
+        torch.manual_seed(5)
+        train(state, 3)
+    for name, value in saved.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], value), name  # and they train alike
+
+
+def test_a_member_the_checkpoint_lacks_keeps_its_fresh_state(accelerator, tmp_path):
+    state = new_state(accelerator, seed=0)
+    train(state, 2)
+    path = save_resumable(accelerator, tmp_path, state, meta={}, keep=2)
+    index = json.loads((path / "state.json").read_text())
+    del index["launches"]  # as in a checkpoint from before launches were recorded
+    (path / "state.json").write_text(json.dumps(index))
+    loaded = new_state(accelerator, seed=1)
+    loaded.resume_from(load_resumable(path, rank=0))
+    assert loaded.step == 2 and loaded.launches.history == []
+
+
+def test_a_checkpoint_of_another_order_is_refused(accelerator, tmp_path):
+    path = save_resumable(accelerator, tmp_path, new_state(accelerator, seed=0), meta={}, keep=2)
+    other = new_state(accelerator, seed=0)
+    other.order = OrderSpec(seed=4, global_batch=8, partitions=1, window=16)
+    with pytest.raises(CheckpointError, match="data order"):
+        other.resume_from(load_resumable(path, rank=0))
