@@ -100,7 +100,7 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
     if shards:
         shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names)).shards, None)
         spec = EvalStreamSpec(shard_set, batch_size=batch_size,
-                          num_classes=len(loaded.class_names), with_keys=True)
+                              num_classes=len(loaded.class_names), with_keys=True)
         loaders.append(make_eval_loader(spec, loaded.cfg.data))
     with torch.no_grad():
         for loader in loaders:

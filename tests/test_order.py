@@ -78,6 +78,15 @@ def test_batches_do_not_depend_on_workers_and_resume_mid_epoch(digits_dir):
             assert torch.equal(x, x2) and torch.equal(y, y2)  # same samples, same augmentation
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reading_batches_leaves_the_global_random_state_alone(digits_dir, workers):
+    """The state a checkpoint restores (dropout draws from it) is the model's alone: a resumed
+    run starts its loader once more than a run never stopped, and must not draw from it."""
+    before = torch.get_rng_state()
+    batches(digits_dir, workers=workers, start_step=40)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_two_ranks_split_each_global_batch(digits_dir):
     whole = batches(digits_dir, workers=0)
     halves = [batches(digits_dir, workers=1, world=2, rank=r) for r in range(2)]

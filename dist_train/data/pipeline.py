@@ -304,5 +304,10 @@ def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, pe
         persistent_workers=persistent and data_cfg.num_workers > 0,
         # Two batches in flight per worker: enough to hide decode jitter, little memory.
         prefetch_factor=2 if data_cfg.num_workers > 0 else None,
+        # Its own generator for the workers' base seed: by default each iter() draws it from the
+        # global random state, which a checkpoint restores and dropout or stochastic depth use,
+        # so a resumed run would draw once more than one never stopped. Samples are seeded by
+        # their position (TrainStream), not by the worker.
+        generator=torch.Generator().manual_seed(0),
         **workers.loader_options(data_cfg.num_workers),
     )

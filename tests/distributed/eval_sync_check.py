@@ -31,7 +31,7 @@ def main() -> None:
     data_cfg = DataConfig(num_workers=2, image_size=8, channels=1, mean=[0.25], std=[0.35], augment="none")
     shards = resolve_shards(args.shards, "val", args.num_classes)
     spec = EvalStreamSpec(shards, batch_size=7, num_classes=args.num_classes,
-                      rank=accelerator.process_index, world_size=accelerator.num_processes)
+                          rank=accelerator.process_index, world_size=accelerator.num_processes)
     torch.manual_seed(0)  # the same weights on every rank, without DDP
     model = SmallCNN(args.num_classes, in_channels=1)
     metrics = ValidationMetrics(args.num_classes)
