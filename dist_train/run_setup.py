@@ -67,8 +67,9 @@ class Run:
         """This rank's micro-batches of each optimizer step left, epoch after epoch, from the
         state's step on. Each epoch starts the loader at its position and the epoch's progress."""
         steps, accum = self.layout.steps_per_epoch, self.layout.grad_accum_steps
-        for epoch in range(self.state.epoch, self.layout.epochs):
-            first = self.state.step_in_epoch if epoch == self.state.epoch else 0
+        start_epoch, start_in_epoch = self.state.epoch, self.state.step_in_epoch
+        for epoch in range(start_epoch, self.layout.epochs):
+            first = start_in_epoch if epoch == start_epoch else 0
             self.train_loader.set_position(epoch, first)
             batches = iter(self.train_loader)
             self.progress.start_epoch(epoch, steps - first)  # timed from here: workers are up
