@@ -171,7 +171,7 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     _save(fig, run.run_dir / "metrics.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    curve = _lr_curve(run)
+    curve = lr_curve(run)
     if curve is not None:
         ax.plot(*curve, color="tab:green", label="schedule")
     if run.train:
@@ -205,7 +205,7 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     _save(fig, run.run_dir / "per_class_f1.png")
 
 
-def _lr_curve(run: RunRecords) -> tuple[list[int], list[float]] | None:
+def lr_curve(run: RunRecords) -> tuple[list[int], list[float]] | None:
     """The exact per-step LR of a closed-form schedule, from the config and how the run ran."""
     cfg = config_from_dict(run.best["config"])
     if cfg.sched.name == "plateau":

@@ -184,7 +184,7 @@ class _RunsCode:
 def test_a_resume_on_fewer_processes_is_reported_as_it_ran(digits_dir, tmp_path):
     """Started on 2 processes, resumed on 1: the run's record says what ran (accumulation 2,
     global batch 64, the LR scaled to it), and the report's LR curve is the logged LRs."""
-    from dist_train.report import _lr_curve, load_run
+    from dist_train.report import load_run, lr_curve
 
     out = tmp_path / "run"
     # A step schedule depends on the step alone, so the second launch may add an epoch.
@@ -214,7 +214,7 @@ def test_a_resume_on_fewer_processes_is_reported_as_it_ran(digits_dir, tmp_path)
 
     logged = {r["step"]: r["lr"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r}
     assert sorted(logged) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
-    steps, lrs = _lr_curve(load_run(out))
+    steps, lrs = lr_curve(load_run(out))
     curve = dict(zip(steps, lrs, strict=True))
     assert logged[1] == pytest.approx(0.2) and logged[2 * STEPS_PER_EPOCH] == pytest.approx(0.05)
     for step, lr in logged.items():

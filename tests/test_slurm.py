@@ -86,6 +86,22 @@ def test_node_outside_a_job_is_a_one_line_error():
     assert "not inside a Slurm job step" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_the_job_steps_are_hidden_subcommands_of_the_one_parser(tmp_path):
+    shown = run_cli("--help")
+    commands = re.search(r"\{(.*?)\}", shown.stdout).group(1).split(",")
+    assert shown.returncode == 0 and "submit" in commands and "slurm" not in commands
+    assert not re.search(r"^\s+slurm\s", shown.stdout, re.MULTILINE)  # nor among the commands listed
+    run_dir = tmp_path / "run"
+    for cmd in ([sys.executable, "-m", "dist_train", "slurm", "run-dir"],
+                [sys.executable, "-m", "dist_train.slurm", "run-dir"]):  # the command of earlier releases
+        done = subprocess.run([*cmd, "--config", str(DIGITS_CONFIG), f"train.output_dir={run_dir}"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.strip() == str(run_dir), done.stderr
+        bad = subprocess.run([*cmd, "--config", str(DIGITS_CONFIG), "train.epochz=3"],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.startswith("dist-train: error: ") and "epochz" in bad.stderr
+
+
 def test_submit_dry_run_renders_the_sbatch_command(tmp_path):
     run_dir = tmp_path / "r50"
     done = run_cli("submit", "--nodes", "4", "--gpus-per-node", "8", "--time", "24:00:00", "--dry-run",
