@@ -1,4 +1,13 @@
-"""Data: shard writing, shard indexing, the per-rank read plan, and the streaming pipeline."""
+"""Data: shards from a config to batches.
+
+    shards.py, sources.py   writing shards (make-shards) from digits, synthetic images, folders
+    resolve.py              a data spec -> shards with sample counts, checked (Datasets, below)
+    tar_index.py            a tar shard's samples by offset, from its headers
+    order.py                the training order: a pure function of (seed, epoch, position)
+    plan.py                 the evaluation split: every sample once across ranks and workers
+    pipeline.py             TrainStream / TrainLoader for training; EvalStream for eval and predict
+    random_access.py        one sample read by offset; transforms.py: the image transforms
+"""
 
 from __future__ import annotations
 
