@@ -220,3 +220,19 @@ def test_a_resume_on_fewer_processes_is_reported_as_it_ran(digits_dir, tmp_path)
     for step, lr in logged.items():
         assert curve[step] == pytest.approx(lr, rel=1e-12), step
     assert (out / "lr.png").is_file()
+
+
+def test_resume_auto_refuses_a_run_whose_checkpoints_are_all_unusable(runs, digits_dir, tmp_path):
+    """Starting over would overwrite best/ and metrics.jsonl (and under Slurm, every requeue would)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["reference"], run)
+    for checkpoint in (run / "checkpoints").iterdir():
+        weights_file = checkpoint / "model.safetensors"
+        weights_file.write_bytes(weights_file.read_bytes()[:100])
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = run_cli(*train_args(digits_dir, run, "train.resume=auto")[2:])
+    assert result.returncode == 2, result.stderr[-3000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("dist-train: error: ") and "none of its 2 checkpoints is usable" in last_line
+    assert "step-00000044" in last_line and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing lost or changed

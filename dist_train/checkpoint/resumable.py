@@ -89,13 +89,24 @@ def save_resumable(accelerator: Accelerator, run_dir: Path, state: TrainState, m
 
 
 def find_resumable(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint whose files pass their hashes; None if there is none."""
+    """The newest complete checkpoint whose files pass their hashes; None if the run has none.
+
+    A run whose checkpoints all fail (corrupted, or of another format) is refused: starting it
+    over would overwrite its best/ and metrics.jsonl, and under Slurm every requeue would.
+    """
+    problems = []
     for path in _complete(run_dir / CHECKPOINTS_DIR)[::-1]:
         try:
             verify(path)
             return path
         except CheckpointError as exc:
             warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
+            problems.append(exc)
+    if problems:
+        raise CheckpointError(
+            f"{run_dir / CHECKPOINTS_DIR}: none of its {len(problems)} checkpoints is usable (the newest: "
+            f"{problems[0]}); nothing was changed: restore them, or move the directory aside to start over"
+        )
     return None
 
 
