@@ -8,6 +8,7 @@ class, its probability and the top-k classes.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,9 +114,22 @@ def write_predictions(loaded: LoadedModel, inputs: list[str], out: str | Path, t
                       batch_size: int = 256, device: str = "cpu") -> int:
     """Write the CSV; returns the number of rows."""
     top_k = min(top_k, len(loaded.class_names))
-    rows = 0
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Written under a temporary name and renamed when complete: a bad image halfway must not
+    # leave a previous CSV of that name cut down to its header.
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        rows = _write_rows(loaded, inputs, tmp, top_k, batch_size, device)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, out)
+    return rows
+
+
+def _write_rows(loaded: LoadedModel, inputs: list[str], out: Path, top_k: int, batch_size: int, device) -> int:
+    rows = 0
     with open(out, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["source", "label", "predicted", "probability", "top_k"])

@@ -24,6 +24,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from dist_train.config import Config, TrackingConfig, to_dict
+from dist_train.errors import DataError
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -104,17 +105,34 @@ def _confusion_table(matrix: list[list[int]], class_names: list[str]):
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the records up to `last_step`: a resumed run logs the later ones again."""
+    """Keep the records up to `last_step`: a resumed run logs the later ones again (and a last
+    line cut short, by a full disk or a kill mid-write, goes)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = [line for line, record in _lines_and_records(path) if record["step"] <= last_step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     os.replace(tmp, path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [record for _, record in _lines_and_records(Path(path))]
+
+
+def _lines_and_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Each line of a metrics.jsonl with its record. A last line that is not JSON is a write cut
+    short (a full disk, a kill): it is left out with a warning, so that the run can still resume
+    and report. A bad line before the last is damage, named."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    found = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            found.append((line, json.loads(line)))
+        except ValueError:
+            if number < len(lines):
+                raise DataError(f"{path}: line {number} is not a JSON record") from None
+            warnings.warn(f"{path}: its last line is cut short ({len(line)} characters); left out", stacklevel=3)
+    return found
 
 
 def is_better(value: float, best: float | None, mode: str) -> bool:

@@ -73,6 +73,21 @@ def test_predict_over_a_folder_of_pngs(digits_run, tmp_path):
     assert correct >= 36  # these are training-distribution digits; the model is ~98% accurate
 
 
+def test_predict_that_fails_leaves_the_previous_csv_alone(digits_run, tmp_path):
+    digits = load_digits()
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"digit{i:02d}.png")
+    (folder / "digit03.png").write_bytes(b"not an image")
+    out = tmp_path / "preds.csv"
+    out.write_text("source,label,predicted,probability,top_k\nearlier.png,,3,0.9,3:0.9\n")
+    before = out.read_bytes()
+    result = run_cli("predict", "--checkpoint", str(digits_run / "best"), "--input", str(folder), "--out", str(out))
+    assert result.returncode == 2 and "digit03.png: not a decodable image" in result.stderr, result.stderr[-3000:]
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["pngs", "preds.csv"]
+
+
 def test_training_on_plain_shardwriter_shards(tmp_path):
     """jpg + cls written by webdataset.ShardWriter, no dataset.json: num_classes from config."""
     digits = load_digits()
