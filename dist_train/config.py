@@ -11,6 +11,7 @@ directory (`to_dict`), which `load_config` reads back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,6 +140,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
+
 METRIC_NAMES = (
     "val/acc",
     "val/f1_macro",
@@ -237,11 +240,33 @@ def validate(cfg: Config) -> None:
 # --- building dataclasses from plain trees, with errors that name the key -----------------
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error, not "the last wins"."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise ConfigError(f"{_quoted(key)} is given twice in one section (lines {seen[key]} and {line})")
+                seen[key] = line
+            except TypeError:  # an unhashable key: the schema check names it later
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.load(path.read_text(), Loader=_StrictLoader) or {}  # a SafeLoader: plain values only
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(tree, dict):
@@ -273,7 +298,24 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _check_size(tree: Any) -> None:
+    """YAML anchors can make a short file expand to billions of values ("billion laughs"):
+    count them, stopping at the limit, before anything walks the whole tree."""
+    pending, seen = [tree], 0
+    while pending:
+        node = pending.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(f"the config expands to more than {MAX_CONFIG_VALUES:,} values (YAML anchors?)")
+        if isinstance(node, dict):
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+
+
 def _build(cls: type, tree: Any, prefix: str) -> Any:
+    if not prefix:
+        _check_size(tree)
     if not isinstance(tree, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
     hints = typing.get_type_hints(cls)
@@ -304,21 +346,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{key}: {value!r} is not a valid {_type_name(tp)}")
+                          f"{key}: {_quoted(value)} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        raise ConfigError(f"{key}: {_quoted(value)} is not one of {list(args)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_quoted(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML reads 1 as an int; a float field accepts it
     # bool is a subclass of int: `true` must not pass for an int, nor 1 for a bool.
     if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_quoted(value)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -328,6 +370,18 @@ def _type_name(tp: Any) -> str:
 def _shown(key: str) -> str:
     """A key as the user can read it in one line: odd ones (newlines, blanks) quoted."""
     return key if key.isprintable() and key.strip() == key and key else repr(key)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlist = _REPR.maxdict = 8
+_REPR.maxlevel = 3
+
+
+def _quoted(value: Any) -> str:
+    """A value for a one-line message: its repr, cut short (an error must stay one short line,
+    whatever the value holds)."""
+    return _REPR.repr(value)
 
 
 def _one_line(exc: Exception) -> str:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 import yaml
 
@@ -84,3 +86,29 @@ def test_every_shipped_config_is_valid():
     assert len(configs) >= 3
     for path in configs:
         load_config(path)
+
+
+def test_a_key_given_twice_is_an_error_naming_it_and_its_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  epochs: 1\n  seed: 3\n  epochs: 1000\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: 'epochs' is given twice in one section \(lines 2 and 4\)"):
+        load_config(path)
+    path.write_text("train: {epochs: 1}\ndata: {}\ntrain: {seed: 2}\n")  # a whole section, too
+    with pytest.raises(ConfigError, match=r"'train' is given twice in one section \(lines 1 and 3\)"):
+        load_config(path)
+
+
+def test_a_billion_laughs_file_is_refused_at_once_in_a_short_line(tmp_path):
+    """Nested YAML anchors: nine levels of nine references expand to 9**9 values."""
+    lines = ["data:", "  train:", '    - &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"    - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than 100,000 values") as caught:
+        load_config(path)
+    assert time.perf_counter() - start < 5 and len(str(caught.value)) < 200
+    # The same bomb in one section's value of the wrong type: the message quotes it, cut short.
+    with pytest.raises(ConfigError, match=r"^train\.epochs: expected int, got \[") as caught:
+        load_config(None, ["train.epochs=[" + ", ".join(["'lol'"] * 5000) + "]"])
+    assert len(str(caught.value)) < 200
