@@ -11,6 +11,7 @@ directory (`to_dict`), which `load_config` reads back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 import types
 import typing
@@ -182,6 +183,8 @@ def save_config(cfg: Config, path: Path) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that span several keys; single-key types are checked while building."""
+    _check_finite(cfg, "")
+    _check_ranges(cfg)
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.image_size": cfg.data.image_size,
@@ -233,8 +236,38 @@ def validate(cfg: Config) -> None:
                         ("sched.plateau_monitor", cfg.sched.plateau_monitor)):
         if metric not in METRIC_NAMES:
             raise ConfigError(f"{key}: unknown metric {metric!r}; choose from {METRIC_NAMES}")
-    if cfg.train.clip_grad_norm is not None and cfg.train.clip_grad_norm <= 0:
-        raise ConfigError("train.clip_grad_norm must be positive (or null to disable)")
+
+
+def _check_finite(node: Any, prefix: str) -> None:
+    """No NaN or infinity anywhere: a run would train on NaN arithmetic to the end."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key} must be a finite number, got {item}")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Numbers that torch would reject late (with a traceback) or take silently."""
+    o, s, t = cfg.optim, cfg.sched, cfg.train
+    rules = [
+        ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        *((f"optim.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(o.betas)),
+        ("sched.warmup_start_factor", s.warmup_start_factor, 0 <= s.warmup_start_factor <= 1, "in [0, 1]"),
+        ("sched.gamma", s.gamma, s.gamma > 0, "positive"),
+        ("sched.min_lr", s.min_lr, s.min_lr >= 0, ">= 0"),
+        ("sched.plateau_factor", s.plateau_factor, 0 < s.plateau_factor < 1, "in (0, 1)"),
+        ("sched.plateau_patience", s.plateau_patience, s.plateau_patience >= 0, ">= 0"),
+        *((f"loss.focal_alpha[{i}]", a, a >= 0, ">= 0") for i, a in enumerate(cfg.loss.focal_alpha or [])),
+    ]
+    if t.clip_grad_norm is not None:
+        rules.append(("train.clip_grad_norm", t.clip_grad_norm, t.clip_grad_norm > 0, "positive (or null)"))
+    for key, value, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{key} must be {rule}, got {value}")
 
 
 # --- building dataclasses from plain trees, with errors that name the key -----------------

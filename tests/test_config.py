@@ -112,3 +112,23 @@ def test_a_billion_laughs_file_is_refused_at_once_in_a_short_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^train\.epochs: expected int, got \[") as caught:
         load_config(None, ["train.epochs=[" + ", ".join(["'lol'"] * 5000) + "]"])
     assert len(str(caught.value)) < 200
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=.nan", "optim.lr must be a finite number, got nan"),
+        ("optim.lr=.inf", "optim.lr must be a finite number, got inf"),
+        ("train.clip_grad_norm=.nan", "train.clip_grad_norm must be a finite number, got nan"),
+        ("data.std=[.nan]", "data.std must be a finite number, got nan"),
+        ("sched.warmup_epochs=.inf", "sched.warmup_epochs must be a finite number, got inf"),
+        ("optim.momentum=-1", r"optim.momentum must be in \[0, 1\), got -1.0"),
+        ("optim.betas=[2.0, 0.999]", r"optim.betas\[0\] must be in \[0, 1\), got 2.0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+        ("sched.gamma=0", "sched.gamma must be positive, got 0.0"),
+        ("train.clip_grad_norm=0", r"train.clip_grad_norm must be positive \(or null\), got 0.0"),
+    ],
+)
+def test_numbers_that_would_train_on_nan_or_fail_late_are_refused(override, message):
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        load_config(DIGITS_CONFIG, [override])
