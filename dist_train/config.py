@@ -48,6 +48,8 @@ class DataConfig:
     # max_skipped. Skip scans every shard's headers and labels at start-up.
     on_error: Literal["raise", "skip"] = "raise"
     max_skipped: int = 100
+    # An image declaring more pixels is damaged data (a decompression bomb), never decoded.
+    max_image_pixels: int = 89_478_485  # PIL's own default limit
 
 
 @dataclass
@@ -189,6 +191,7 @@ def validate(cfg: Config) -> None:
         "data.batch_size": cfg.data.batch_size,
         "data.image_size": cfg.data.image_size,
         "data.shuffle_buffer": cfg.data.shuffle_buffer,
+        "data.max_image_pixels": cfg.data.max_image_pixels,
         "train.epochs": cfg.train.epochs,
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.log_every_steps": cfg.train.log_every_steps,

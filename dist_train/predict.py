@@ -14,14 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dist_train import workers
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
-from dist_train.data.pipeline import Collate, EvalStreamSpec, make_eval_loader
+from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make_eval_loader
 from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
@@ -57,17 +56,14 @@ class ImageFiles(Dataset):
         self.paths = paths
         self.transform = build_transform(cfg.data, train=False)
         self.mode = "L" if cfg.data.channels == 1 else "RGB"
+        self.max_pixels = cfg.data.max_image_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         path = self.paths[i]
-        try:
-            with Image.open(path) as img:
-                image = img.convert(self.mode)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{path}: not a decodable image ({exc})") from None
+        image = decode_image(path, self.mode, self.max_pixels, str(path))
         return self.transform(image), -1, str(path)
 
 

@@ -84,7 +84,7 @@ def test_predict_that_fails_leaves_the_previous_csv_alone(digits_run, tmp_path):
     out.write_text("source,label,predicted,probability,top_k\nearlier.png,,3,0.9,3:0.9\n")
     before = out.read_bytes()
     result = run_cli("predict", "--checkpoint", str(digits_run / "best"), "--input", str(folder), "--out", str(out))
-    assert result.returncode == 2 and "digit03.png: not a decodable image" in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2 and "digit03.png is not a decodable image" in result.stderr, result.stderr[-3000:]
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["pngs", "preds.csv"]
 
 

@@ -15,6 +15,7 @@ stream, both at odds with the per-rank plan. Batches are moved to the device by 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -35,6 +36,8 @@ from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
 
 MAX_REPLACEMENTS = 16  # damaged training samples in a row replaced before giving up
+# `decode_image` refuses an image above data.max_image_pixels itself: PIL's warning is noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class SampleDecoder:
         self.with_keys = with_keys
         self.skip_damaged = data_cfg.on_error == "skip"
         self.max_skipped = data_cfg.max_skipped
+        self.max_pixels = data_cfg.max_image_pixels
 
     def __call__(self, sample: dict) -> tuple:
         where = f"{sample['__url__']}: sample {sample['__key__']!r}"
@@ -85,15 +89,30 @@ class SampleDecoder:
         if "cls" not in sample:
             raise DataError(f"{where} has no .cls label")
         label = parse_label(sample["cls"], self.num_classes, where)
-        try:
-            with Image.open(io.BytesIO(sample[image_key])) as img:
-                image = img.convert(self.mode)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{where}: .{image_key} is not a decodable image ({exc})") from None
+        image = decode_image(io.BytesIO(sample[image_key]), self.mode, self.max_pixels, f"{where}: .{image_key}")
         prepared = (self.transform(image), label)
         if self.with_keys:
             prepared += (f"{sample['__url__']}#{sample['__key__']}",)
         return prepared
+
+
+def decode_image(source, mode: str, max_pixels: int, where: str) -> Image.Image:
+    """An image file (a path or a file object) decoded and converted to `mode`, or a DataError
+    naming it: not an image, damaged, or a decompression bomb (more than `max_pixels` declared,
+    or a compressed text chunk that expands past PIL's limit)."""
+    # PIL's own limit is process-wide: make it the run's. It refuses at open what declares
+    # more than twice as many pixels; the check below refuses the rest, before decoding.
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with Image.open(source) as img:
+            width, height = img.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise DataError(f"{where}: {width} x {height} pixels, more than data.max_image_pixels={max_pixels}")
+            return img.convert(mode)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{where}: {exc} (data.max_image_pixels={max_pixels})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{where} is not a decodable image ({' '.join(str(exc).split())[:200]})") from None
 
 
 class SkipCounter:
