@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,12 +58,18 @@ def test_eval_reproduces_the_best_epochs_metrics(digits_run, digits_dir):
         assert evaluated[name] == pytest.approx(logged[name], abs=1e-6), name
 
 
-def test_predict_over_a_folder_of_pngs(digits_run, tmp_path):
+def digit_pngs(folder: Path, count: int):
+    """The first `count` digits as PNG files digit00.png, digit01.png, ...; the dataset."""
     digits = load_digits()
-    folder = tmp_path / "pngs"
     folder.mkdir()
-    for i in range(40):
+    for i in range(count):
         Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"digit{i:02d}.png")
+    return digits
+
+
+def test_predict_over_a_folder_of_pngs(digits_run, tmp_path):
+    folder = tmp_path / "pngs"
+    digits = digit_pngs(folder, 40)
     out = tmp_path / "preds.csv"
     result = run_cli("predict", "--checkpoint", str(digits_run / "best"), "--input", str(folder), "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -74,11 +81,8 @@ def test_predict_over_a_folder_of_pngs(digits_run, tmp_path):
 
 
 def test_predict_that_fails_leaves_the_previous_csv_alone(digits_run, tmp_path):
-    digits = load_digits()
     folder = tmp_path / "pngs"
-    folder.mkdir()
-    for i in range(3):
-        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"digit{i:02d}.png")
+    digit_pngs(folder, 3)
     (folder / "digit03.png").write_bytes(b"not an image")
     out = tmp_path / "preds.csv"
     out.write_text("source,label,predicted,probability,top_k\nearlier.png,,3,0.9,3:0.9\n")
