@@ -96,3 +96,31 @@ def test_a_checkpoint_of_another_order_is_refused(accelerator, tmp_path):
     other.order = OrderSpec(seed=4, global_batch=8, partitions=1, window=16)
     with pytest.raises(CheckpointError, match="data order"):
         other.resume_from(load_resumable(path, rank=0))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda index: index.pop("position"),
+        lambda index: index["order"].update(partitions=0),
+        lambda index: index["order"].update(global_batch=7, partitions=2),
+        lambda index: index["position"].update(global_step=-3),
+        lambda index: index.update(world_size="two"),
+        lambda index: index["best"].update(value="high"),
+    ],
+    ids=["no position", "zero partitions", "batch not a multiple of partitions", "negative step",
+         "world size not a number", "best not a number"],
+)
+def test_a_damaged_state_falls_back_to_the_previous_checkpoint(accelerator, tmp_path, damage):
+    from dist_train.checkpoint import find_resumable
+
+    state = new_state(accelerator, seed=0)
+    for _ in range(2):
+        train(state, 2)
+        save_resumable(accelerator, tmp_path, state, meta={}, keep=2)
+    newest = tmp_path / "checkpoints" / "step-00000004"
+    index = json.loads((newest / "state.json").read_text())
+    damage(index)
+    (newest / "state.json").write_text(json.dumps(index))
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-00000004.*damaged or altered"):
+        assert find_resumable(tmp_path) == tmp_path / "checkpoints" / "step-00000002"

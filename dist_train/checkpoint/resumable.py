@@ -119,8 +119,34 @@ def verify(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / STATE_NAME}: unreadable ({exc})") from None
     if index.get("version") != STATE_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {index.get('version')}, expected {STATE_VERSION}")
+    _check_index(index, path)
     check_files(path, files, STATE_NAME)
     return index
+
+
+def _check_index(index: dict[str, Any], path: Path) -> None:
+    """The parts of state.json that decide where and how a run continues, checked before use:
+    a damaged or altered one is skipped like a file that fails its hash, never a traceback."""
+
+    def count(value: Any, minimum: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    position, order = index.get("position"), index.get("order")
+    problems = [
+        not isinstance(index.get("files"), dict) or not all(isinstance(v, str) for v in index["files"].values()),
+        not count(index.get("world_size"), 1),
+        not isinstance(position, dict) or not count(position.get("global_step"), 0),
+        not isinstance(order, dict) or set(order) != {"seed", "global_batch", "partitions", "window"},
+        isinstance(order, dict) and not all(count(order.get(k), 1) for k in ("global_batch", "partitions", "window")),
+        isinstance(order, dict) and not count(order.get("seed"), 0),
+        isinstance(order, dict) and count(order.get("partitions"), 1) and count(order.get("global_batch"), 1)
+        and order["global_batch"] % order["partitions"] != 0,
+        not isinstance(best := index.get("best", {}), dict)
+        or not isinstance(best.get("value"), float | int | None) or isinstance(best.get("value"), bool),
+    ]
+    if any(problems):
+        raise CheckpointError(f"{path / STATE_NAME}: damaged or altered (world size, position or data order "
+                              "missing or out of range)")
 
 
 def load_resumable(path: Path, rank: int) -> SavedState:
