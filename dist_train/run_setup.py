@@ -35,7 +35,7 @@ from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer
 from dist_train.preemption import StopRequest, TrainingStopped
 from dist_train.progress import TrainProgress
-from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, write_plots_and_summary
+from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
 from dist_train.tracking import RunTracker, read_metrics, truncate_metrics
 from dist_train.train_state import TrainState
 
@@ -121,6 +121,7 @@ class Run:
         save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
 
     def stop_now(self) -> NoReturn:
+        unlock_run_dir(self.out)
         self.accelerator.end_training()
         raise TrainingStopped(f"stopped by signal {self.stop.received} after step {self.state.step}; "
                               f"resume with train.resume=auto (train.output_dir={self.out})")
@@ -132,6 +133,7 @@ class Run:
         if self.accelerator.is_main_process and self.cfg.tracking.plots:
             write_plots_and_summary(self.out)
         self.accelerator.wait_for_everyone()
+        unlock_run_dir(self.out)
         self.stop.restore()
         best = self.state.best
         self.accelerator.print(

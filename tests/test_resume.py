@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from dist_train.checkpoint import find_resumable, load_model_checkpoint, load_resumable
@@ -236,3 +237,26 @@ def test_resume_auto_refuses_a_run_whose_checkpoints_are_all_unusable(runs, digi
     assert last_line.startswith("dist-train: error: ") and "none of its 2 checkpoints is usable" in last_line
     assert "step-00000044" in last_line and "Traceback" not in result.stderr
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing lost or changed
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, *train_args(digits_dir, out, "train.checkpoint_every_steps=null", "train.epochs=30")]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 2:
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for resume in ("train.resume=auto", "train.resume=null"):
+            second = run_cli(*train_args(digits_dir, out, resume)[2:])
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert f"is in use by another run (process {first.pid})" in second.stderr.strip().splitlines()[-1]
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=120)
+    finally:
+        kill_tree(first)
+    assert first.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # the first run's records alone, none interleaved
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["epochs"] == 30  # the first run's config
