@@ -143,6 +143,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+MAX_IMAGE_SIZE = 16_384  # pixels a side: beyond any classifier's input, and a batch would not fit in memory
 MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
 
 METRIC_NAMES = (
@@ -256,6 +257,7 @@ def _check_ranges(cfg: Config) -> None:
     """Numbers that torch would reject late (with a traceback) or take silently."""
     o, s, t = cfg.optim, cfg.sched, cfg.train
     rules = [
+        ("data.image_size", cfg.data.image_size, cfg.data.image_size <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE}"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
         *((f"optim.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(o.betas)),

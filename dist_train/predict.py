@@ -24,7 +24,7 @@ from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make
 from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
-from dist_train.errors import CheckpointError, DataError
+from dist_train.errors import CheckpointError, ConfigError, DataError
 from dist_train.models import create_model
 
 
@@ -40,9 +40,16 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu
     state, meta = load_model_checkpoint(checkpoint)
     try:
         cfg = config_from_dict(meta["config"])
-        class_names = list(meta["class_names"])
+        class_names = meta["class_names"]
     except KeyError as exc:
         raise CheckpointError(f"{checkpoint}: meta.json lacks {exc}") from None
+    except ConfigError as exc:
+        raise CheckpointError(f"{checkpoint}: meta.json holds no valid config ({exc})") from None
+    if not isinstance(class_names, list) or not class_names or not all(isinstance(c, str) for c in class_names):
+        raise CheckpointError(f"{checkpoint}: meta.json class_names must be a list of names")
+    if meta.get("mixed_precision", "no") not in ("no", "bf16", "fp16"):
+        raise CheckpointError(f"{checkpoint}: meta.json mixed_precision {str(meta['mixed_precision'])[:40]!r} "
+                              "is not one of no, bf16, fp16")
     model = create_model(cfg.model.name, len(class_names), cfg.data.channels)
     try:
         model.load_state_dict(state)

@@ -101,3 +101,26 @@ def test_missing_and_corrupt_shards(tmp_path, digits_dir):
         resolve_shards(str(broken), "val", 10)
     with pytest.raises(DataError, match="has no 'test' split"):
         resolve_shards(str(digits_dir), "test", 10)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"file": "../outside.tar", "samples": 3}, r"shard file '\.\./outside\.tar' is not a file inside"),
+        ({"file": "/etc/passwd", "samples": 3}, r"shard file '/etc/passwd' is not a file inside"),
+        ({"file": "train-000000.tar", "samples": "many"}, "has samples=many, not a count"),
+        ({"file": "train-000000.tar", "samples": -5}, "has samples=-5, not a count"),
+        ({"file": "train-000000.tar", "samples": float("inf")}, "has samples=inf, not a count"),
+    ],
+)
+def test_a_manifest_naming_files_outside_or_counts_that_are_no_counts_is_refused(digits_dir, tmp_path, entry,
+                                                                              message):
+    import shutil
+
+    copy = tmp_path / "data"
+    shutil.copytree(digits_dir, copy)
+    manifest = json.loads((copy / "dataset.json").read_text())
+    manifest["splits"]["train"]["shards"][0] = entry
+    (copy / "dataset.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=rf"dataset\.json: split 'train': .*{message}"):
+        resolve_shards(str(copy), "train", 10)

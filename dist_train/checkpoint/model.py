@@ -44,6 +44,8 @@ def load_model_checkpoint(directory: str | Path) -> tuple[dict[str, torch.Tensor
         meta = json.loads((path / META_NAME).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / META_NAME}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META_NAME}: not a JSON object")
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")

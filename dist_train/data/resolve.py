@@ -106,7 +106,32 @@ def read_manifest(directory: Path) -> dict:
         manifest["classes"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a readable dist-train manifest ({exc})") from None
+    problem = _manifest_problem(manifest, directory)
+    if problem:
+        raise DataError(f"{path}: {problem}")
     return manifest
+
+
+def _manifest_problem(manifest: dict, directory: Path) -> str | None:
+    """What is wrong with a manifest's classes and shard entries (None: nothing). A manifest
+    from elsewhere must not name files outside its directory, nor counts that are no counts."""
+    classes, splits = manifest["classes"], manifest["splits"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "classes must be a list of names"
+    if not isinstance(splits, dict):
+        return "splits must map split names to their shards"
+    inside = directory.resolve()
+    for name, split in splits.items():
+        entries = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            return f"split {name!r} has no list of shards"
+        for entry in entries:
+            file, samples = entry.get("file"), entry.get("samples")
+            if not isinstance(file, str) or not file or not (directory / file).resolve().is_relative_to(inside):
+                return f"split {name!r}: shard file {str(file)[:100]!r} is not a file inside {directory}"
+            if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+                return f"split {name!r}: shard {file!r} has samples={str(samples)[:40]}, not a count"
+    return None
 
 
 def _resolve_one(spec: str, split: str, num_classes: int, skip_damaged: bool) -> tuple[list[Shard], list[str] | None]:
