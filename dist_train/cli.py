@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--batch-size", type=int, default=256)
 
     # Hidden (no help): what slurm/train.sbatch runs inside a job, not meant to be typed.
-    public = [name for name in sub.choices]
+    public = list(sub.choices)
     sl = sub.add_parser("slurm", description="what slurm/train.sbatch runs inside a Slurm job")
     steps = sl.add_subparsers(dest="slurm_command", required=True)
     node = steps.add_parser("node", help="start this node's accelerate launch (one srun task per node)")

@@ -117,6 +117,7 @@ def validate(run: Run) -> None:
     record = {"epoch": epoch, "step": state.step, **values, "val/confusion_matrix": confusion,
               **epoch_stats, **run.damage_since_last(val_loader)}
     run.tracker.log(record)
+    run.last_validation = record
     accelerator.print(epoch_line(record))
     if is_better(values[monitor], state.best.value, run.cfg.train.monitor_mode):
         state.best = BestSoFar(values[monitor], epoch, values)

@@ -62,6 +62,7 @@ class Run:
     progress: TrainProgress
     stop: StopRequest
     started: float
+    last_validation: dict[str, Any]  # the newest validation record ({} before the first)
 
     def step_batches(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         """This rank's micro-batches of each optimizer step left, epoch after epoch, from the
@@ -116,7 +117,7 @@ class Run:
 
     def save_checkpoint(self) -> None:
         """A resumable checkpoint of this step (collective)."""
-        last = self._last_validation() if self.accelerator.is_main_process else {}
+        last = self.last_validation
         meta = self.meta(self.state.epoch_of_last_step, _metrics_of(last), last.get("val/confusion_matrix"))
         save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
 
@@ -128,7 +129,7 @@ class Run:
 
     def finish(self) -> FitResult:
         """Save RUN/last (the last validation's metrics), plots and summary; close the run."""
-        last = self._last_validation() if self.accelerator.is_main_process else {}
+        last = self.last_validation
         self.save_model("last", self.layout.epochs - 1, _metrics_of(last), last.get("val/confusion_matrix"))
         if self.accelerator.is_main_process and self.cfg.tracking.plots:
             write_plots_and_summary(self.out)
@@ -143,9 +144,10 @@ class Run:
         self.accelerator.end_training()  # also closes the wandb run
         return FitResult(best.metrics or {}, best.epoch, self.out)
 
-    def _last_validation(self) -> dict[str, Any]:
-        validations = [r for r in read_metrics(self.out / "metrics.jsonl") if "val/acc" in r]
-        return validations[-1] if validations else {}
+def _last_validation(out: Path) -> dict[str, Any]:
+    """The newest validation record a resumed run's metrics.jsonl holds."""
+    validations = [r for r in read_metrics(out / "metrics.jsonl") if "val/acc" in r]
+    return validations[-1] if validations else {}
 
 
 def _metrics_of(record: dict[str, Any]) -> dict[str, float]:
@@ -162,7 +164,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
     prepare_run_dir(cfg, out, accelerator, resuming=resume_from is not None)
     set_seed(cfg.train.seed)  # the same on every rank: DDP also broadcasts rank 0's weights
-    saved = load_resumable(resume_from, accelerator.process_index) if resume_from else None
+    # find_resume_checkpoint has just checked every file's hash.
+    saved = load_resumable(resume_from, accelerator.process_index, hashes_checked=True) if resume_from else None
     # A resumed run keeps its order, and so its global batch, on any number of processes.
     order, layout = plan_layout(cfg, accelerator, datasets.train.samples,
                                 OrderSpec(**saved.members["order"]) if saved else None)
@@ -183,6 +186,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", state.step)  # the later records come again
         accelerator.wait_for_everyone()
+    last_validation = _last_validation(out) if saved and accelerator.is_main_process else {}
     state.launches.started(state.step, asdict(layout))
 
     accelerator.print(
@@ -207,4 +211,5 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         progress=TrainProgress(accelerator, show_bar=cfg.train.progress_bar),
         stop=StopRequest(accelerator),
         started=started,
+        last_validation=last_validation,
     )
