@@ -46,7 +46,7 @@ def lost_a_peer(exc: BaseException) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dist_train.preemption import EXIT_PREEMPTED, TrainingStopped
+    from dist_train.preemption import EXIT_INTERRUPTED, InterruptedTwice, TrainingStopped
 
     try:
         return args.handler(args) or 0
@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except TrainingStopped as exc:
         print(f"dist-train: {exc}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return exc.exit_code
+    except InterruptedTwice as exc:
+        print(f"\ndist-train: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # Ctrl-C in a command other than `train` (which stops at a step)
+        print("\ndist-train: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if not lost_a_peer(exc):
             raise

@@ -1,9 +1,16 @@
-"""Graceful stop on SIGTERM and SIGUSR1 (preemption, time limits, `scancel --signal`).
+"""Graceful stop on SIGTERM and SIGUSR1 (preemption, time limits, `scancel --signal`) and on
+Ctrl-C (SIGINT).
 
 The handler only sets a flag: saving inside a signal handler can deadlock or corrupt a
 checkpoint. The loop asks `requested()` after every optimizer step; the answer is agreed by
 all ranks (a sum over a one-element all-reduce), so every rank stops after the same step,
-saves a resumable checkpoint and exits with EXIT_PREEMPTED. Resume with `train.resume=auto`.
+saves a resumable checkpoint and exits with EXIT_PREEMPTED (EXIT_INTERRUPTED for Ctrl-C).
+Resume with `train.resume=auto`. A second Ctrl-C does not wait for the step: the process says
+so in one line and exits at once with EXIT_INTERRUPTED (the checkpoints already written are
+complete: they are written to a temporary name and renamed); a third, should the process be
+stuck in a C call, ends it without unwinding. Its helper processes (fork server,
+resource tracker, DataLoader workers) ignore SIGINT, which a terminal sends to the whole
+process group, and end with the training process.
 
 `catch_stop_signals()` runs first thing in `dist-train train`: a signal that arrives while the
 process still imports or indexes shards is remembered, not fatal (SIGUSR1's default action
@@ -35,11 +42,18 @@ if TYPE_CHECKING:  # kept light: `catch_stop_signals` runs before torch is impor
 
 # EX_TEMPFAIL from sysexits.h: "try again later". Job schedulers requeue on it.
 EXIT_PREEMPTED = 75
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C: a user's stop, not a
+# preemption to requeue.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class TrainingStopped(Exception):
     """Raised by `fit` after the checkpoint that a stop signal asked for has been saved."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_PREEMPTED):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 _received: list[int] = []  # the stop signals this process has received, in order
@@ -60,12 +74,27 @@ def _release_workers() -> None:
 atexit.register(_release_workers)
 
 
+class InterruptedTwice(KeyboardInterrupt):
+    """A second Ctrl-C: the user does not want to wait for the step to end."""
+
+    def __str__(self) -> str:
+        return "interrupted twice: stopped at once, without a new checkpoint"
+
+
 def _remember(signum, frame) -> None:
+    if signum == signal.SIGINT and signal.SIGINT in _received:
+        if _received.count(signal.SIGINT) >= 2:  # the interpreter is stuck in C: leave without unwinding
+            os.write(2, f"\ndist-train: {InterruptedTwice()}\n".encode())
+            os._exit(EXIT_INTERRUPTED)
+        _received.append(signum)
+        # Unwinds like Ctrl-C always does (loaders shut down, exit hooks run); what is already
+        # written is complete, since checkpoints are renamed into place only once written.
+        raise InterruptedTwice
     _received.append(signum)
 
 
 def catch_stop_signals() -> None:
-    """From now on SIGTERM and SIGUSR1 only set the stop flag (idempotent)."""
+    """From now on SIGTERM, SIGUSR1 and SIGINT only set the stop flag (idempotent)."""
     for sig in SIGNALS:
         if signal.getsignal(sig) is not _remember:
             _previous[sig] = signal.signal(sig, _remember)
@@ -108,6 +137,7 @@ def _take_stop_signals_in_worker(worker_id: int, releasing: Event) -> None:
     global _releasing
     _releasing = releasing
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the whole process group
     signal.signal(signal.SIGTERM, _term_in_worker)
 
 
@@ -127,6 +157,15 @@ class StopRequest:
     @property
     def received(self) -> int | None:
         return _received[0] if _received else None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_INTERRUPTED if self.received == signal.SIGINT else EXIT_PREEMPTED
+
+    def describe(self) -> str:
+        if self.received == signal.SIGINT:
+            return "stopped by Ctrl-C (SIGINT)"
+        return f"stopped by signal {self.received} ({signal.Signals(self.received).name})"
 
     def requested(self) -> bool:
         """True on every rank once any rank has received a stop signal (collective)."""

@@ -124,8 +124,9 @@ class Run:
     def stop_now(self) -> NoReturn:
         unlock_run_dir(self.out)
         self.accelerator.end_training()
-        raise TrainingStopped(f"stopped by signal {self.stop.received} after step {self.state.step}; "
-                              f"resume with train.resume=auto (train.output_dir={self.out})")
+        raise TrainingStopped(f"{self.stop.describe()} after step {self.state.step}, a resumable checkpoint "
+                              f"saved; resume with train.resume=auto (train.output_dir={self.out})",
+                              self.stop.exit_code)
 
     def finish(self) -> FitResult:
         """Save RUN/last (the last validation's metrics), plots and summary; close the run."""

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dist_train.checkpoint import find_resumable, load_model_checkpoint, load_resumable
 from dist_train.errors import CheckpointError
-from dist_train.preemption import EXIT_PREEMPTED
+from dist_train.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from dist_train.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, kill_tree, run_cli
@@ -111,6 +111,55 @@ def test_resume_on_one_process_instead_of_two(runs, digits_dir):
             assert got[key] == pytest.approx(ref[key], abs=1e-4), key
 
 
+def _processes_of_session(sid: int) -> list[str]:
+    """The command lines of the live processes in session `sid` (zombies left out)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == sid and fields[0] != "Z":
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_like_sigterm_and_leaves_no_process(digits_dir, tmp_path, presses):
+    """Ctrl-C as a terminal sends it: SIGINT to every process of the foreground group (the
+    training process, its fork server, resource tracker and DataLoader workers). Once: the
+    step ends, a resumable checkpoint is saved, one line, exit 130. Twice: out at once."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, *train_args(digits_dir, out, "train.checkpoint_every_steps=null", "data.num_workers=2")]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 3:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(presses):
+            os.killpg(process.pid, signal.SIGINT)
+            time.sleep(0.01)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        kill_tree(process)
+    assert process.returncode == EXIT_INTERRUPTED == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    if presses == 1:
+        (line,) = stderr.strip().splitlines()
+        assert line.startswith("dist-train: stopped by Ctrl-C (SIGINT) after step")
+        (checkpoint,) = (out / "checkpoints").iterdir()
+        assert find_resumable(out) == checkpoint
+    else:
+        assert stderr.strip() == "dist-train: interrupted twice: stopped at once, without a new checkpoint"
+    deadline = time.monotonic() + 10  # helpers notice their training process is gone
+    while (left := _processes_of_session(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
+
+
 def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(digits_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, *train_args(digits_dir, out, "train.checkpoint_every_steps=null")]
@@ -122,7 +171,7 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_exits_75(digits_dir, tmp_pat
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == EXIT_PREEMPTED == 75, stderr[-3000:]
-    assert "stopped by signal 15" in stderr
+    assert "stopped by signal 15 (SIGTERM)" in stderr
     checkpoints = list((out / "checkpoints").iterdir())
     assert len(checkpoints) == 1
     state = json.loads((checkpoints[0] / "state.json").read_text())

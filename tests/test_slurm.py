@@ -250,7 +250,7 @@ def test_warned_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(slur
     assert "requeueing job" in batch_log and "(start 2)" in batch_log
     first = (run_dir / "logs" / f"job-{job}.0.node0.log").read_text()
     second = (run_dir / "logs" / f"job-{job}.1.node0.log").read_text()
-    stopped_at = int(re.search(r"stopped by signal 10 after step (\d+)", first).group(1))
+    stopped_at = int(re.search(r"stopped by signal 10 \(SIGUSR1\) after step (\d+)", first).group(1))
     assert f"resuming from {run_dir}/checkpoints/step-{stopped_at:08d}" in second
     assert stopped_at < 66  # 3 epochs of 22 steps: it was stopped mid-run
     reference = uninterrupted_run[0]
