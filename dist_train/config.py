@@ -288,7 +288,7 @@ class _StrictLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             try:
                 if key in seen:
-                    raise ConfigError(f"{_quoted(key)} is given twice in one section (lines {seen[key]} and {line})")
+                    raise ConfigError(f"{quoted(key)} is given twice in one section (lines {seen[key]} and {line})")
                 seen[key] = line
             except TypeError:  # an unhashable key: the schema check names it later
                 continue
@@ -384,21 +384,21 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{key}: {_quoted(value)} is not a valid {_type_name(tp)}")
+                          f"{key}: {quoted(value)} is not a valid {_type_name(tp)}")
     if origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value
-        raise ConfigError(f"{key}: {_quoted(value)} is not one of {list(args)}")
+        raise ConfigError(f"{key}: {quoted(value)} is not one of {list(args)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {_quoted(value)}")
+            raise ConfigError(f"{key}: expected a list, got {quoted(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML reads 1 as an int; a float field accepts it
     # bool is a subclass of int: `true` must not pass for an int, nor 1 for a bool.
     if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_quoted(value)}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {quoted(value)}")
 
 
 def _type_name(tp: Any) -> str:
@@ -416,7 +416,7 @@ _REPR.maxlist = _REPR.maxdict = 8
 _REPR.maxlevel = 3
 
 
-def _quoted(value: Any) -> str:
+def quoted(value: Any) -> str:
     """A value for a one-line message: its repr, cut short (an error must stay one short line,
     whatever the value holds)."""
     return _REPR.repr(value)

@@ -22,7 +22,7 @@ from torch import nn
 
 from dist_train import __version__, workers
 from dist_train.accelerator import make_accelerator
-from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable
+from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config
 from dist_train.config import METRIC_NAMES, Config, to_dict
 from dist_train.damage import damage_record, report_damage
 from dist_train.data import Datasets, resolve_datasets
@@ -35,6 +35,7 @@ from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer
 from dist_train.preemption import StopRequest, TrainingStopped
 from dist_train.progress import TrainProgress
+from dist_train.resume_config import check_resume_config
 from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
 from dist_train.tracking import RunTracker, read_metrics, truncate_metrics
 from dist_train.train_state import TrainState
@@ -163,6 +164,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     accelerator = make_accelerator(cfg.train)
     out = Path(cfg.train.output_dir)
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
+    # Refused before anything in the run directory changes; what applies is said below.
+    changes = check_resume_config(saved_config(resume_from), cfg, str(resume_from)) if resume_from else []
     prepare_run_dir(cfg, out, accelerator, resuming=resume_from is not None)
     set_seed(cfg.train.seed)  # the same on every rank: DDP also broadcasts rank 0's weights
     # find_resume_checkpoint has just checked every file's hash.
@@ -197,6 +200,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         f"{layout.steps_per_epoch} steps per epoch of {layout.global_batch} images"
         + (f"; resuming from {resume_from} at epoch {state.epoch}, step {state.step}" if saved else "")
     )
+    if changes:
+        accelerator.print(f"changed since the checkpoint, applied from step {state.step}: {'; '.join(changes)}")
     report_damage(accelerator, datasets)
     train_loader = TrainLoader(TrainStreamSpec(
         shards=datasets.train, order=order, epoch=state.epoch, num_classes=datasets.num_classes,

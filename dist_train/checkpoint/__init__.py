@@ -7,7 +7,14 @@
 
 from dist_train.checkpoint.atomic import sha256_file
 from dist_train.checkpoint.model import load_model_checkpoint, save_model_checkpoint
-from dist_train.checkpoint.resumable import SavedState, find_resumable, load_resumable, save_resumable, verify
+from dist_train.checkpoint.resumable import (
+    SavedState,
+    find_resumable,
+    load_resumable,
+    save_resumable,
+    saved_config,
+    verify,
+)
 
 __all__ = [
     "SavedState",
@@ -16,6 +23,7 @@ __all__ = [
     "load_resumable",
     "save_model_checkpoint",
     "save_resumable",
+    "saved_config",
     "sha256_file",
     "verify",
 ]

@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dist_train.checkpoint.atomic import AtomicDirectory, check_files, file_hashes
-from dist_train.checkpoint.model import save_tensors, write_model_files
+from dist_train.checkpoint.model import META_NAME, save_tensors, write_model_files
 from dist_train.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -149,6 +149,20 @@ def _check_index(index: dict[str, Any], path: Path) -> None:
     if any(problems):
         raise CheckpointError(f"{path / STATE_NAME}: damaged or altered (world size, position or data order "
                               "missing or out of range)")
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The config a resumable checkpoint was written with (its meta.json); None if it has none."""
+    try:
+        meta = json.loads((path / META_NAME).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / META_NAME}: unreadable ({exc})") from None
+    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / META_NAME}: damaged or altered (no config object)")
+    return config
 
 
 def load_resumable(path: Path, rank: int, hashes_checked: bool = False) -> SavedState:
