@@ -6,7 +6,9 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image, PngImagePlugin
 
 from dist_train.config import DataConfig
@@ -62,3 +64,33 @@ def test_the_pixel_limit_is_a_setting():
     with pytest.raises(DataError, match=r"8 x 8 pixels, more than data\.max_image_pixels=63"):
         decode(png(), max_image_pixels=63)
     assert decode(png(), max_image_pixels=64)[1] == 3
+
+
+def saved_as(fmt: str, mode: str = "L", **options) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, (8, 8), 100).save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "BMP", "PCX", "SGI", "GIF", "PPM"])
+def test_a_png_member_in_another_format_is_refused_not_decoded(fmt):
+    """The member's name does not choose the decoder: only JPEG, PNG and WebP are read."""
+    expected = r"^s\.tar: sample 'k1': \.png is not a decodable image \(not a JPEG, PNG or WebP file\)$"
+    with pytest.raises(DataError, match=expected):
+        decode(saved_as(fmt))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_a_misnamed_jpeg_or_webp_still_decodes(fmt):
+    image, _ = decode(saved_as(fmt, quality=100))  # uint8: normalized later, batched on the device
+    assert image.dtype == torch.uint8 and (image.int() - 100).abs().max() <= 1
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped():
+    values = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    out = io.BytesIO()
+    Image.fromarray(values).save(out, format="PNG")
+    assert Image.open(io.BytesIO(out.getvalue())).mode == "I;16"
+    image, _ = decode(out.getvalue())
+    assert torch.equal(image[0], torch.from_numpy(np.rint(values / 257.0).astype(np.uint8)))
+    assert image.min() == 0 and image.max() == 255  # black stays black, white white, the rest in between

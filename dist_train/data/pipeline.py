@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from itertools import islice
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
@@ -96,23 +97,45 @@ class SampleDecoder:
         return prepared
 
 
+# The formats a dataset's images may have: a member's name does not choose its decoder (a
+# ".png" member that is a TIFF, PCX or SGI file would be read by that decoder), this list does.
+# A JPEG named .png, as real datasets hold, still decodes.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+# 16-bit grayscale (PNG "I;16", and "I" from some writers) spans 0..65535; PIL's convert("L")
+# clips it at 255, which would make most 16-bit images white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
 def decode_image(source, mode: str, max_pixels: int, where: str) -> Image.Image:
     """An image file (a path or a file object) decoded and converted to `mode`, or a DataError
-    naming it: not an image, damaged, or a decompression bomb (more than `max_pixels` declared,
-    or a compressed text chunk that expands past PIL's limit)."""
+    naming it: not a JPEG, PNG or WebP image, damaged, or a decompression bomb (more than
+    `max_pixels` declared, or a compressed text chunk that expands past PIL's limit)."""
     # PIL's own limit is process-wide: make it the run's. It refuses at open what declares
     # more than twice as many pixels; the check below refuses the rest, before decoding.
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with Image.open(source) as img:
+        with warnings.catch_warnings():  # PIL warns between its limit and twice it: refused below, in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(source, formats=IMAGE_FORMATS)
+        with img:
             width, height = img.size  # from the header: nothing decoded yet
             if width * height > max_pixels:
                 raise DataError(f"{where}: {width} x {height} pixels, more than data.max_image_pixels={max_pixels}")
+            if img.mode in SIXTEEN_BIT_MODES:
+                return _eight_bit(img).convert(mode)
             return img.convert(mode)
     except Image.DecompressionBombError as exc:
         raise DataError(f"{where}: {exc} (data.max_image_pixels={max_pixels})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise DataError(f"{where} is not a decodable image (not a JPEG, PNG or WebP file)") from None
+    except (OSError, ValueError) as exc:
         raise DataError(f"{where} is not a decodable image ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits (65535 -> 255, rounded), as 8-bit images are read."""
+    values = np.asarray(img, dtype=np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 class SkipCounter:
