@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dist_train import atomic_file
+
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cpu.yaml"
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {**figures, **details, "machine": _machine(), "quick": args.quick}
     _print_table(figures, details)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_file.write_text(args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

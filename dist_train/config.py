@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from dist_train import atomic_file
 from dist_train.errors import ConfigError
 
 
@@ -181,7 +182,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_file.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def validate(cfg: Config) -> None:

@@ -8,7 +8,6 @@ class, its probability and the top-k classes.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dist_train import workers
+from dist_train.atomic_file import replacing
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
 from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make_eval_loader
@@ -119,16 +119,10 @@ def write_predictions(loaded: LoadedModel, inputs: list[str], out: str | Path, t
     top_k = min(top_k, len(loaded.class_names))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Written under a temporary name and renamed when complete: a bad image halfway must not
-    # leave a previous CSV of that name cut down to its header.
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        rows = _write_rows(loaded, inputs, tmp, top_k, batch_size, device)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, out)
-    return rows
+    # Renamed into place when complete: a bad image halfway must not leave a previous CSV of
+    # that name cut down to its header.
+    with replacing(out) as tmp:
+        return _write_rows(loaded, inputs, tmp, top_k, batch_size, device)
 
 
 def _write_rows(loaded: LoadedModel, inputs: list[str], out: Path, top_k: int, batch_size: int, device) -> int:

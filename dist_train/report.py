@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_train import atomic_file
 from dist_train.config import config_from_dict
 from dist_train.errors import DataError
 from dist_train.optim import lr_factor_fn, scaled_lr
@@ -131,7 +132,7 @@ def write_report(run_dir: str | Path) -> str:
     scores = per_class_scores(run.best["confusion_matrix"], run.class_names)
     table = format_table(scores)
     _write_plots(run, scores)
-    (run.run_dir / "summary.md").write_text(_summary(run, table))
+    atomic_file.write_text(run.run_dir / "summary.md", _summary(run, table))
     return table
 
 
@@ -242,7 +243,8 @@ def _plot_confusion(plt, run: RunRecords, path: Path) -> None:
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_file.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip("."))
     fig.clf()
     import matplotlib.pyplot as plt
 

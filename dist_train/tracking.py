@@ -23,6 +23,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from dist_train import atomic_file
 from dist_train.config import Config, TrackingConfig, to_dict
 from dist_train.errors import DataError
 
@@ -110,9 +111,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line, record in _lines_and_records(path) if record["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_file.write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from dist_train import atomic_file
 from dist_train.data.sources import LabeledImages, RawSample
 from dist_train.errors import DataError
 
@@ -123,7 +124,5 @@ def make_shards(
         "num_classes": len(source.class_names),
         "splits": {s.name: {"samples": s.samples, "shards": s.shards} for s in splits},
     }
-    tmp = out / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST_NAME)
+    atomic_file.write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     return manifest
