@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import reprlib
 import types
 import typing
@@ -145,6 +146,13 @@ class Config:
 
 
 MAX_IMAGE_SIZE = 16_384  # pixels a side: beyond any classifier's input, and a batch would not fit in memory
+# Ceilings far above any real setting, below what overflows: a larger value is a typo or an attack.
+MAX_LR = 100.0  # large-batch SGD (LARS) peaks near 30; past this, only divergence or float overflow
+MAX_WEIGHT_DECAY = 10.0
+MAX_EPOCHS = 1_000_000
+MAX_WORKERS = 256  # DataLoader workers per training process
+MAX_CLASSES = 1_000_000
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
 
 METRIC_NAMES = (
@@ -259,12 +267,23 @@ def _check_ranges(cfg: Config) -> None:
     o, s, t = cfg.optim, cfg.sched, cfg.train
     rules = [
         ("data.image_size", cfg.data.image_size, cfg.data.image_size <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE}"),
+        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS}"),
+        ("data.num_classes", cfg.data.num_classes, cfg.data.num_classes <= MAX_CLASSES, f"at most {MAX_CLASSES:,}"),
+        ("optim.lr", o.lr, 0 < o.lr <= MAX_LR, f"in (0, {MAX_LR:g}]"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
-        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.momentum", o.momentum, o.momentum > 0 or not (o.nesterov and o.name == "sgd"),
+         "positive with optim.nesterov=true"),
+        ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay <= MAX_WEIGHT_DECAY,
+         f"in [0, {MAX_WEIGHT_DECAY:g}]"),
         *((f"optim.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(o.betas)),
         ("sched.warmup_start_factor", s.warmup_start_factor, 0 <= s.warmup_start_factor <= 1, "in [0, 1]"),
-        ("sched.gamma", s.gamma, s.gamma > 0, "positive"),
-        ("sched.min_lr", s.min_lr, s.min_lr >= 0, ">= 0"),
+        ("sched.gamma", s.gamma, 0 < s.gamma <= 1, "in (0, 1]"),
+        ("sched.min_lr", s.min_lr, 0 <= s.min_lr <= o.lr, f"in [0, optim.lr={o.lr:g}]"),
+        ("train.epochs", t.epochs, 1 <= t.epochs <= MAX_EPOCHS, f"in [1, {MAX_EPOCHS:,}]"),
+        ("sched.warmup_epochs", s.warmup_epochs, 0 <= s.warmup_epochs <= t.epochs, f"in [0, train.epochs={t.epochs}]"),
+        ("sched.step_size_epochs", s.step_size_epochs, 0 < s.step_size_epochs <= MAX_EPOCHS,
+         f"in (0, {MAX_EPOCHS:,}]"),
+        ("train.seed", t.seed, 0 <= t.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
         ("sched.plateau_factor", s.plateau_factor, 0 < s.plateau_factor < 1, "in (0, 1)"),
         ("sched.plateau_patience", s.plateau_patience, s.plateau_patience >= 0, ">= 0"),
         *((f"loss.focal_alpha[{i}]", a, a >= 0, ">= 0") for i, a in enumerate(cfg.loss.focal_alpha or [])),
@@ -396,10 +415,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML reads 1 as an int; a float field accepts it
+    if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; the user meant a number
     # bool is a subclass of int: `true` must not pass for an int, nor 1 for a bool.
     if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {quoted(value)}")
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)
 
 
 def _type_name(tp: Any) -> str:

@@ -19,3 +19,7 @@ class DataError(UserInputError):
 
 class CheckpointError(UserInputError):
     """A checkpoint that is missing, incomplete, tampered with or of the wrong kind."""
+
+
+class TrainingDiverged(UserInputError):
+    """The training loss became NaN or infinite: settings (usually the LR) the run cannot train with."""

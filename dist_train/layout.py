@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from accelerate import Accelerator
 
-from dist_train.config import Config
+from dist_train.config import MAX_LR, Config
 from dist_train.data.order import OrderSpec, steps_per_epoch
 from dist_train.errors import ConfigError, DataError
 from dist_train.optim import scaled_lr
@@ -57,7 +57,11 @@ def plan_layout(cfg: Config, accelerator: Accelerator, train_samples: int,
             f"the training set has {train_samples} samples, fewer than one global batch "
             f"({world} processes x {accum} accumulation steps x {batch} = {order.global_batch})"
         )
+    base_lr = scaled_lr(cfg.optim, order.global_batch)
+    if base_lr > MAX_LR:
+        raise ConfigError(f"optim.lr={cfg.optim.lr:g} scaled to the global batch of {order.global_batch} "
+                          f"(optim.lr_base_batch={cfg.optim.lr_base_batch}) is {base_lr:g}, more than {MAX_LR:g}")
     layout = RunLayout(world_size=world, grad_accum_steps=accum, batch_size=batch, global_batch=order.global_batch,
                        steps_per_epoch=steps, epochs=cfg.train.epochs,
-                       base_lr=scaled_lr(cfg.optim, order.global_batch))
+                       base_lr=base_lr)
     return order, layout

@@ -2,17 +2,23 @@
 metrics.jsonl records (mean loss and images/s per logging window and per epoch).
 
 Losses are accumulated as tensors on the device and read back only when shown or logged,
-so the training step never waits on a device-to-host copy.
+so the training step never waits on a device-to-host copy. A loss read back as NaN or
+infinite stops the run (`TrainingDiverged`, exit 2): it is read at every train record, every
+epoch end and before every resumable checkpoint, so no checkpoint holds a diverged model and
+no run trains on NaN to its end.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
+
+from dist_train.errors import TrainingDiverged
 
 BAR_REFRESH_STEPS = 10
 
@@ -67,8 +73,9 @@ class TrainProgress:
     def train_record(self, epoch: int, step: int, lr: float) -> dict:
         """The train record of the steps since the last one (collective: call on every rank)."""
         now = time.perf_counter()
-        loss = self.accelerator.reduce(self.window.loss / max(self.window.batches, 1), "mean")
-        record = {"epoch": epoch, "step": step, "train/loss": float(loss), "lr": lr,
+        loss = _finite(self.accelerator.reduce(self.window.loss / max(self.window.batches, 1), "mean"),
+                       f"by step {step}")
+        record = {"epoch": epoch, "step": step, "train/loss": loss, "lr": lr,
                   "images_per_sec": self._rate(self.window, now)}
         self.window.start(now)
         return record
@@ -77,16 +84,29 @@ class TrainProgress:
         """Epoch totals across ranks: mean train loss, images per second (collective)."""
         self.bar.close()
         now = time.perf_counter()
-        loss = self.accelerator.reduce(self.epoch.loss / max(self.epoch.batches, 1), "mean")
+        loss = _finite(self.accelerator.reduce(self.epoch.loss / max(self.epoch.batches, 1), "mean"),
+                       "in this epoch")
         return {
-            "train/epoch_loss": float(loss),
+            "train/epoch_loss": loss,
             "train/images_per_sec": self._rate(self.epoch, now),
             "train/epoch_seconds": now - self.epoch.started,
         }
 
+    def check_finite(self, step: int) -> None:
+        """Raise TrainingDiverged if any loss of this epoch so far was not finite (collective)."""
+        _finite(self.accelerator.reduce(self.epoch.loss.clone(), "sum"), f"by step {step}")
+
     def _rate(self, totals: _Totals, now: float) -> float:
         """Images per second over all ranks (each trains as many as this one)."""
         return totals.images * self.accelerator.num_processes / max(now - totals.started, 1e-9)
+
+
+def _finite(loss: torch.Tensor, when: str) -> float:
+    value = float(loss)
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"the training loss became {value} {when}: the run diverged; lower optim.lr or "
+                               "set train.clip_grad_norm (best/ and the checkpoints saved before are kept)")
+    return value
 
 
 def epoch_line(record: dict) -> str:

@@ -117,7 +117,8 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> None:
-        """A resumable checkpoint of this step (collective)."""
+        """A resumable checkpoint of this step (collective); never of a run whose loss went NaN."""
+        self.progress.check_finite(self.state.step)
         last = self.last_validation
         meta = self.meta(self.state.epoch_of_last_step, _metrics_of(last), last.get("val/confusion_matrix"))
         save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)

@@ -10,16 +10,28 @@ from __future__ import annotations
 import dataclasses
 import math
 import tempfile
+import typing
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from accelerate.utils import set_seed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dist_train.cli import main
 from dist_train.config import Config, config_from_dict, load_config, to_dict
-from dist_train.errors import ConfigError
+from dist_train.data.order import OrderSpec
+from dist_train.data.transforms import build_batch_normalize
+from dist_train.errors import ConfigError, TrainingDiverged
+from dist_train.losses import build_loss
+from dist_train.models import create_model
+from dist_train.optim import Schedule, build_optimizer
 from dist_train.preemption import release_stop_signals
+from dist_train.progress import _finite
+
+from .conftest import DIGITS_CONFIG
 
 _DEFAULTS = Config()
 SECTIONS = {section.name: [key.name for key in dataclasses.fields(getattr(_DEFAULTS, section.name))]
@@ -94,3 +106,74 @@ def test_the_command_line_answers_exit_2_with_one_line(capsys, items):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("dist-train: error: ")
+
+
+# --- every numeric key, with the numbers an attacker (or a typo) would give it ------------------
+
+def _numeric_keys() -> list[tuple[str, bool]]:
+    """(dotted key, takes a list) for every int and float setting of the schema."""
+    found = []
+    for section in dataclasses.fields(Config):
+        hints = typing.get_type_hints(type(getattr(_DEFAULTS, section.name)))
+        for name, tp in hints.items():
+            args = set(typing.get_args(tp)) | {tp}
+            is_list = any(typing.get_origin(a) is list for a in args)
+            inner = {b for a in args for b in (typing.get_args(a) if typing.get_origin(a) is list else (a,))}
+            if inner & {int, float}:
+                found.append((f"{section.name}.{name}", is_list))
+    return found
+
+
+NUMERIC_KEYS = _numeric_keys()
+HOSTILE_NUMBERS = [".nan", ".inf", "-.inf", "nan", "-1", "0", "1e-320", "1e308", "-1e308",
+                   str(2**63), str(-(2**63)), str(10**30)]
+
+
+def test_the_numeric_keys_are_all_found():
+    keys = {k for k, _ in NUMERIC_KEYS}
+    assert {"optim.lr", "optim.betas", "data.std", "sched.warmup_epochs", "train.clip_grad_norm", "train.seed",
+            "data.num_workers", "loss.focal_alpha", "optim.lr_base_batch"} <= keys and len(keys) >= 30
+
+
+@pytest.mark.parametrize("key, is_list", NUMERIC_KEYS, ids=[k for k, _ in NUMERIC_KEYS])
+def test_non_finite_and_out_of_range_numbers_are_refused_or_train_finitely(key, is_list):
+    """Each hostile number in each numeric key: a one-line ConfigError, or a config whose first
+    optimizer steps (model, optimizer, schedule, loss, normalization and seeding built from it,
+    as a run builds them) give finite losses and weights, or stop with TrainingDiverged."""
+    for number in HOSTILE_NUMBERS:
+        value = f"[{number}]" if is_list else number
+        try:
+            cfg = load_config(DIGITS_CONFIG, [f"{key}={value}"])
+        except ConfigError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 300, str(exc)
+            continue
+        _first_steps_train_finitely(cfg, f"{key}={value}")
+
+
+def _first_steps_train_finitely(cfg: Config, item: str) -> None:
+    set_seed(cfg.train.seed)
+    OrderSpec(seed=cfg.train.seed, global_batch=cfg.data.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
+    model = create_model(cfg.model.name, 10, cfg.data.channels)
+    optimizer = build_optimizer(model, cfg.optim, global_batch=cfg.data.batch_size * cfg.train.grad_accum_steps)
+    schedule = Schedule(optimizer, cfg.sched, steps_per_epoch=5, epochs=cfg.train.epochs)
+    criterion = build_loss(cfg.loss)
+    normalize = build_batch_normalize(cfg.data)
+    generator = torch.Generator().manual_seed(0)
+    # 16 x 16 images, not data.image_size: the model pools globally, and a 16384-pixel side
+    # (the largest allowed) would only make this test slow.
+    images = normalize(torch.randint(0, 256, (8, cfg.data.channels, 16, 16), dtype=torch.uint8, generator=generator))
+    labels = torch.randint(0, 10, (8,), generator=generator)
+    assert math.isfinite(schedule.lr), item
+    for _ in range(3):
+        loss = criterion(model(images), labels)
+        try:
+            _finite(loss.detach(), "")
+        except TrainingDiverged:
+            return  # the run would stop here, in one line
+        loss.backward()
+        if cfg.train.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        schedule.after_optimizer_step()
+        assert math.isfinite(schedule.lr), item
