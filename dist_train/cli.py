@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from dist_train import __version__
 from dist_train.errors import UserInputError
@@ -43,7 +45,19 @@ def lost_a_peer(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in PEER_LOST_MESSAGES)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """dist-train's own warnings as the one line they are; others as Python shows them."""
+    if Path(filename).is_relative_to(PACKAGE_DIR):
+        return f"dist-train: warning: {' '.join(str(message).split())}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+_python_warning = warnings.formatwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     from dist_train.preemption import EXIT_INTERRUPTED, InterruptedTwice, TrainingStopped

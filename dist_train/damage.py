@@ -24,8 +24,11 @@ def report_damage(accelerator: Accelerator, datasets: Datasets, shown: int = 10)
     damage = datasets.damage
     if not damage:
         return
+    unknown = sum(d.rest_unknown for d in damage)
+    rest = (f", and the unread rest of {unknown} shard(s) cut short (no dataset.json gives their sample count)"
+            if unknown else "")
     accelerator.print(f"dist-train: data.on_error=skip: left out {datasets.skipped_samples} damaged "
-                      f"samples ({len(damage)} problems):")
+                      f"samples{rest} ({len(damage)} problems):")
     for d in damage[:shown]:
         accelerator.print(f"  {d.where}: {d.problem}" + (f" ({d.samples} samples)" if d.samples > 1 else ""))
     if len(damage) > shown:

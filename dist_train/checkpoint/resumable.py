@@ -98,10 +98,12 @@ def find_resumable(run_dir: Path) -> Path | None:
     for path in _complete(run_dir / CHECKPOINTS_DIR)[::-1]:
         try:
             verify(path)
-            return path
         except CheckpointError as exc:
-            warnings.warn(f"skipping checkpoint {path}: {exc}", stacklevel=2)
             problems.append(exc)
+            continue
+        for problem in problems:  # the newer ones, passed over
+            warnings.warn(f"skipping checkpoint: {problem}", stacklevel=2)
+        return path
     if problems:
         raise CheckpointError(
             f"{run_dir / CHECKPOINTS_DIR}: none of its {len(problems)} checkpoints is usable (the newest: "

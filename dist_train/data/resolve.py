@@ -45,11 +45,13 @@ class Shard:
 
 @dataclass(frozen=True)
 class Damage:
-    """What data.on_error=skip left out: `samples` lost (0 when unknown) and why."""
+    """What data.on_error=skip left out: `samples` lost and why. `rest_unknown`: a shard cut
+    short with no manifest to say how many samples followed the damage (not in `samples`)."""
 
     where: str
     problem: str
     samples: int
+    rest_unknown: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,7 +230,8 @@ def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, 
     if cut is not None:
         # Samples after the damage: a manifest knows how many; else the one cut, if any.
         lost = max(expected - len(entries), 0) if expected >= 0 else cut.lost
-        damage.append(Damage(path, f"unreadable tar shard ({cut.reason}); read the samples before it", lost))
+        damage.append(Damage(path, f"unreadable tar shard ({cut.reason}); read the samples before it", lost,
+                             rest_unknown=expected < 0))
     if not entries and cut is None:
         damage.append(Damage(path, "empty shard (no samples)", 0))
     exclude = frozenset(key for key, _ in problems)
