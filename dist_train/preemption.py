@@ -81,11 +81,15 @@ class InterruptedTwice(KeyboardInterrupt):
         return "interrupted twice: stopped at once, without a new checkpoint"
 
 
+def _exit_at_once(signum=None, frame=None) -> None:
+    os.write(2, f"\ndist-train: {InterruptedTwice()}\n".encode())
+    os._exit(EXIT_INTERRUPTED)
+
+
 def _remember(signum, frame) -> None:
     if signum == signal.SIGINT and signal.SIGINT in _received:
         if _received.count(signal.SIGINT) >= 2:  # the interpreter is stuck in C: leave without unwinding
-            os.write(2, f"\ndist-train: {InterruptedTwice()}\n".encode())
-            os._exit(EXIT_INTERRUPTED)
+            _exit_at_once()
         _received.append(signum)
         # Unwinds like Ctrl-C always does (loaders shut down, exit hooks run); what is already
         # written is complete, since checkpoints are renamed into place only once written.
@@ -173,6 +177,12 @@ class StopRequest:
             return self.received is not None
         self._flag.fill_(1.0 if self.received is not None else 0.0)
         return self.accelerator.reduce(self._flag.clone(), "sum").item() > 0
+
+    def leaving(self) -> None:
+        """The stop's checkpoint is saved and the process is on its way out: another Ctrl-C
+        ends it at once (raised in the middle of the shutdown, it would only print a traceback)."""
+        if signal.getsignal(signal.SIGINT) is _remember:
+            signal.signal(signal.SIGINT, _exit_at_once)
 
     def restore(self) -> None:
         release_stop_signals()

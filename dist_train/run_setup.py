@@ -124,6 +124,7 @@ class Run:
         save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
 
     def stop_now(self) -> NoReturn:
+        self.stop.leaving()
         unlock_run_dir(self.out)
         self.accelerator.end_training()
         raise TrainingStopped(f"{self.stop.describe()} after step {self.state.step}, a resumable checkpoint "
