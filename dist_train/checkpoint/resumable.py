@@ -102,7 +102,7 @@ def find_resumable(run_dir: Path) -> Path | None:
             problems.append(exc)
             continue
         for problem in problems:  # the newer ones, passed over
-            warnings.warn(f"skipping checkpoint: {problem}", stacklevel=2)
+            warnings.warn(f"skipping checkpoint {problem}", stacklevel=2)
         return path
     if problems:
         raise CheckpointError(
