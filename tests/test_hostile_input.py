@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,23 +306,44 @@ def _snapshot(run: Path) -> dict[str, str]:
             for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
+@dataclass
+class Outcome:
+    done: subprocess.CompletedProcess
+    seconds: float
+    before: dict[str, str]  # the run directory's files before and after
+    after: dict[str, str]
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def outcomes(digits_dir, finished_run, samples, tmp_path_factory) -> dict[str, Outcome]:  # noqa: F811 - fixture
+    """Every case, two at a time (the machine's two cores): each a fresh process, so the
+    suite pays for their start-ups in parallel; each still within its own time bound."""
+    def run_case(name: str) -> Outcome:
+        tmp = tmp_path_factory.mktemp("case")
+        run = tmp / "run"
+        shutil.copytree(finished_run, run)
+        args = CASES[name].build(Given(digits_dir, run, tmp, samples))
+        before = _snapshot(run)
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=BOUND_SECONDS * 2,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"})
+        seconds = time.monotonic() - started
+        if (tmp / "held").exists():  # the lock another run held
+            os.close(int((tmp / "held").read_text()))
+        return Outcome(done, seconds, before, _snapshot(run), tmp)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(CASES, pool.map(run_case, CASES), strict=True))
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_hostile_input(name, digits_dir, finished_run, samples, tmp_path):  # noqa: F811 - fixture
-    case = CASES[name]
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    given = Given(digits_dir, run, tmp_path, samples)
-    args = case.build(given)
-    before = _snapshot(run)
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "dist_train", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=BOUND_SECONDS * 2,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"})
-    seconds = time.monotonic() - started
-    if (tmp_path / "held").exists():  # the lock another run held
-        os.close(int((tmp_path / "held").read_text()))
+def test_hostile_input(name, outcomes):
+    case, outcome = CASES[name], outcomes[name]
+    done = outcome.done
     assert done.returncode == case.code, f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}"
-    assert seconds < BOUND_SECONDS, f"{name}: {seconds:.1f} s"
+    assert outcome.seconds < BOUND_SECONDS, f"{name}: {outcome.seconds:.1f} s"
     if case.code == 2:
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("dist-train: error: "), done.stderr[-3000:]
@@ -330,7 +352,7 @@ def test_hostile_input(name, digits_dir, finished_run, samples, tmp_path):  # no
         assert case.message in done.stdout, done.stdout[-3000:]
         assert "Traceback" not in done.stderr, done.stderr[-3000:]
     if case.keeps_run:
-        assert _snapshot(run) == before, "the run directory changed"
+        assert outcome.after == outcome.before, "the run directory changed"
     if "skip" in name:  # counted where it can be: what a manifest or a decoder says was lost
-        (record,) = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if "val/acc" in r]
+        (record,) = [r for r in read_metrics(outcome.tmp / "out" / "metrics.jsonl") if "val/acc" in r]
         assert record["data/skipped_samples"] > 0 or "the unread rest of" in done.stdout
