@@ -42,8 +42,10 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # none: resize only; light: small affine jitter (digits, documents);
-    # standard: random-resized crop and horizontal flip (natural images)
-    augment: Literal["none", "light", "standard"] = "standard"
+    # standard: random-resized crop and horizontal flip (natural images);
+    # randaugment, trivialaugment, autoaugment: standard, then that torchvision policy
+    augment: Literal["none", "light", "standard", "randaugment", "trivialaugment", "autoaugment"] = "standard"
+    random_erasing: float = 0.0  # probability of erasing a random rectangle of a training image
     shuffle_buffer: int = 1000  # training samples are shuffled within windows of this many
     # Damaged data: raise stops the run naming shard and sample; skip leaves damaged samples
     # and shards out, counts them (metrics.jsonl `data/skipped_samples`) and stops only past
@@ -111,6 +113,16 @@ class TrainConfig:
     monitor: str = "val/f1_macro"  # metric that picks the best checkpoint
     monitor_mode: Literal["min", "max"] = "max"
     log_every_steps: int = 50  # train records in metrics.jsonl, every N optimizer steps
+    # Validation (and the choice of best/) after every epoch, and also every N optimizer steps
+    # when set: for long epochs, or runs measured in steps.
+    val_every_steps: int | None = None
+    # An exponential moving average of the weights, updated after every optimizer step and
+    # validated beside them (val_ema/*): null (none), or its decay, e.g. 0.9998 (timm's recipes).
+    ema_decay: float | None = None
+    ema_warmup: bool = False  # a lower decay over the first updates (timm ModelEmaV3's warmup)
+    # End the run (exit 0, best/ and last/ written) after this many validations in a row without
+    # an improvement of `monitor`. null: never.
+    early_stop_patience: int | None = None
     progress_bar: bool = True
     cpu: bool = False  # force the CPU even where CUDA is available
     # Resumable checkpoints (RUN/checkpoints/step-N): every N optimizer steps (null: never
@@ -163,6 +175,8 @@ METRIC_NAMES = (
     "val/auroc_macro",
     "val/loss",
 )
+EMA_PREFIX = "val_ema/"  # the same metrics of the weights' moving average (train.ema_decay)
+EMA_METRIC_NAMES = tuple(EMA_PREFIX + name.removeprefix("val/") for name in METRIC_NAMES)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -207,8 +221,9 @@ def validate(cfg: Config) -> None:
         "train.log_every_steps": cfg.train.log_every_steps,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
     }
-    if cfg.train.checkpoint_every_steps is not None:
-        positive["train.checkpoint_every_steps"] = cfg.train.checkpoint_every_steps
+    for key in ("checkpoint_every_steps", "val_every_steps", "early_stop_patience"):
+        if getattr(cfg.train, key) is not None:
+            positive[f"train.{key}"] = getattr(cfg.train, key)
     if cfg.data.val_batch_size is not None:
         positive["data.val_batch_size"] = cfg.data.val_batch_size
     for key, value in positive.items():
@@ -247,8 +262,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
     for key, metric in (("train.monitor", cfg.train.monitor),
                         ("sched.plateau_monitor", cfg.sched.plateau_monitor)):
-        if metric not in METRIC_NAMES:
-            raise ConfigError(f"{key}: unknown metric {metric!r}; choose from {METRIC_NAMES}")
+        if metric in EMA_METRIC_NAMES and cfg.train.ema_decay is None:
+            raise ConfigError(f"{key}={metric} needs train.ema_decay (the moving average it measures)")
+        if metric not in METRIC_NAMES + EMA_METRIC_NAMES:
+            raise ConfigError(f"{key}: unknown metric {metric!r}; choose from {METRIC_NAMES + EMA_METRIC_NAMES}")
 
 
 def _check_finite(node: Any, prefix: str) -> None:
@@ -269,6 +286,7 @@ def _check_ranges(cfg: Config) -> None:
         ("data.image_size", cfg.data.image_size, cfg.data.image_size <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE}"),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS}"),
         ("data.num_classes", cfg.data.num_classes, cfg.data.num_classes <= MAX_CLASSES, f"at most {MAX_CLASSES:,}"),
+        ("data.random_erasing", cfg.data.random_erasing, 0 <= cfg.data.random_erasing <= 1, "in [0, 1]"),
         ("optim.lr", o.lr, 0 < o.lr <= MAX_LR, f"in (0, {MAX_LR:g}]"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.momentum", o.momentum, o.momentum > 0 or not (o.nesterov and o.name == "sgd"),
@@ -288,6 +306,8 @@ def _check_ranges(cfg: Config) -> None:
         ("sched.plateau_patience", s.plateau_patience, s.plateau_patience >= 0, ">= 0"),
         *((f"loss.focal_alpha[{i}]", a, a >= 0, ">= 0") for i, a in enumerate(cfg.loss.focal_alpha or [])),
     ]
+    if t.ema_decay is not None:
+        rules.append(("train.ema_decay", t.ema_decay, 0 < t.ema_decay < 1, "in (0, 1) (or null)"))
     if t.clip_grad_norm is not None:
         rules.append(("train.clip_grad_norm", t.clip_grad_norm, t.clip_grad_norm > 0, "positive (or null)"))
     for key, value, ok, rule in rules:

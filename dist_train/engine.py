@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dist_train.accelerator import share_main_buffers
-from dist_train.config import Config, TrainConfig
+from dist_train.config import EMA_PREFIX, Config, TrainConfig
 from dist_train.data import Datasets
 from dist_train.metrics import ValidationMetrics
 from dist_train.progress import epoch_line
@@ -71,7 +71,7 @@ def due_after_step(step: int, cfg: TrainConfig, steps_per_epoch: int, stop_reque
     every = cfg.checkpoint_every_steps
     return Due(
         log=step % cfg.log_every_steps == 0,
-        validate=epoch_end,
+        validate=epoch_end or bool(cfg.val_every_steps and step % cfg.val_every_steps == 0),
         checkpoint=stop_requested or (epoch_end and cfg.checkpoint_every_epoch)
         or bool(every and step % every == 0 and not epoch_end),
         stop=stop_requested,
@@ -82,7 +82,8 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     """Train `cfg.train.epochs` epochs, validating after each; keep the best and the last model.
 
     With `train.resume`, continue from a resumable checkpoint; on SIGTERM or SIGUSR1, save
-    one after the current step and raise `TrainingStopped`.
+    one after the current step and raise `TrainingStopped`. With `train.early_stop_patience`,
+    end early once the monitor has stopped improving.
     """
     run = start_run(cfg, datasets)
     state, accelerator = run.state, run.accelerator
@@ -91,6 +92,8 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
                    cfg.train.clip_grad_norm)
         state.step += 1
         state.schedule.after_optimizer_step()
+        if state.ema:  # every rank alike, from identical weights: no collective
+            state.ema.update(accelerator.unwrap_model(state.model))
         run.progress.step_done(state.schedule.lr)
 
         due = due_after_step(state.step, cfg.train, run.layout.steps_per_epoch, run.stop.requested())
@@ -102,16 +105,26 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
             run.save_checkpoint()
         if due.stop:
             run.stop_now()
+        if due.validate and run.stopped_improving():
+            break
     return run.finish()
 
 
 def validate(run: Run) -> None:
-    """Validate on every rank, log the epoch's record, keep the best model in RUN/best."""
+    """Validate on every rank, log the record, keep the best model in RUN/best."""
     state, accelerator, monitor = run.state, run.accelerator, run.cfg.train.monitor
-    epoch_stats = run.progress.end_epoch()  # the epoch's training alone, before validation
+    # At an epoch's end, the epoch's training figures (timed before validation); mid-epoch
+    # (train.val_every_steps) the epoch goes on.
+    epoch_stats = run.progress.end_epoch() if state.step_in_epoch == 0 else {}
     val_loader = run.val_loader()
     share_main_buffers(state.model, accelerator)
-    values, confusion = evaluate(accelerator.unwrap_model(state.model), val_loader, run.metrics, accelerator)
+    model = accelerator.unwrap_model(state.model)
+    values, confusion = evaluate(model, val_loader, run.metrics, accelerator)
+    if state.ema:  # the moving average too, as val_ema/*; its confusion matrix if it is monitored
+        ema_values, ema_confusion = evaluate(state.ema.module_with_buffers_of(model), val_loader, run.metrics,
+                                             accelerator)
+        values |= {EMA_PREFIX + k.removeprefix("val/"): v for k, v in ema_values.items()}
+        confusion = ema_confusion if monitor.startswith(EMA_PREFIX) else confusion
     state.schedule.after_validation(values)
     epoch = state.epoch_of_last_step
     record = {"epoch": epoch, "step": state.step, **values, "val/confusion_matrix": confusion,
@@ -120,5 +133,7 @@ def validate(run: Run) -> None:
     run.last_validation = record
     accelerator.print(epoch_line(record))
     if is_better(values[monitor], state.best.value, run.cfg.train.monitor_mode):
-        state.best = BestSoFar(values[monitor], epoch, values)
+        state.best = BestSoFar(values[monitor], epoch, values, state.step)
         run.save_model("best", epoch, values, confusion)
+    else:
+        state.best.since += 1

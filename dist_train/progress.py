@@ -110,10 +110,12 @@ def _finite(loss: torch.Tensor, when: str) -> float:
 
 
 def epoch_line(record: dict) -> str:
-    """The line printed after each validation."""
+    """The line printed after each validation (at an epoch's end, or mid-epoch at a step)."""
     values = {k: v for k, v in record.items() if k.startswith("val/") and isinstance(v, float)}
     skipped = record.get("data/skipped_samples")
-    return (f"epoch {record['epoch']}: train loss {record['train/epoch_loss']:.4f} | val "
+    train = "train/epoch_loss" in record
+    return ((f"epoch {record['epoch']}: train loss {record['train/epoch_loss']:.4f} | val " if train
+             else f"epoch {record['epoch']}, step {record['step']}: val ")
             + "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in values.items())
-            + f" | {record['train/images_per_sec']:.0f} img/s"
+            + (f" | {record['train/images_per_sec']:.0f} img/s" if train else "")
             + (f" | skipped {skipped} damaged samples" if skipped is not None else ""))

@@ -144,7 +144,7 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     from matplotlib.ticker import MaxNLocator
 
     name = run.best["config"]["train"]["output_dir"]
-    best_epoch = run.best["epoch"]
+    best_epoch, best_step = run.best["epoch"], run.best["step"]
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if run.train:
@@ -159,13 +159,15 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     _save(fig, run.run_dir / "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    epochs = [r["epoch"] for r in run.val]
+    # By step, as the loss: validations may also come mid-epoch (train.val_every_steps).
+    steps = [r["step"] for r in run.val]
     for key, label in (("val/acc", "accuracy"), ("val/f1_macro", "F1 (macro)"),
                        ("val/precision_macro", "precision (macro)"), ("val/recall_macro", "recall (macro)"),
                        ("val/auroc_macro", "AUROC (macro)")):
-        ax.plot(epochs, [r[key] for r in run.val], "o-", label=label, markersize=3)
-    ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best epoch ({best_epoch})")
-    ax.set(title=f"Validation metrics — {name}", xlabel="epoch", ylabel="score")
+        ax.plot(steps, [r[key] for r in run.val], "o-", label=label, markersize=3)
+    ax.axvline(best_step, color="grey", linestyle="--", linewidth=1,
+               label=f"best: epoch {best_epoch}, step {best_step}")
+    ax.set(title=f"Validation metrics — {name}", xlabel="optimizer step", ylabel="score")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
@@ -265,13 +267,16 @@ def _summary(run: RunRecords, table: str) -> str:
     layout = run.layout
     rates = [r["train/images_per_sec"] for r in run.val if "train/images_per_sec" in r]
     seconds = sum(r.get("train/epoch_seconds", 0.0) for r in run.val)
+    epochs_run = sum("train/epoch_loss" in r for r in run.val)
     lines = [
         f"# Run summary: {cfg['train']['output_dir']}",
         "",
         f"- best epoch: {best['epoch']} (step {best['step']}) by {best['monitor']} "
         f"= {best['metrics'][best['monitor']]:.4f}",
-        f"- epochs run: {len(run.val)} of {cfg['train']['epochs']}; training time {seconds:.1f} s"
-        + (f"; median {np.median(rates):.0f} images/s" if rates else ""),
+        f"- epochs run: {epochs_run} of {cfg['train']['epochs']}"
+        + (f", stopped early: {best['monitor']} did not improve for {cfg['train']['early_stop_patience']} "
+           f"validations after step {best['step']}" if last.get("stopped_early") else "")
+        + f"; training time {seconds:.1f} s" + (f"; median {np.median(rates):.0f} images/s" if rates else ""),
         f"- model {cfg['model']['name']}, {len(run.class_names)} classes; loss {cfg['loss']['name']}; "
         f"optimizer {cfg['optim']['name']} lr {cfg['optim']['lr']}; schedule {cfg['sched']['name']}",
         f"- {layout['world_size']} process(es), global batch {layout['global_batch']} "

@@ -24,6 +24,8 @@ APPLIED_ON_RESUME: dict[str, str] = {
     "train.cpu": "",
     "train.progress_bar": "",
     "train.log_every_steps": "",
+    "train.val_every_steps": "",
+    "train.early_stop_patience": "validations without improvement so far still count",
     "train.checkpoint_every_steps": "",
     "train.checkpoint_every_epoch": "",
     "train.keep_checkpoints": "",

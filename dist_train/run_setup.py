@@ -23,11 +23,12 @@ from torch import nn
 from dist_train import __version__, workers
 from dist_train.accelerator import make_accelerator
 from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config
-from dist_train.config import METRIC_NAMES, Config, to_dict
+from dist_train.config import EMA_METRIC_NAMES, EMA_PREFIX, METRIC_NAMES, Config, to_dict
 from dist_train.damage import damage_record, report_damage
 from dist_train.data import Datasets, resolve_datasets
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, make_eval_loader
+from dist_train.ema import WeightsEma
 from dist_train.layout import RunLayout, plan_layout
 from dist_train.losses import build_loss
 from dist_train.metrics import ValidationMetrics
@@ -70,6 +71,8 @@ class Run:
         state's step on. Each epoch starts the loader at its position and the epoch's progress."""
         steps, accum = self.layout.steps_per_epoch, self.layout.grad_accum_steps
         start_epoch, start_in_epoch = self.state.epoch, self.state.step_in_epoch
+        if self.stopped_improving():  # resumed from the checkpoint of a run that ended early
+            return
         for epoch in range(start_epoch, self.layout.epochs):
             first = start_in_epoch if epoch == start_epoch else 0
             self.train_loader.set_position(epoch, first)
@@ -79,6 +82,15 @@ class Run:
                 yield islice(batches, accum)
             if next(batches, None) is not None:  # also ends the loader's iteration cleanly
                 raise RuntimeError(f"the training loader gave more than {steps} steps in epoch {epoch}")
+
+    @property
+    def monitors_ema(self) -> bool:
+        return self.cfg.train.monitor.startswith(EMA_PREFIX)
+
+    def stopped_improving(self) -> bool:
+        """True once `train.early_stop_patience` validations in a row have not improved the monitor."""
+        patience = self.cfg.train.early_stop_patience
+        return patience is not None and self.state.best.since >= patience
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         spec = EvalStreamSpec(self.datasets.val, batch_size=self.cfg.data.val_batch_size or self.cfg.data.batch_size,
@@ -98,6 +110,8 @@ class Run:
             "world_size": self.accelerator.num_processes,
             "layout": asdict(self.layout),
             "launches": self.state.launches.history,
+            "stopped_early": self.stopped_improving(),
+            "weights": "ema" if self.monitors_ema else "model",  # of best/ (last/ holds the model's)
             "epoch": epoch,
             "step": self.state.step,
             "metrics": values,
@@ -110,8 +124,13 @@ class Run:
         }
 
     def save_model(self, name: str, epoch: int, values: dict[str, float], confusion: list[list[int]] | None) -> None:
-        """RUN/best or RUN/last, by the main process; the others wait until it is complete."""
-        state_dict = self.accelerator.get_state_dict(self.state.model)
+        """RUN/best or RUN/last, by the main process; the others wait until it is complete.
+        best/ holds the moving average's weights when `train.monitor` is one of its metrics."""
+        if name == "best" and self.monitors_ema:
+            model = self.accelerator.unwrap_model(self.state.model)
+            state_dict = self.state.ema.module_with_buffers_of(model).state_dict()
+        else:
+            state_dict = self.accelerator.get_state_dict(self.state.model)
         if self.accelerator.is_main_process:
             save_model_checkpoint(self.out / name, state_dict, self.meta(epoch, values, confusion))
         self.accelerator.wait_for_everyone()
@@ -133,14 +152,18 @@ class Run:
 
     def finish(self) -> FitResult:
         """Save RUN/last (the last validation's metrics), plots and summary; close the run."""
-        last = self.last_validation
-        self.save_model("last", self.layout.epochs - 1, _metrics_of(last), last.get("val/confusion_matrix"))
+        last, best = self.last_validation, self.state.best
+        if self.stopped_improving():
+            self.accelerator.print(
+                f"stopped early after step {self.state.step} of {self.layout.total_steps}: {self.cfg.train.monitor} "
+                f"has not improved for {best.since} validations (train.early_stop_patience="
+                f"{self.cfg.train.early_stop_patience})")
+        self.save_model("last", self.state.epoch_of_last_step, _metrics_of(last), last.get("val/confusion_matrix"))
         if self.accelerator.is_main_process and self.cfg.tracking.plots:
             write_plots_and_summary(self.out)
         self.accelerator.wait_for_everyone()
         unlock_run_dir(self.out)
         self.stop.restore()
-        best = self.state.best
         self.accelerator.print(
             f"best {self.cfg.train.monitor} {best.value:.4f} at epoch {best.epoch}; "
             f"{time.perf_counter() - self.started:.1f}s; checkpoints in {self.out}/best and {self.out}/last"
@@ -155,7 +178,7 @@ def _last_validation(out: Path) -> dict[str, Any]:
 
 
 def _metrics_of(record: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k in METRIC_NAMES}
+    return {k: v for k, v in record.items() if k in METRIC_NAMES + EMA_METRIC_NAMES}
 
 
 def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
@@ -187,6 +210,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     schedule = Schedule(optimizer, cfg.sched, layout.steps_per_epoch, layout.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
+    if cfg.train.ema_decay:
+        state.ema = WeightsEma(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
     if saved:
         state.resume_from(saved)  # random states last: nothing above draws from them again
         if accelerator.is_main_process:

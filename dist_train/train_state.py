@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from dist_train.checkpoint.resumable import SavedState
+    from dist_train.ema import WeightsEma
     from dist_train.optim import Schedule
 
 
@@ -39,17 +40,21 @@ class Stateful(Protocol):
 
 @dataclass
 class BestSoFar:
-    """The best validation so far by `train.monitor`."""
+    """The best validation so far by `train.monitor`, and the validations since (early stopping)."""
 
     value: float | None = None
     epoch: int = -1
     metrics: dict[str, float] | None = None
+    step: int = -1
+    since: int = 0  # validations without an improvement since the best
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value, self.epoch, self.metrics = state["value"], state["epoch"], state["metrics"]
+        # Checkpoints written before early stopping existed lack these.
+        self.step, self.since = state.get("step", -1), state.get("since", 0)
 
 
 @dataclass
@@ -81,6 +86,7 @@ class TrainState:
         self.step = 0  # optimizer steps taken: the run's one counter
         self.best = BestSoFar()
         self.launches = Launches()
+        self.ema: WeightsEma | None = None  # the weights' moving average, with train.ema_decay
 
     @property
     def epoch(self) -> int:
@@ -107,6 +113,7 @@ class TrainState:
             "order": _Fixed(self.order),
             "best": self.best,
             "launches": self.launches,
+            "ema": self.ema,
         }
 
     def rank_members(self) -> dict[str, Stateful]:

@@ -16,25 +16,44 @@ from dist_train.config import DataConfig
 
 # Standard evaluation crop: resize the short side to size / 0.875, then center-crop `size`.
 EVAL_CROP_RATIO = 0.875
+# Learned or searched augmentation policies, applied after the standard crop and flip as in
+# torchvision's reference recipes (`--auto-augment ra|ta_wide|imagenet`), with their defaults.
+POLICIES = {
+    "randaugment": v2.RandAugment,  # 2 ops of magnitude 9
+    "trivialaugment": v2.TrivialAugmentWide,
+    "autoaugment": v2.AutoAugment,  # the ImageNet policy
+}
 
 
 def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
-    """PIL image -> uint8 tensor (C, H, W), augmented when `train`."""
+    """PIL image -> uint8 tensor (C, H, W), augmented when `train`.
+
+    Random choices draw from torch's default generator, which the training pipeline seeds per
+    sample (data/pipeline.py): a sample's augmentation is a function of (seed, epoch, position).
+    """
     size = cfg.image_size
-    # Geometry runs on the PIL image (PIL's C kernels are several times faster per image
-    # than tensor kernels on small images).
-    if train and cfg.augment == "standard":
-        geometry = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+    natural = cfg.augment == "standard" or cfg.augment in POLICIES
+    # Geometry and policies run on the PIL image (PIL's C kernels are several times faster per
+    # image than tensor kernels on small images).
+    if train and natural:
+        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
+        steps += [POLICIES[cfg.augment]()] if cfg.augment in POLICIES else []
     elif train and cfg.augment == "light":
-        geometry = [
+        steps = [
             v2.Resize((size, size), antialias=True),
             v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
         ]
-    elif cfg.augment == "standard":
-        geometry = [v2.Resize(round(size / EVAL_CROP_RATIO), antialias=True), v2.CenterCrop(size)]
+    elif natural:
+        steps = [v2.Resize(round(size / EVAL_CROP_RATIO), antialias=True), v2.CenterCrop(size)]
     else:
-        geometry = [v2.Resize((size, size), antialias=True)]
-    return v2.Compose([*geometry, v2.ToImage()])
+        steps = [v2.Resize((size, size), antialias=True)]
+    steps.append(v2.ToImage())
+    if train and cfg.random_erasing > 0:
+        # On the uint8 image, before normalization: erased pixels get the dataset mean, which
+        # normalizes to 0, the value torchvision's recipes erase with after normalizing.
+        mean = [round(255 * m) for m in _per_channel(cfg.mean, cfg.channels)]
+        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=mean))
+    return v2.Compose(steps)
 
 
 def build_batch_normalize(cfg: DataConfig) -> v2.Compose:

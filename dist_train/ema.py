@@ -1,0 +1,65 @@
+"""An exponential moving average of the model's weights (`train.ema_decay`), as timm's and
+torchvision's reference recipes keep one: validated beside the model (`val_ema/*`), often the
+better of the two, and selectable as `train.monitor` (best/ then holds the EMA weights).
+
+torch.optim.swa_utils.AveragedModel does the averaging, with the rule of its
+`get_ema_multi_avg_fn`; `train.ema_warmup` lowers the decay over the first updates as timm's
+ModelEmaV3 does (decay_t = min(decay, 1 - (1 + t)^(-2/3)), its defaults), so that the average is not
+dominated by the random initial weights in a short run.
+
+Every rank updates its copy after every optimizer step from identical weights: the copies
+stay identical with no collective. Only parameters are averaged. BatchNorm running
+statistics are buffers that differ per rank between validations (accelerator.py), so the
+average takes the model's own, rank 0's, whenever it is used (`module_with_buffers_of`), as
+ema-pytorch does; averaging them as well would make the ranks' copies differ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+WARMUP_POWER = 2 / 3  # timm ModelEmaV3's default, with warmup_gamma=1
+
+
+class WeightsEma:
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0  # a Python count: reading AveragedModel's n_averaged would sync the device
+        self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=False)
+
+    def decay_at(self, update: int) -> float:
+        """The decay of update number `update` (counted from 1)."""
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + update) ** -WARMUP_POWER)
+
+    def update(self, model: nn.Module) -> None:
+        """After an optimizer step: fold the model's parameters into the average (the first
+        update copies them)."""
+        self.updates += 1
+        self.averaged.update_parameters(model)
+
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        get_ema_multi_avg_fn(self.decay_at(self.updates))(averaged, current, num_averaged)
+
+    def module_with_buffers_of(self, model: nn.Module) -> nn.Module:
+        """The averaged model, with `model`'s buffers (BatchNorm statistics), ready to evaluate."""
+        for ours, theirs in zip(self.averaged.module.buffers(), model.buffers(), strict=True):
+            ours.copy_(theirs)
+        return self.averaged.module
+
+    # A member of the training state (train_state.py): the averaged parameters and the count.
+    def state_dict(self) -> dict[str, Any]:
+        params = {name: p.detach() for name, p in self.averaged.module.named_parameters()}
+        return {**params, "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for name, p in self.averaged.module.named_parameters():
+                p.copy_(state[name])
+        self.updates = int(state["updates"])
+        self.averaged.n_averaged.fill_(self.updates)

@@ -1,0 +1,100 @@
+"""Validation every N steps and early stopping, through the real command line on digits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_train.config import TrainConfig
+from dist_train.engine import due_after_step
+from dist_train.tracking import read_metrics
+
+from .conftest import DIGITS_CONFIG, run_cli
+
+STEPS_PER_EPOCH = 1438 // 32
+
+
+def train(digits_dir: Path, out: Path, *extra: str):
+    return run_cli("train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+                   f"train.output_dir={out}", "model.name=small_cnn_gn", "train.progress_bar=false",
+                   "tracking.wandb=false", "train.log_every_steps=5", "data.num_workers=0", *extra)
+
+
+def validations(run: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if "seconds" not in k and "per_sec" not in k}
+            for r in read_metrics(run / "metrics.jsonl") if "val/acc" in r]
+
+
+def test_validation_is_due_every_n_steps_and_at_each_epoch_end():
+    cfg = TrainConfig(val_every_steps=10)
+    steps = range(1, 2 * STEPS_PER_EPOCH + 1)
+    due = [step for step in steps if due_after_step(step, cfg, STEPS_PER_EPOCH, False).validate]
+    assert due == [10, 20, 30, 40, 44, 50, 60, 70, 80, 88]
+
+
+RECIPE = ("train.epochs=1", "train.val_every_steps=10", "train.checkpoint_every_steps=25", "train.keep_checkpoints=5",
+          "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "data.augment=randaugment",
+          "data.random_erasing=0.25")
+
+
+@pytest.mark.slow
+def test_val_every_steps_validates_mid_epoch_and_resumes_exactly(digits_dir, tmp_path):
+    """Validations at steps 10, 20, 30, 40 and the epoch's end (44), of the model and of its
+    moving average, which picks best/; RandAugment and random erasing on. A resume from the
+    checkpoint at step 25 gives the same records, best/, last/ and average, bit for bit."""
+    reference = tmp_path / "reference"
+    done = train(digits_dir, reference, *RECIPE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = validations(reference)
+    assert [r["step"] for r in records] == [10, 20, 30, 40, 44]
+    assert ["train/epoch_loss" in r for r in records] == [False] * 4 + [True]  # an epoch's figures at its end
+    assert "epoch 0, step 10: val acc" in done.stdout
+    assert all("val_ema/f1_macro" in r and r["val_ema/loss"] != r["val/loss"] for r in records)
+    best = json.loads((reference / "best" / "meta.json").read_text())
+    assert best["weights"] == "ema"
+    assert best["metrics"]["val_ema/f1_macro"] == max(r["val_ema/f1_macro"] for r in records)
+    assert (reference / "metrics.png").is_file() and "epochs run: 1 of 1" in (reference / "summary.md").read_text()
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step-{STEPS_PER_EPOCH:08d}")
+    shutil.rmtree(resumed / "last")
+    done = train(digits_dir, resumed, *RECIPE, "train.resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "at epoch 0, step 25" in done.stdout
+    # Validation records alike; an epoch's training figures cover what this launch trained.
+    def measured(run):
+        return [{k: v for k, v in r.items() if not k.startswith("train/")} for r in validations(run)]
+    assert measured(resumed) == measured(reference)
+    end = f"checkpoints/step-{STEPS_PER_EPOCH:08d}"
+    for name in ("best/model.safetensors", "last/model.safetensors", f"{end}/model.safetensors",
+                 f"{end}/ema.safetensors"):
+        ours, theirs = load_file(resumed / name), load_file(reference / name)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_cleanly_and_a_resume_does_not_train_on(digits_dir, tmp_path):
+    """An LR too small to change the metric: the first validation is the best, the next two do
+    not improve it, and with a patience of 2 the run ends after the third, exit 0."""
+    out = tmp_path / "run"
+    settings = ("train.epochs=6", "train.early_stop_patience=2", "optim.lr=1e-9", "sched.name=constant",
+                "sched.warmup_epochs=0", "train.monitor=val/acc")
+    done = train(digits_dir, out, *settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in validations(out)] == [44, 88, 132]
+    assert f"stopped early after step 132 of {6 * STEPS_PER_EPOCH}: val/acc has not improved for 2 validations" \
+        in done.stdout
+    assert json.loads((out / "last" / "meta.json").read_text())["stopped_early"] is True
+    assert json.loads((out / "best" / "meta.json").read_text())["step"] == 44
+    summary = (out / "summary.md").read_text()
+    assert "epochs run: 3 of 6, stopped early: val/acc did not improve for 2 validations after step 44" in summary
+
+    again = train(digits_dir, out, *settings, "train.resume=auto")  # e.g. a requeued job
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["step"] for r in validations(out)] == [44, 88, 132]  # nothing trained, nothing logged twice
