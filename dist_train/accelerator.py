@@ -8,10 +8,12 @@ wrong or leaves slow by default, each with its reason.
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
+from torch import nn
 
 from dist_train.accelerate_costs import look_up_optional_packages_once
 from dist_train.config import TrainConfig
@@ -44,8 +46,33 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         keep_freed_memory()  # a CPU step would otherwise fault its activations back in every time
     # cpu=True matters even without a GPU: it makes a multi-process launch join one gloo
     # process group instead of running as independent single-process jobs.
+    if cfg.compile and (problem := _cannot_compile(on_cpu)):
+        raise ConfigError(f"train.compile=true: {problem}; set train.compile=false")
+    # accelerate compiles the model last in prepare(), after the DDP wrap: compiling before it
+    # stalls (timm 2693, pytorch 108966).
+    dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.compile_mode) if cfg.compile else None
     return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-                       kwargs_handlers=[DDP_SETTINGS])
+                       kwargs_handlers=[DDP_SETTINGS], dynamo_plugin=dynamo)
+
+
+def _cannot_compile(on_cpu: bool) -> str | None:
+    """Why torch.compile would fail here, found before the first step rather than inside it."""
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python or platform"
+    if on_cpu and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++")):
+        return "inductor needs a C++ compiler for CPU kernels (g++ or clang++ on PATH, or CXX)"
+    if not on_cpu:
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "inductor needs Triton for GPU kernels (pip install triton)"
+    return None
+
+
+def bare_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The model without its DDP and torch.compile wrappers: what is saved, loaded, validated
+    and averaged, under its own parameter names (torch.compile's would add `_orig_mod.`)."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
 
 
 def share_main_buffers(model, accelerator: Accelerator) -> None:
@@ -59,5 +86,5 @@ def share_main_buffers(model, accelerator: Accelerator) -> None:
     """
     if accelerator.num_processes == 1:
         return
-    for buffer in accelerator.unwrap_model(model).buffers():
+    for buffer in bare_model(accelerator, model).buffers():
         torch.distributed.broadcast(buffer, src=0)

@@ -46,6 +46,13 @@ class DataConfig:
     # randaugment, trivialaugment, autoaugment: standard, then that torchvision policy
     augment: Literal["none", "light", "standard", "randaugment", "trivialaugment", "autoaugment"] = "standard"
     random_erasing: float = 0.0  # probability of erasing a random rectangle of a training image
+    # Mixup / CutMix of training micro-batches (dist_train/mixing.py): Beta(alpha, alpha) mixing
+    # ratios, 0 turns one off; the probability a micro-batch is mixed; with both on, the
+    # probability of CutMix rather than Mixup.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
     shuffle_buffer: int = 1000  # training samples are shuffled within windows of this many
     # Damaged data: raise stops the run naming shard and sample; skip leaves damaged samples
     # and shards out, counts them (metrics.jsonl `data/skipped_samples`) and stops only past
@@ -125,11 +132,18 @@ class TrainConfig:
     early_stop_patience: int | None = None
     progress_bar: bool = True
     cpu: bool = False  # force the CPU even where CUDA is available
+    # torch.compile the model (after the DDP wrap; validation runs the uncompiled module, whose
+    # varying last batch would make the compiled one recompile). A first step of tens of seconds.
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     # Resumable checkpoints (RUN/checkpoints/step-N): every N optimizer steps (null: never
     # mid-epoch), at each epoch end, the newest `keep_checkpoints` kept.
     checkpoint_every_steps: int | None = None
     checkpoint_every_epoch: bool = True
     keep_checkpoints: int = 2
+    # Model checkpoints of the k best validations by `monitor` in RUN/top/step-N (best/ is the
+    # best of them); 1: best/ alone.
+    keep_best: int = 1
     # null: a fresh run; "auto": continue from the newest good checkpoint in output_dir if
     # there is one (else start fresh); or the path of a checkpoint directory.
     resume: str | None = None
@@ -165,6 +179,7 @@ MAX_EPOCHS = 1_000_000
 MAX_WORKERS = 256  # DataLoader workers per training process
 MAX_CLASSES = 1_000_000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_ALPHA = 100.0  # Beta(alpha, alpha) is near 0.5 long before; recipes use 0.1 to 1
 MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
 
 METRIC_NAMES = (
@@ -220,6 +235,7 @@ def validate(cfg: Config) -> None:
         "train.grad_accum_steps": cfg.train.grad_accum_steps,
         "train.log_every_steps": cfg.train.log_every_steps,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.keep_best": cfg.train.keep_best,
     }
     for key in ("checkpoint_every_steps", "val_every_steps", "early_stop_patience"):
         if getattr(cfg.train, key) is not None:
@@ -258,6 +274,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"loss.focal_alpha has {len(alpha)} values; data.num_classes is {cfg.data.num_classes}")
     if cfg.sched.warmup_epochs < 0 or cfg.sched.step_size_epochs <= 0:
         raise ConfigError("sched.warmup_epochs must be >= 0 and sched.step_size_epochs > 0")
+    if (cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0) and cfg.loss.name == "focal":
+        raise ConfigError("data.mixup_alpha / data.cutmix_alpha make soft labels, which loss.name=focal does not "
+                          "take; use cross_entropy or label_smoothing")
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
         raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
     for key, metric in (("train.monitor", cfg.train.monitor),
@@ -287,6 +306,10 @@ def _check_ranges(cfg: Config) -> None:
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS}"),
         ("data.num_classes", cfg.data.num_classes, cfg.data.num_classes <= MAX_CLASSES, f"at most {MAX_CLASSES:,}"),
         ("data.random_erasing", cfg.data.random_erasing, 0 <= cfg.data.random_erasing <= 1, "in [0, 1]"),
+        ("data.mixup_alpha", cfg.data.mixup_alpha, 0 <= cfg.data.mixup_alpha <= MAX_ALPHA, f"in [0, {MAX_ALPHA:g}]"),
+        ("data.cutmix_alpha", cfg.data.cutmix_alpha, 0 <= cfg.data.cutmix_alpha <= MAX_ALPHA, f"in [0, {MAX_ALPHA:g}]"),
+        ("data.mix_prob", cfg.data.mix_prob, 0 <= cfg.data.mix_prob <= 1, "in [0, 1]"),
+        ("data.mix_switch_prob", cfg.data.mix_switch_prob, 0 <= cfg.data.mix_switch_prob <= 1, "in [0, 1]"),
         ("optim.lr", o.lr, 0 < o.lr <= MAX_LR, f"in (0, {MAX_LR:g}]"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.momentum", o.momentum, o.momentum > 0 or not (o.nesterov and o.name == "sgd"),

@@ -23,14 +23,16 @@ from dist_train.metrics import ValidationMetrics
 from dist_train.progress import epoch_line
 from dist_train.run_setup import FitResult, Run, start_run
 from dist_train.tracking import is_better
-from dist_train.train_state import BestSoFar
 
 
-def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None) -> None:
+def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
+               mix=None) -> None:
     """One optimizer step over this rank's micro-batches of it."""
     model.train()
-    for images, labels in micro_batches:
+    for micro, (images, labels) in enumerate(micro_batches):
         images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+        if mix is not None:  # mixup / cutmix: images blended in pairs, labels become soft targets
+            images, labels = mix(images, labels, micro)
         # Inside `accumulate`, DDP skips the gradient all-reduce (no_sync) and the optimizer
         # skips step and zero_grad on every micro-batch but the last of the step.
         with accelerator.accumulate(model):
@@ -89,11 +91,11 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     state, accelerator = run.state, run.accelerator
     for micro_batches in run.step_batches():
         train_step(state.model, micro_batches, run.criterion, state.optimizer, accelerator, run.progress,
-                   cfg.train.clip_grad_norm)
+                   cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None)
         state.step += 1
         state.schedule.after_optimizer_step()
         if state.ema:  # every rank alike, from identical weights: no collective
-            state.ema.update(accelerator.unwrap_model(state.model))
+            state.ema.update(state.bare_model)
         run.progress.step_done(state.schedule.lr)
 
         due = due_after_step(state.step, cfg.train, run.layout.steps_per_epoch, run.stop.requested())
@@ -118,7 +120,7 @@ def validate(run: Run) -> None:
     epoch_stats = run.progress.end_epoch() if state.step_in_epoch == 0 else {}
     val_loader = run.val_loader()
     share_main_buffers(state.model, accelerator)
-    model = accelerator.unwrap_model(state.model)
+    model = state.bare_model  # uncompiled: see train.compile
     values, confusion = evaluate(model, val_loader, run.metrics, accelerator)
     if state.ema:  # the moving average too, as val_ema/*; its confusion matrix if it is monitored
         ema_values, ema_confusion = evaluate(state.ema.module_with_buffers_of(model), val_loader, run.metrics,
@@ -133,7 +135,8 @@ def validate(run: Run) -> None:
     run.last_validation = record
     accelerator.print(epoch_line(record))
     if is_better(values[monitor], state.best.value, run.cfg.train.monitor_mode):
-        state.best = BestSoFar(values[monitor], epoch, values, state.step)
+        state.best.improved_to(values[monitor], epoch, values, state.step)
         run.save_model("best", epoch, values, confusion)
     else:
         state.best.since += 1
+    run.keep_among_best(values[monitor], epoch, values, confusion)

@@ -22,6 +22,8 @@ APPLIED_ON_RESUME: dict[str, str] = {
     "train.resume": "",
     "train.output_dir": "",
     "train.cpu": "",
+    "train.compile": "",
+    "train.compile_mode": "",
     "train.progress_bar": "",
     "train.log_every_steps": "",
     "train.val_every_steps": "",
@@ -29,6 +31,7 @@ APPLIED_ON_RESUME: dict[str, str] = {
     "train.checkpoint_every_steps": "",
     "train.checkpoint_every_epoch": "",
     "train.keep_checkpoints": "",
+    "train.keep_best": "",
     "train.clip_grad_norm": "clipping changes from the resume step on",
     # The global batch is part of the saved order: these only lay it out over the processes.
     "data.batch_size": "the global batch is kept, the accumulation steps follow",

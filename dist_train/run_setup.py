@@ -8,6 +8,7 @@ after its last. The loop itself is dist_train/engine.py.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from dist_train.ema import WeightsEma
 from dist_train.layout import RunLayout, plan_layout
 from dist_train.losses import build_loss
 from dist_train.metrics import ValidationMetrics
+from dist_train.mixing import BatchMixer, make_mixer
 from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer
 from dist_train.preemption import StopRequest, TrainingStopped
@@ -40,6 +42,8 @@ from dist_train.resume_config import check_resume_config
 from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
 from dist_train.tracking import RunTracker, read_metrics, truncate_metrics
 from dist_train.train_state import TrainState
+
+TOP_DIR = "top"  # RUN/top/step-N: the train.keep_best best model checkpoints
 
 
 @dataclass
@@ -65,6 +69,7 @@ class Run:
     stop: StopRequest
     started: float
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
+    mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
 
     def step_batches(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         """This rank's micro-batches of each optimizer step left, epoch after epoch, from the
@@ -82,6 +87,26 @@ class Run:
                 yield islice(batches, accum)
             if next(batches, None) is not None:  # also ends the loader's iteration cleanly
                 raise RuntimeError(f"the training loader gave more than {steps} steps in epoch {epoch}")
+
+    def keep_among_best(self, value: float, epoch: int, values: dict[str, float],
+                        confusion: list[list[int]] | None) -> None:
+        """RUN/top/step-N: model checkpoints of the `train.keep_best` best validations so far
+        (collective when this one is among them). Ties keep the earlier."""
+        keep = self.cfg.train.keep_best
+        if keep < 2:
+            return
+        best = self.state.best
+        entries = sorted([*best.top, [value, self.state.step]], key=lambda e: e[0],
+                         reverse=self.cfg.train.monitor_mode == "max")
+        best.top = entries[:keep]
+        if [value, self.state.step] in best.top:
+            self.save_model(f"{TOP_DIR}/step-{self.state.step:08d}", epoch, values, confusion)
+        if self.accelerator.is_main_process:  # those pushed out, and any a resumed run no longer counts
+            kept = {f"step-{step:08d}" for _, step in best.top}
+            for path in (self.out / TOP_DIR).glob("step-*"):
+                if path.name not in kept:
+                    shutil.rmtree(path, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
     @property
     def monitors_ema(self) -> bool:
@@ -111,7 +136,6 @@ class Run:
             "layout": asdict(self.layout),
             "launches": self.state.launches.history,
             "stopped_early": self.stopped_improving(),
-            "weights": "ema" if self.monitors_ema else "model",  # of best/ (last/ holds the model's)
             "epoch": epoch,
             "step": self.state.step,
             "metrics": values,
@@ -124,15 +148,15 @@ class Run:
         }
 
     def save_model(self, name: str, epoch: int, values: dict[str, float], confusion: list[list[int]] | None) -> None:
-        """RUN/best or RUN/last, by the main process; the others wait until it is complete.
-        best/ holds the moving average's weights when `train.monitor` is one of its metrics."""
-        if name == "best" and self.monitors_ema:
-            model = self.accelerator.unwrap_model(self.state.model)
-            state_dict = self.state.ema.module_with_buffers_of(model).state_dict()
-        else:
-            state_dict = self.accelerator.get_state_dict(self.state.model)
+        """RUN/best, RUN/top/step-N or RUN/last, by the main process; the others wait until it
+        is complete. best/ and top/ hold what the monitor measured: the moving average's weights
+        when `train.monitor` is one of its metrics (meta.json `weights`)."""
+        ema = name != "last" and self.monitors_ema
+        model = self.state.bare_model
+        state_dict = (self.state.ema.module_with_buffers_of(model) if ema else model).state_dict()
         if self.accelerator.is_main_process:
-            save_model_checkpoint(self.out / name, state_dict, self.meta(epoch, values, confusion))
+            meta = {**self.meta(epoch, values, confusion), "weights": "ema" if ema else "model"}
+            save_model_checkpoint(self.out / name, state_dict, meta)
         self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> None:
@@ -211,7 +235,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
     if cfg.train.ema_decay:
-        state.ema = WeightsEma(accelerator.unwrap_model(model), cfg.train.ema_decay, cfg.train.ema_warmup)
+        state.ema = WeightsEma(state.bare_model, cfg.train.ema_decay, cfg.train.ema_warmup)
     if saved:
         state.resume_from(saved)  # random states last: nothing above draws from them again
         if accelerator.is_main_process:
@@ -245,4 +269,6 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         stop=StopRequest(accelerator),
         started=started,
         last_validation=last_validation,
+        mixer=make_mixer(cfg.data, datasets.num_classes, order.seed, accelerator.process_index,
+                         layout.grad_accum_steps),
     )

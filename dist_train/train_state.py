@@ -47,14 +47,18 @@ class BestSoFar:
     metrics: dict[str, float] | None = None
     step: int = -1
     since: int = 0  # validations without an improvement since the best
+    top: list[list[float | int]] = field(default_factory=list)  # [value, step] of RUN/top/, best first
+
+    def improved_to(self, value: float, epoch: int, metrics: dict[str, float], step: int) -> None:
+        self.value, self.epoch, self.metrics, self.step, self.since = value, epoch, metrics, step, 0
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value, self.epoch, self.metrics = state["value"], state["epoch"], state["metrics"]
-        # Checkpoints written before early stopping existed lack these.
-        self.step, self.since = state.get("step", -1), state.get("since", 0)
+        # Checkpoints written before early stopping and train.keep_best existed lack these.
+        self.step, self.since, self.top = state.get("step", -1), state.get("since", 0), state.get("top", [])
 
 
 @dataclass
@@ -89,6 +93,13 @@ class TrainState:
         self.ema: WeightsEma | None = None  # the weights' moving average, with train.ema_decay
 
     @property
+    def bare_model(self) -> torch.nn.Module:
+        """The model without its DDP and torch.compile wrappers (accelerator.bare_model)."""
+        from dist_train.accelerator import bare_model
+
+        return bare_model(self.accelerator, self.model)
+
+    @property
     def epoch(self) -> int:
         """The epoch the next step belongs to."""
         return self.step // self.steps_per_epoch
@@ -105,7 +116,7 @@ class TrainState:
     def members(self) -> dict[str, Stateful | None]:
         """What every rank holds alike, by the name it is saved under (None: not in this run)."""
         return {
-            "model": _ModelWeights(self.accelerator, self.model),
+            "model": _ModelWeights(self),
             "optimizer": _OptimizerState(self.optimizer),
             "scheduler": self.schedule,
             "scaler": self.accelerator.scaler,  # fp16 loss scaling only
@@ -144,14 +155,14 @@ class TrainState:
 
 
 class _ModelWeights:
-    def __init__(self, accelerator: Accelerator, model: torch.nn.Module):
-        self.accelerator, self.model = accelerator, model
+    def __init__(self, state: TrainState):
+        self.state = state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.get_state_dict(self.model)  # the unwrapped model's names
+        return self.state.bare_model.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(state)
+        self.state.bare_model.load_state_dict(state)
 
 
 class _OptimizerState:

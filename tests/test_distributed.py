@@ -122,6 +122,10 @@ def test_accumulation_all_reduces_once_per_step_and_matches_one_big_batch(tmp_pa
         assert torch.allclose(ddp[name], value, atol=1e-6, rtol=1e-5), name
     moved = sum((make_model(seed=0).state_dict()[k] - v).abs().sum() for k, v in reference.items())
     assert moved > 0.1  # the comparison is between trained weights, not two copies of the init
+    # Each rank's moving average of the weights, kept with no collective: identical, bit for bit.
+    ema = [load_file(str(tmp_path / f"ema-rank{rank}.safetensors")) for rank in range(2)]
+    assert set(ema[0]) == set(ema[1]) and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    assert not all(torch.equal(ema[0][k], ddp[k]) for k in ema[0])  # an average, not a copy
 
 
 def test_uneven_shards_prime_val_set_metrics_equal_sklearn(tmp_path):

@@ -39,13 +39,14 @@ def test_validation_is_due_every_n_steps_and_at_each_epoch_end():
 
 RECIPE = ("train.epochs=1", "train.val_every_steps=10", "train.checkpoint_every_steps=25", "train.keep_checkpoints=5",
           "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "data.augment=randaugment",
-          "data.random_erasing=0.25")
+          "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0", "data.mix_prob=0.8",
+          "train.keep_best=3")
 
 
 @pytest.mark.slow
 def test_val_every_steps_validates_mid_epoch_and_resumes_exactly(digits_dir, tmp_path):
     """Validations at steps 10, 20, 30, 40 and the epoch's end (44), of the model and of its
-    moving average, which picks best/; RandAugment and random erasing on. A resume from the
+    moving average, which picks best/; RandAugment, random erasing, mixup and cutmix on. A resume from the
     checkpoint at step 25 gives the same records, best/, last/ and average, bit for bit."""
     reference = tmp_path / "reference"
     done = train(digits_dir, reference, *RECIPE)
@@ -58,6 +59,9 @@ def test_val_every_steps_validates_mid_epoch_and_resumes_exactly(digits_dir, tmp
     best = json.loads((reference / "best" / "meta.json").read_text())
     assert best["weights"] == "ema"
     assert best["metrics"]["val_ema/f1_macro"] == max(r["val_ema/f1_macro"] for r in records)
+    ranked = sorted(records, key=lambda r: -r["val_ema/f1_macro"])  # stable: ties keep the earlier
+    top = sorted(p.name for p in (reference / "top").iterdir())
+    assert top == sorted(f"step-{r['step']:08d}" for r in ranked[:3])
     assert (reference / "metrics.png").is_file() and "epochs run: 1 of 1" in (reference / "summary.md").read_text()
 
     resumed = tmp_path / "resumed"
@@ -72,8 +76,9 @@ def test_val_every_steps_validates_mid_epoch_and_resumes_exactly(digits_dir, tmp
         return [{k: v for k, v in r.items() if not k.startswith("train/")} for r in validations(run)]
     assert measured(resumed) == measured(reference)
     end = f"checkpoints/step-{STEPS_PER_EPOCH:08d}"
+    assert sorted(p.name for p in (resumed / "top").iterdir()) == top
     for name in ("best/model.safetensors", "last/model.safetensors", f"{end}/model.safetensors",
-                 f"{end}/ema.safetensors"):
+                 f"{end}/ema.safetensors", *(f"top/{t}/model.safetensors" for t in top)):
         ours, theirs = load_file(resumed / name), load_file(reference / name)
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs), name
 
@@ -98,3 +103,25 @@ def test_early_stopping_ends_cleanly_and_a_resume_does_not_train_on(digits_dir, 
     again = train(digits_dir, out, *settings, "train.resume=auto")  # e.g. a requeued job
     assert again.returncode == 0, again.stderr[-3000:]
     assert [r["step"] for r in validations(out)] == [44, 88, 132]  # nothing trained, nothing logged twice
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_and_resumes_exactly(digits_dir, tmp_path):
+    """torch.compile (inductor's CPU kernels): a run, and a resume of it from step 20, end bit
+    for bit alike; checkpoints carry the model's own parameter names, not the compiled wrapper's."""
+    settings = ("train.epochs=1", "train.compile=true", "train.checkpoint_every_steps=20", "train.keep_checkpoints=5",
+                "tracking.plots=false")
+    reference = tmp_path / "reference"
+    done = train(digits_dir, reference, *settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference, resumed)
+    for later in ("checkpoints/step-00000040", f"checkpoints/step-{STEPS_PER_EPOCH:08d}", "last"):
+        shutil.rmtree(resumed / later)
+    done = train(digits_dir, resumed, *settings, "train.resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "at epoch 0, step 20" in done.stdout
+    ours = load_file(resumed / "last" / "model.safetensors")
+    theirs = load_file(reference / "last" / "model.safetensors")
+    assert not any(k.startswith("_orig_mod") for k in theirs)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -40,7 +40,7 @@ def train_args(digits_dir: Path, out: Path, *extra: str) -> list[str]:
 
 def val_records(run: Path) -> list[dict]:
     """Validation records without their timing fields."""
-    return [{k: v for k, v in r.items() if k in ("epoch", "step") or k.startswith("val/")}
+    return [{k: v for k, v in r.items() if k in ("epoch", "step") or k.startswith(("val/", "val_ema/"))}
             for r in read_metrics(run / "metrics.jsonl") if "val/acc" in r]
 
 
@@ -56,18 +56,27 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
         time.sleep(0.05)
 
 
+# The training recipe's options, each with state or randomness a resume must restore exactly:
+# per-sample RandAugment and erasing, mixup/cutmix, an EMA of the weights monitored for best/,
+# the k best checkpoints, validation mid-epoch.
+RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
+          "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "train.keep_best=2",
+          "train.val_every_steps=8")
+
+
 @pytest.fixture(scope="module")
 def runs(digits_dir, tmp_path_factory):
-    """An uninterrupted 2-process run, and a copy of another killed with SIGKILL mid-epoch."""
+    """An uninterrupted 2-process run, and a copy of another killed with SIGKILL mid-epoch,
+    both with every recipe option on."""
     base = tmp_path_factory.mktemp("resume")
     reference = base / "reference"
-    result = accelerate_launch(*train_args(digits_dir, reference))
+    result = accelerate_launch(*train_args(digits_dir, reference, *RECIPE))
     assert result.returncode == 0, result.stderr[-4000:]
 
     killed = base / "killed"
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()),
-           *train_args(digits_dir, killed)]
+           *train_args(digits_dir, killed, *RECIPE)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -84,13 +93,20 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(runs, digits_dir):
     resumed = runs["base"] / "resumed-2"
     shutil.copytree(runs["killed"], resumed)
     assert not (resumed / "last").exists()
-    result = accelerate_launch(*train_args(digits_dir, resumed, "train.resume=auto"))
+    result = accelerate_launch(*train_args(digits_dir, resumed, *RECIPE, "train.resume=auto"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from" in result.stdout and "at epoch 1" in result.stdout
     reference, ours = weights(runs["reference"]), weights(resumed)
     assert set(reference) == set(ours)
     assert all(torch.equal(reference[k], ours[k]) for k in reference)  # bitwise
     assert val_records(resumed) == val_records(runs["reference"])
+    # The moving average (last checkpoint), best/ (the average's weights) and the top-2, bitwise.
+    last = f"checkpoints/step-{2 * STEPS_PER_EPOCH:08d}"
+    top = sorted(p.name for p in (runs["reference"] / "top").iterdir())
+    assert len(top) == 2 and sorted(p.name for p in (resumed / "top").iterdir()) == top
+    for name in (f"{last}/ema.safetensors", "best/model.safetensors", *(f"top/{t}/model.safetensors" for t in top)):
+        theirs, mine = load_file(str(runs["reference"] / name)), load_file(str(resumed / name))
+        assert set(theirs) == set(mine) and all(torch.equal(theirs[k], mine[k]) for k in theirs), name
 
 
 def test_resume_on_one_process_instead_of_two(runs, digits_dir):
@@ -99,7 +115,7 @@ def test_resume_on_one_process_instead_of_two(runs, digits_dir):
     # One thread, as each of the two ranks had (torchrun sets OMP_NUM_THREADS=1): with two, the
     # CPU kernels sum in another order and the weights drift by float rounding alone (3.9e-5
     # after 14 steps here); with one, the resumed run is bitwise the reference.
-    result = run_cli(*train_args(digits_dir, resumed, "train.resume=auto")[2:], env={"OMP_NUM_THREADS": "1"})
+    result = run_cli(*train_args(digits_dir, resumed, *RECIPE, "train.resume=auto")[2:], env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "train.grad_accum_steps 1 -> 2" in result.stdout  # the global batch of 64 is kept
     reference, ours = weights(runs["reference"]), weights(resumed)
@@ -107,7 +123,7 @@ def test_resume_on_one_process_instead_of_two(runs, digits_dir):
         assert torch.allclose(ours[name], value, rtol=1e-4, atol=1e-5), name
     for ref, got in zip(val_records(runs["reference"]), val_records(resumed), strict=True):
         assert got["step"] == ref["step"]
-        for key in ("val/acc", "val/f1_macro", "val/loss", "val/auroc_macro"):
+        for key in ("val/acc", "val/f1_macro", "val/loss", "val/auroc_macro", "val_ema/loss", "val_ema/acc"):
             assert got[key] == pytest.approx(ref[key], abs=1e-4), key
 
 

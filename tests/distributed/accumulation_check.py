@@ -1,6 +1,7 @@
 """Run under `accelerate launch` (2 CPU processes): train a model without batch-norm with
 K-step accumulation through dist-train's own `train_step`, count the gradient
-all-reduces DDP makes at each micro-step, and save the final parameters (rank 0).
+all-reduces DDP makes at each micro-step, and save the final parameters (rank 0) and each
+rank's moving average of them (dist_train/ema.py, updated as the loop does).
 
 The data layout is the one data/plan.py gives: at optimizer step s, rank r's micro-batch k
 holds samples [s*G + (r*K + k)*b, ... + b) of the epoch, where G = W*K*b.
@@ -20,6 +21,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from dist_train.accelerator import make_accelerator
 from dist_train.config import SchedConfig, TrainConfig
+from dist_train.ema import WeightsEma
 from dist_train.engine import train_step
 from dist_train.optim import Schedule
 from dist_train.progress import TrainProgress
@@ -63,6 +65,7 @@ def main() -> None:
         return default_hooks.allreduce_hook(None, bucket)
 
     model.register_comm_hook(state=None, hook=counting_allreduce)
+    ema = WeightsEma(accelerator.unwrap_model(model), decay=0.8, warmup=True)
 
     per_micro_step: list[int] = []
 
@@ -82,12 +85,15 @@ def main() -> None:
         train_step(model, islice(micro_batches, k), torch.nn.CrossEntropyLoss(), optimizer, accelerator, progress)
         optimizer_steps += accelerator.sync_gradients
         schedule.after_optimizer_step()
+        ema.update(accelerator.unwrap_model(model))
     assert next(micro_batches, None) is None  # also counts the last micro-step's all-reduces
     out = Path(args.out)
     (out / f"allreduces-rank{rank}.json").write_text(json.dumps({
         "per_micro_step": per_micro_step, "optimizer_steps": optimizer_steps, "world_size": world,
         "distributed_type": accelerator.distributed_type.value, "final_lr": schedule.lr,
     }))
+    averaged = {k: v.contiguous() for k, v in ema.state_dict().items() if isinstance(v, torch.Tensor)}
+    save_file(averaged, str(out / f"ema-rank{rank}.safetensors"))
     if accelerator.is_main_process:
         state = accelerator.unwrap_model(model).state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "ddp.safetensors"))
