@@ -16,6 +16,8 @@ Figures (targets for 2 CPU cores):
   no_sync_gain           step time, K=8 accumulation with no_sync / syncing each   <  1.0
   time_to_acc            seconds from command start to val acc >= 0.97 (digits)    <= 60
   peak_rss_mb            peak resident memory of any process of the digits run     <= 1500
+  compile_speedup        train step with the model torch.compile'd / eager          >= 1.0
+                         (train.compile; printed beside it: the compile's seconds)
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ TARGETS = {
     "no_sync_gain": Target("<", 1.0),
     "time_to_acc": Target("<=", 60.0),
     "peak_rss_mb": Target("<=", 1500.0),
+    "compile_speedup": Target(">=", 1.0),
 }
 
 
@@ -97,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["no_sync_gain"] = no_sync_gain(sizes)
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
         figures["loop_overhead"] = loop_overhead(sizes)
+        figures["compile_speedup"], details["compile_seconds"] = compile_speedup(sizes)
         (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
          details["loader_first_batch_ms"]) = loaders(shards, Path(tmp), sizes)
     figures = {name: figures[name] for name in TARGETS}  # table order
@@ -165,6 +169,41 @@ def loop_overhead(sizes: Sizes) -> float:
         return len(batches) * 64 / (time.perf_counter() - start)
 
     return _ratio(ours, plain, sizes.repeats)
+
+
+def compile_speedup(sizes: Sizes) -> tuple[float, float]:
+    """(images/s of the training step with the model compiled as `train.compile` does it,
+    after accelerate's wrap, over the same step eager; seconds the first compiled step took)."""
+    from dist_train.accelerator import make_accelerator
+    from dist_train.config import SchedConfig, TrainConfig
+    from dist_train.models import SmallCNN
+    from dist_train.optim import Schedule
+
+    torch.set_num_threads(1)  # as loop_overhead: steadier, the same for both sides
+    accelerator = make_accelerator(TrainConfig(cpu=True))
+    batches = _digit_batches(64, sizes.steps)
+
+    def prepared(compiled: bool) -> tuple:
+        model, optimizer = accelerator.prepare(*_fresh_model(SmallCNN))
+        model = torch.compile(model) if compiled else model  # what TorchDynamoPlugin does last in prepare()
+        return model, optimizer, Schedule(optimizer, SchedConfig(name="constant"), len(batches), 1)
+
+    compiled = prepared(compiled=True)
+    model, optimizer, schedule = compiled
+    start = time.perf_counter()
+    train_like_fit(model, batches[:1], 1, optimizer, schedule, accelerator)  # the compile
+    compile_seconds = time.perf_counter() - start
+
+    def rate(parts: Callable[[], tuple]) -> Callable[[], float]:
+        def measure() -> float:
+            model, optimizer, schedule = parts()
+            start = time.perf_counter()
+            train_like_fit(model, batches, len(batches), optimizer, schedule, accelerator)
+            return len(batches) * 64 / (time.perf_counter() - start)
+        return measure
+
+    # The compiled model is reused (compiling again would be timed); eager starts fresh each time.
+    return _ratio(rate(lambda: compiled), rate(lambda: prepared(compiled=False)), sizes.repeats), compile_seconds
 
 
 # --- loaders --------------------------------------------------------------------------------
@@ -485,7 +524,8 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
     print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried, "
           f"loaders started before timing: a new one's first batch comes after "
           f"{details['loader_first_batch_ms']:.0f} ms; "
-          f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here)")
+          f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here; "
+          f"compile_speedup: the compile took {details['compile_seconds']:.1f} s)")
 
 
 if __name__ == "__main__":

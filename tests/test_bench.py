@@ -31,3 +31,4 @@ def test_bench_quick_reports_every_figure(tmp_path):
     assert math.isfinite(figures["ddp_ceiling"]) and figures["ddp_ceiling"] > 0
     assert "2 processes that do not communicate reach" in result.stdout
     assert {"torch", "accelerate", "cores", "date"} <= set(figures["machine"])
+    assert figures["compile_seconds"] > 0 and "the compile took" in result.stdout

@@ -248,6 +248,10 @@ CASES: dict[str, Case] = {
                                      message="train.clip_grad_norm must be a finite number, got nan"),
     "data.std=[nan]": Case(config("data.std=[.nan]"), message="data.std must be a finite number, got nan"),
     "train.seed=2**64": Case(config(f"train.seed={2**64}"), message="train.seed must be in [0, 4294967295]"),
+    "mixup with focal loss": Case(config("loss.name=focal", "data.mixup_alpha=0.2"),
+                                  message="which loss.name=focal does not take"),
+    "monitor of an EMA that is off": Case(config("train.monitor=val_ema/acc"),
+                                          message="train.monitor=val_ema/acc needs train.ema_decay"),
     # YAML: the last of two keys once won silently; an alias bomb took 24 s and 254 MB of stderr.
     "a key given twice": Case(yaml_file("train:\n  epochs: 1\n  epochs: 1000\n"),
                               message="'epochs' is given twice in one section (lines 2 and 3)"),

@@ -109,6 +109,20 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(runs, digits_dir):
         assert set(theirs) == set(mine) and all(torch.equal(theirs[k], mine[k]) for k in theirs), name
 
 
+def test_the_recipe_validates_mid_epoch_and_keeps_the_best_of_its_moving_average(runs):
+    """Validation every 8 steps and at each epoch's end (22 steps), of the model and of its
+    moving average; best/ and the top 2 are the average's best by val_ema/f1_macro."""
+    records = [r for r in read_metrics(runs["reference"] / "metrics.jsonl") if "val/acc" in r]
+    assert [r["step"] for r in records] == [8, 16, 22, 24, 32, 40, 44]
+    assert [r["step"] for r in records if "train/epoch_loss" in r] == [22, 44]  # an epoch's figures at its end
+    assert all(r["val_ema/loss"] != r["val/loss"] for r in records)
+    best = json.loads((runs["reference"] / "best" / "meta.json").read_text())
+    ranked = sorted(records, key=lambda r: -r["val_ema/f1_macro"])  # stable: a tie keeps the earlier
+    assert best["weights"] == "ema" and best["step"] == ranked[0]["step"]
+    assert sorted(p.name for p in (runs["reference"] / "top").iterdir()) == sorted(
+        f"step-{r['step']:08d}" for r in ranked[:2])
+
+
 def test_resume_on_one_process_instead_of_two(runs, digits_dir):
     resumed = runs["base"] / "resumed-1"
     shutil.copytree(runs["killed"], resumed)
