@@ -132,8 +132,8 @@ class TrainConfig:
     early_stop_patience: int | None = None
     progress_bar: bool = True
     cpu: bool = False  # force the CPU even where CUDA is available
-    # torch.compile the model (after the DDP wrap; validation runs the uncompiled module, whose
-    # varying last batch would make the compiled one recompile). A first step of tens of seconds.
+    # torch.compile the model (after the DDP wrap). Validation runs the uncompiled module: compiling
+    # it too cost more than it saved on the digits config (README, "Recipe options").
     compile: bool = False
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     # Resumable checkpoints (RUN/checkpoints/step-N): every N optimizer steps (null: never
