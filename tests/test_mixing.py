@@ -72,12 +72,14 @@ def test_mix_prob_leaves_some_micro_batches_unmixed_with_one_hot_labels():
     assert 70 < unmixed < 130
 
 
-def test_label_smoothing_composes_with_soft_targets():
+@pytest.mark.parametrize(("loss", "smoothing"), [("cross_entropy", 0.0), ("label_smoothing", 0.1)])
+def test_the_soft_target_loss_is_the_formula_with_and_without_label_smoothing(loss, smoothing):
     logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(1))
     _, soft = make_mixer(DataConfig(mixup_alpha=0.4), 10, 0, 0)(*batch(), step=0, micro=0)
-    loss = build_loss(LossConfig(name="label_smoothing", label_smoothing=0.1))(logits, soft)
-    smoothed = 0.9 * soft + 0.1 / 10
-    assert torch.allclose(loss, -(smoothed * F.log_softmax(logits, 1)).sum(1).mean())
+    assert not torch.equal(soft, F.one_hot(soft.argmax(1), 10).float())  # really mixed
+    value = build_loss(LossConfig(name=loss, label_smoothing=smoothing))(logits, soft)
+    smoothed = (1 - smoothing) * soft + smoothing / 10
+    assert torch.allclose(value, -(smoothed * F.log_softmax(logits, 1)).sum(1).mean())
 
 
 def test_focal_loss_with_mixing_is_a_config_error():
