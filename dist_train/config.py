@@ -66,6 +66,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"  # any torchvision classification model, or "small_cnn"
+    # Start from these weights instead of random ones (dist_train/pretrained.py): a .safetensors
+    # or torch state-dict file (.pth/.pt/.bin), or a dist-train checkpoint such as RUN/best.
+    # Never downloaded. A head for another class count starts anew.
+    weights: str | None = None
     sync_batchnorm: bool = False  # batch statistics over all processes (small per-GPU batches)
     # NHWC memory layout: faster convolutions on tensor-core GPUs, usually slower on CPUs.
     channels_last: bool = False

@@ -37,6 +37,7 @@ from dist_train.mixing import BatchMixer, make_mixer
 from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer
 from dist_train.preemption import StopRequest, TrainingStopped
+from dist_train.pretrained import load_pretrained
 from dist_train.progress import TrainProgress
 from dist_train.resume_config import check_resume_config
 from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
@@ -70,6 +71,7 @@ class Run:
     started: float
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
+    pretrained: dict[str, Any] | None = None  # what model.weights loaded, at this launch
 
     def step_batches(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         """This rank's micro-batches of each optimizer step left, epoch after epoch, from the
@@ -135,6 +137,9 @@ class Run:
             "world_size": self.accelerator.num_processes,
             "layout": asdict(self.layout),
             "launches": self.state.launches.history,
+            # What model.weights loaded (a resumed launch took its weights from the checkpoint).
+            "pretrained": self.pretrained or ({"source": self.cfg.model.weights, "loaded": "at the first launch"}
+                                               if self.cfg.model.weights else None),
             "stopped_early": self.stopped_improving(),
             "epoch": epoch,
             "step": self.state.step,
@@ -224,6 +229,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
                                 OrderSpec(**saved.members["order"]) if saved else None)
 
     model = create_model(cfg.model.name, datasets.num_classes, cfg.data.channels)
+    # A resumed run's weights come from its checkpoint; the pretrained ones were its start.
+    pretrained = load_pretrained(model, cfg.model.weights) if cfg.model.weights and not saved else None
     if cfg.model.sync_batchnorm and layout.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
@@ -251,6 +258,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         f"{layout.steps_per_epoch} steps per epoch of {layout.global_batch} images"
         + (f"; resuming from {resume_from} at epoch {state.epoch}, step {state.step}" if saved else "")
     )
+    if pretrained:
+        accelerator.print(pretrained.line())
     if changes:
         accelerator.print(f"changed since the checkpoint, applied from step {state.step}: {'; '.join(changes)}")
     report_damage(accelerator, datasets)
@@ -269,6 +278,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         stop=StopRequest(accelerator),
         started=started,
         last_validation=last_validation,
+        pretrained=pretrained.as_meta() if pretrained else None,
         mixer=make_mixer(cfg.data, datasets.num_classes, order.seed, accelerator.process_index,
                          layout.grad_accum_steps),
     )

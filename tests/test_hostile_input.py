@@ -197,6 +197,18 @@ def predictions_over_a_bad_image(g: Given) -> list[str]:
     return ["predict", "--checkpoint", str(g.run / "best"), "--out", str(g.run / "preds.csv"), "--input", str(images)]
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))  # what a malicious .pth would run instead
+
+
+def evil_weights(g: Given) -> list[str]:
+    import torch
+
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _RunsCode()}, g.tmp / "evil.pth")
+    return config(f"model.weights={g.tmp / 'evil.pth'}")(g)
+
+
 def billion_laughs() -> str:
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for level in "bcdefghi":
@@ -250,6 +262,7 @@ CASES: dict[str, Case] = {
     "train.seed=2**64": Case(config(f"train.seed={2**64}"), message="train.seed must be in [0, 4294967295]"),
     "mixup with focal loss": Case(config("loss.name=focal", "data.mixup_alpha=0.2"),
                                   message="which loss.name=focal does not take"),
+    "model.weights: a pickle that would run code": Case(evil_weights, message="is refused unread"),
     "monitor of an EMA that is off": Case(config("train.monitor=val_ema/acc"),
                                           message="train.monitor=val_ema/acc needs train.ema_decay"),
     # YAML: the last of two keys once won silently; an alias bomb took 24 s and 254 MB of stderr.

@@ -138,3 +138,21 @@ def test_bad_input_stops_before_training_with_exit_2(tmp_path, overrides, messag
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("dist-train: error:") and message in last
     assert not (tmp_path / "run" / "best").exists()
+
+
+def test_fine_tuning_starts_from_a_runs_best_weights(digits_run, digits_dir, tmp_path):
+    """model.weights=RUN/best: the run starts from those weights (its first validation is
+    already as good as the source's best), says what it loaded, and records it in meta.json."""
+    out = tmp_path / "tuned"
+    result = run_cli(
+        "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+        f"train.output_dir={out}", "train.epochs=1", "train.progress_bar=false", "tracking.wandb=false",
+        "tracking.plots=false", f"model.weights={digits_run / 'best'}", "optim.lr=0.001", "sched.warmup_epochs=0",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"model.weights {digits_run / 'best'}: " in result.stdout and "tensors loaded" in result.stdout
+    source = json.loads((digits_run / "best" / "meta.json").read_text())["metrics"]["val/acc"]
+    (first,) = [r for r in read_metrics(out / "metrics.jsonl") if "val/acc" in r]
+    assert first["val/acc"] >= source - 0.02  # a random start is at 0.1 after one epoch at this LR
+    pretrained = json.loads((out / "best" / "meta.json").read_text())["pretrained"]
+    assert pretrained["source"] == str(digits_run / "best") and pretrained["new"] == [] and pretrained["loaded"] > 10

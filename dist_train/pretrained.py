@@ -1,0 +1,158 @@
+"""Start a model from saved weights (`model.weights`): a local file or run, never a download.
+
+    model.weights: path/resnet18.safetensors   # safetensors
+    model.weights: path/resnet18-f37072fd.pth  # a torch state dict (.pth, .pt, .bin), read with
+                                               # torch.load(weights_only=True): never unpickled code
+    model.weights: runs/pretrain/best          # a dist-train model checkpoint (hash checked)
+
+Matched by name (a `module.` prefix from a DDP-saved file is dropped). What does not fit:
+- the classifier head, when the class count differs: it stays newly initialised (the usual
+  fine-tuning case: ImageNet's 1000 classes to the task's);
+- the first convolution, when the input channels differ: adapted, not re-initialised, as timm's
+  `adapt_input_conv` does (RGB to grayscale: the sum over the three colour filters);
+- any other shape: an error naming the first such key (a backbone of another architecture).
+Keys the file has and the model lacks are ignored and listed; `WeightsReport` says what was
+loaded, new and ignored, for the run log and meta.json.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from dist_train.checkpoint import load_model_checkpoint
+from dist_train.errors import CheckpointError
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+LISTED = 5  # keys named in the log line, of each kind
+
+
+@dataclass
+class WeightsReport:
+    source: str
+    loaded: int = 0
+    new: list[str] = field(default_factory=list)  # the model's keys left as initialised (the head)
+    adapted: list[str] = field(default_factory=list)  # first conv, to other input channels
+    ignored: list[str] = field(default_factory=list)  # in the file, not in the model
+
+    def line(self) -> str:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:LISTED]) + (f" and {len(keys) - LISTED} more" if len(keys) > LISTED else "")
+        return (f"model.weights {self.source}: {self.loaded} tensors loaded"
+                + (f"; adapted to the input channels: {some(self.adapted)}" if self.adapted else "")
+                + (f"; new (the head for this class count): {some(self.new)}" if self.new else "")
+                + (f"; ignored (not in this model): {some(self.ignored)}" if self.ignored else ""))
+
+    def as_meta(self) -> dict:
+        return asdict(self)
+
+
+def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a safetensors file, a torch state-dict file or a model checkpoint."""
+    path = Path(source)
+    if path.is_dir():
+        return load_model_checkpoint(path)[0]
+    if not path.is_file():
+        raise CheckpointError(f"model.weights: {path} not found (a .safetensors or .pth file, or a run's best/)")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"model.weights: {path} is not a readable safetensors file ({exc})") from None
+    if path.suffix not in TORCH_SUFFIXES:
+        raise CheckpointError(f"model.weights: {path}: expected .safetensors, {', '.join(TORCH_SUFFIXES)} "
+                              "or a checkpoint directory")
+    try:
+        # Tensors and plain containers only: a pickle that would build other objects (and so
+        # could run code) is refused by the loader before anything of it runs.
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise CheckpointError(f"model.weights: {path} holds more than tensors and is refused unread "
+                              f"(torch.load weights_only: {reason})") from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"model.weights: {path} is not a readable torch file ({exc})") from None
+    return _state_dict_in(loaded, path)
+
+
+def _state_dict_in(loaded, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a file that holds a state dict, or a training checkpoint wrapping one."""
+    for key in ("state_dict", "model", "model_state_dict", "module"):
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise CheckpointError(f"model.weights: {path} holds no state dict (a mapping of names to tensors)")
+    return {k.removeprefix("module."): v for k, v in loaded.items()}
+
+
+def load_pretrained(model: nn.Module, source: str | Path) -> WeightsReport:
+    """Load `source` into `model` in place (see the module docstring)."""
+    weights = read_weights(source)
+    own = model.state_dict()
+    head = _head_prefix(model)
+    report = WeightsReport(str(source))
+    chosen: dict[str, torch.Tensor] = {}
+    first_conv = _first_conv_weight(model)
+    for key, target in own.items():
+        if key not in weights:
+            report.new.append(key)
+            continue
+        value = weights[key]
+        if value.shape == target.shape:
+            chosen[key] = value
+        elif key == first_conv and _only_channels_differ(value, target):
+            chosen[key] = adapt_input_conv(value, target.shape[1])
+            report.adapted.append(key)
+        elif head and key.startswith(head):
+            report.new.append(key)  # another class count: the head starts anew
+        else:
+            raise CheckpointError(f"model.weights: {source}: {key} has shape {tuple(value.shape)}, the model "
+                                  f"needs {tuple(target.shape)} (weights of another architecture?)")
+    # BatchNorm's step counters are absent from some files and unused with a momentum set.
+    missing_backbone = [k for k in report.new if not (head and k.startswith(head))
+                        and not k.endswith("num_batches_tracked")]
+    if missing_backbone:
+        raise CheckpointError(f"model.weights: {source} lacks {missing_backbone[0]}"
+                              + (f" and {len(missing_backbone) - 1} more" if len(missing_backbone) > 1 else "")
+                              + " (weights of another architecture?)")
+    report.ignored = sorted(k for k in weights if k not in own)
+    report.loaded = len(chosen)
+    model.load_state_dict(chosen, strict=False)
+    return report
+
+
+def _head_prefix(model: nn.Module) -> str:
+    """The name (with a trailing dot) of the last Linear module: the classifier head of
+    torchvision's models (fc, classifier.N, heads.head) and timm's."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return f"{linears[-1]}." if linears else ""
+
+
+def _first_conv_weight(model: nn.Module) -> str | None:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return f"{name}.weight"
+    return None
+
+
+def _only_channels_differ(value: torch.Tensor, target: torch.Tensor) -> bool:
+    same_filters = value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]
+    return value.dim() == target.dim() == 4 and same_filters
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first-conv weight for `in_channels` inputs, as timm's adapt_input_conv makes it: to one
+    channel, the sum over the given ones (a gray image is then seen as RGB with equal values);
+    to more, the filters repeated and scaled so that the response stays the same."""
+    have = weight.shape[1]
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // have)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (have / in_channels)

@@ -1,0 +1,101 @@
+"""model.weights: saved weights from a local file or run, with a new head for another class
+count, the first conv adapted to other input channels, and nothing unpickled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from dist_train.checkpoint import save_model_checkpoint
+from dist_train.errors import CheckpointError
+from dist_train.models import create_model
+from dist_train.pretrained import adapt_input_conv, load_pretrained
+
+
+@pytest.fixture(scope="module")
+def resnet18_1000():
+    """A torchvision ResNet-18 as an ImageNet checkpoint has it: 1000 classes, RGB."""
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None, num_classes=1000).state_dict()
+
+
+def save(state, path):
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["resnet18.safetensors", "resnet18.pth"])
+def test_every_backbone_tensor_loads_and_another_class_count_gets_a_new_head(resnet18_1000, tmp_path, name):
+    model = create_model("resnet18", num_classes=10)
+    fresh_head = model.fc.weight.clone()
+    report = load_pretrained(model, save(resnet18_1000, tmp_path / name))
+    state = model.state_dict()
+    for key, value in resnet18_1000.items():
+        if not key.startswith("fc."):
+            assert torch.equal(state[key], value), key
+    assert report.new == ["fc.weight", "fc.bias"] and torch.equal(model.fc.weight, fresh_head)
+    assert report.loaded == len(resnet18_1000) - 2 and report.ignored == []
+    assert "tensors loaded; new (the head for this class count): fc.weight, fc.bias" in report.line()
+
+
+def test_the_same_class_count_loads_the_head_too_and_a_ddp_prefix_is_dropped(resnet18_1000, tmp_path):
+    model = create_model("resnet18", num_classes=1000)
+    path = save({f"module.{k}": v for k, v in resnet18_1000.items()}, tmp_path / "ddp.pth")
+    assert load_pretrained(model, path).new == []
+    assert torch.equal(model.fc.weight, resnet18_1000["fc.weight"])
+
+
+def test_grayscale_keeps_the_pretrained_filters_summed_over_rgb(resnet18_1000, tmp_path):
+    model = create_model("resnet18", num_classes=10, in_channels=1)
+    report = load_pretrained(model, save(resnet18_1000, tmp_path / "r.safetensors"))
+    assert report.adapted == ["conv1.weight"]
+    assert torch.equal(model.conv1.weight, resnet18_1000["conv1.weight"].sum(dim=1, keepdim=True))
+    gray = torch.rand(1, 1, 8, 8)
+    rgb_conv = torch.nn.functional.conv2d(gray.expand(1, 3, 8, 8), resnet18_1000["conv1.weight"])
+    assert torch.allclose(torch.nn.functional.conv2d(gray, model.conv1.weight), rgb_conv, atol=1e-5)
+    assert adapt_input_conv(torch.ones(2, 1, 3, 3), 3).sum() == torch.ones(2, 1, 3, 3).sum()
+
+
+def test_a_backbone_of_another_shape_is_one_line_naming_the_key(resnet18_1000, tmp_path):
+    bad = dict(resnet18_1000, **{"layer2.0.conv1.weight": torch.zeros(128, 32, 3, 3)})
+    with pytest.raises(CheckpointError, match=r"^model.weights: .*bad.pth: layer2.0.conv1.weight has shape "
+                                              r"\(128, 32, 3, 3\), the model needs \(128, 64, 3, 3\)"):
+        load_pretrained(create_model("resnet18", 10), save(bad, tmp_path / "bad.pth"))
+    with pytest.raises(CheckpointError, match=r"lacks conv1.weight and \d+ more \(weights of another architecture"):
+        load_pretrained(create_model("resnet18", 10), save(create_model("small_cnn", 10).state_dict(),
+                                                           tmp_path / "small.safetensors"))
+
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling this would create the marker file
+
+
+def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "payload": _RunsCode(str(marker))}, path)
+    with pytest.raises(CheckpointError, match=r"evil.pth holds more than tensors and is refused unread"):
+        load_pretrained(create_model("resnet18", 10), path)
+    assert not marker.exists()
+
+
+def test_a_dist_train_checkpoint_loads_with_its_hash_checked(tmp_path):
+    torch.manual_seed(1)
+    source = create_model("small_cnn", 10, 1)
+    save_model_checkpoint(tmp_path / "best", source.state_dict(), {"epoch": 0})
+    model = create_model("small_cnn", 5, 1)
+    report = load_pretrained(model, tmp_path / "best")
+    assert report.new == ["head.weight", "head.bias"]
+    assert torch.equal(model.features[0].weight, source.features[0].weight)
+    (tmp_path / "best" / "model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="missing, truncated or altered"):
+        load_pretrained(create_model("small_cnn", 5, 1), tmp_path / "best")
