@@ -1,8 +1,11 @@
-"""Build a classifier by name: any torchvision classification model, or a small CNN for CPUs.
+"""Build a classifier by name: any torchvision classification model, any timm model
+(`timm/<name>`), or a small CNN for CPUs.
 
     model = create_model("resnet18", num_classes=10, in_channels=1)
+    model = create_model("timm/convnext_tiny", num_classes=10)
 
-Weights start random: dist-train never downloads pretrained weights at run time.
+Weights start random: dist-train never downloads pretrained weights at run time (saved ones
+come from a local file: `model.weights`, pretrained.py).
 """
 
 from __future__ import annotations
@@ -44,12 +47,27 @@ def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module
         raise ConfigError(f"data.num_classes must be at least 2, got {num_classes}")
     if name in ("small_cnn", "small_cnn_gn"):
         return SmallCNN(num_classes, in_channels, norm="group" if name == "small_cnn_gn" else "batch")
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, in_channels)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(f"model.name: unknown model {name!r} (e.g. small_cnn, small_cnn_gn, resnet18, resnet50)")
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     return model
+
+
+TIMM_PREFIX = "timm/"
+
+
+def _timm_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """timm's own constructor: its head for `num_classes`, its stem for `in_channels`."""
+    import timm  # imported when asked for: it takes a second
+
+    if not timm.is_model(name):
+        raise ConfigError(f"model.name: timm has no model {name!r} (timm.list_models() lists them, "
+                          "e.g. timm/convnext_tiny, timm/vit_tiny_patch16_224, timm/resnet18)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:

@@ -85,6 +85,22 @@ def test_digits_trains_under_two_process_ddp(digits_dir, tmp_path):
     assert evaluated["val/confusion_matrix"] == meta["confusion_matrix"]
 
 
+def test_a_timm_model_trains_under_two_process_ddp_and_evaluates(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    result = accelerate_launch(
+        "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}",
+        f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=2", "train.progress_bar=false",
+        "model.name=timm/resnet10t", "tracking.wandb=false", "tracking.plots=false",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es) on cpu (MULTI_CPU)" in result.stdout
+    meta = json.loads((out / "best" / "meta.json").read_text())
+    assert meta["config"]["model"]["name"] == "timm/resnet10t" and meta["metrics"]["val/acc"] > 0.5
+    single = run_cli("eval", "--checkpoint", str(out / "best"), "--data", str(digits_dir), "--json")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads(single.stdout.strip().splitlines()[-1])["val/acc"] == pytest.approx(meta["metrics"]["val/acc"])
+
+
 def test_accumulation_all_reduces_once_per_step_and_matches_one_big_batch(tmp_path):
     accum, batch, steps = 4, 3, 5
     result = accelerate_launch(

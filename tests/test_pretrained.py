@@ -99,3 +99,14 @@ def test_a_dist_train_checkpoint_loads_with_its_hash_checked(tmp_path):
     (tmp_path / "best" / "model.safetensors").write_bytes(b"tampered")
     with pytest.raises(CheckpointError, match="missing, truncated or altered"):
         load_pretrained(create_model("small_cnn", 5, 1), tmp_path / "best")
+
+
+def test_a_timm_models_weights_load_with_only_the_head_new(tmp_path):
+    torch.manual_seed(0)
+    source = create_model("timm/convnext_atto", num_classes=1000)
+    path = save(source.state_dict(), tmp_path / "convnext_atto.safetensors")
+    model = create_model("timm/convnext_atto", num_classes=10)
+    report = load_pretrained(model, path)
+    assert report.new == ["head.fc.weight", "head.fc.bias"]
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items() if not k.startswith("head.fc."))
