@@ -1,9 +1,10 @@
-"""The `dist-train` command: train, eval, predict, report, bench, make-shards, submit.
+"""The `dist-train` command: train, eval, predict, export, report, bench, make-shards, submit.
 
     dist-train make-shards --source digits --out data/digits
     dist-train train --config configs/digits_cpu.yaml optim.lr=0.05 train.epochs=3
     dist-train eval --checkpoint runs/digits/best --data data/digits --json
     dist-train predict --checkpoint runs/digits/best --input images/ --out preds.csv
+    dist-train export --checkpoint runs/digits/best --format onnx --out digits.onnx
     dist-train report runs/digits
     dist-train bench --quick
     dist-train submit --nodes 2 --gpus-per-node 8 --config configs/imagenet_resnet50.yaml
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--batch-size", type=int, default=256)
 
+    ex = _command(sub, "export", cmd_export, "write a checkpoint's model as ONNX or TorchScript, checked on export")
+    ex.add_argument("--checkpoint", required=True, help="a model checkpoint directory, e.g. runs/digits/best")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--out", required=True, help="the model file; its sidecar is written to OUT.json")
+
     # Hidden (no help): what slurm/train.sbatch runs inside a job, not meant to be typed.
     public = list(sub.choices)
     sl = sub.add_parser("slurm", description="what slurm/train.sbatch runs inside a Slurm job")
@@ -219,6 +225,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     print(write_report(args.run_dir))
     print(f"\nwrote {', '.join(PLOT_NAMES)} and summary.md in {args.run_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_train.export import SAMPLE_BATCHES, export_model
+
+    done = export_model(args.checkpoint, args.format, args.out)
+    print(f"wrote {done.path} ({args.format}) and {done.sidecar}; largest difference from PyTorch's logits "
+          f"on sample batches of {' and '.join(map(str, SAMPLE_BATCHES))}: {done.max_abs_diff:.3g}")
     return 0
 
 

@@ -8,6 +8,7 @@ class, its probability and the top-k classes.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ class LoadedModel:
 
 
 def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """A model checkpoint directory (RUN/best), or an ONNX file written by `dist-train export`."""
+    if str(checkpoint).endswith(".onnx"):
+        return _load_onnx(Path(checkpoint))
     state, meta = load_model_checkpoint(checkpoint)
     try:
         cfg = config_from_dict(meta["config"])
@@ -56,6 +60,39 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint}: weights do not fit model {cfg.model.name} ({exc})") from None
     return LoadedModel(model.to(device).eval(), cfg, class_names, meta)
+
+
+class OnnxClassifier:
+    """An exported ONNX model run by onnxruntime, called like the PyTorch model (CPU)."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": images.cpu().numpy()})[0])
+
+    def eval(self) -> OnnxClassifier:
+        return self
+
+
+def _load_onnx(path: Path) -> LoadedModel:
+    """The ONNX file and its sidecar (`<file>.json`: class names and the run's config)."""
+    sidecar = path.with_name(path.name + ".json")
+    if not path.is_file() or not sidecar.is_file():
+        raise CheckpointError(f"{path}: an ONNX model needs the file and its {sidecar.name} from dist-train export")
+    try:
+        info = json.loads(sidecar.read_text())
+        cfg = config_from_dict(info["config"])
+        class_names = info["class_names"]
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{sidecar}: not a dist-train export sidecar ({exc})") from None
+    try:
+        model = OnnxClassifier(path)
+    except Exception as exc:  # onnxruntime's own errors share no base class
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:200]})") from None
+    return LoadedModel(model, cfg, class_names, info)
 
 
 class ImageFiles(Dataset):

@@ -1,0 +1,97 @@
+"""`dist-train export`: a checkpoint's model as ONNX or TorchScript, checked before it is kept.
+
+    dist-train export --checkpoint runs/digits/best --format onnx --out digits.onnx
+
+Beside the model, `<out>.json` holds what inference needs: class names, image size, channels,
+mean and std, the evaluation crop, and the run's config (so `dist-train predict --checkpoint
+digits.onnx` prepares images exactly as training validated them). The input is a float32 NCHW
+batch, normalized; the batch dimension is dynamic. On export the file is loaded back (ONNX:
+by onnxruntime) and run on two sample batches of different sizes: the largest difference from
+PyTorch's logits is printed, and over `tolerance` nothing is written. Both files are written
+under temporary names and renamed. TorchScript (torch.jit.trace) is deprecated by PyTorch and
+offered for runtimes that still need it; prefer ONNX.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from dist_train import atomic_file
+from dist_train.data.transforms import EVAL_CROP_RATIO
+from dist_train.errors import CheckpointError
+from dist_train.predict import LoadedModel, load_for_inference
+
+TOLERANCE = 1e-4  # max abs logit difference from PyTorch accepted on export
+SAMPLE_BATCHES = (2, 3)  # two sizes: the dynamic batch dimension is exercised too
+
+
+@dataclass
+class Exported:
+    path: Path
+    sidecar: Path
+    max_abs_diff: float
+
+
+def export_model(checkpoint: str | Path, fmt: Literal["onnx", "torchscript"], out: str | Path,
+                 tolerance: float = TOLERANCE) -> Exported:
+    loaded = load_for_inference(checkpoint)
+    model = loaded.model.eval()
+    data = loaded.cfg.data
+    generator = torch.Generator().manual_seed(0)
+    samples = [torch.randn(n, data.channels, data.image_size, data.image_size, generator=generator)
+               for n in SAMPLE_BATCHES]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file.replacing(out) as tmp, torch.no_grad():
+        run = (_export_onnx if fmt == "onnx" else _export_torchscript)(model, samples[0], tmp)
+        diff = max(float((run(x) - model(x)).abs().max()) for x in samples)
+        if not diff <= tolerance:
+            raise CheckpointError(f"export to {fmt}: outputs differ from PyTorch's by {diff:.3g} "
+                                  f"(more than {tolerance:g}); nothing written")
+        sidecar = out.with_name(out.name + ".json")
+        atomic_file.write_text(sidecar, json.dumps(_sidecar(loaded, fmt, checkpoint, diff), indent=2) + "\n")
+    return Exported(out, sidecar, diff)
+
+
+def _export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path):
+    import onnxruntime
+
+    batch = torch.export.Dim("batch", min=1)
+    torch.onnx.export(model, (sample,), str(path), input_names=["images"], output_names=["logits"],
+                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False,
+                      external_data=False)  # one file: weights inside (ONNX allows up to 2 GB)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+def _export_torchscript(model: torch.nn.Module, sample: torch.Tensor, path: Path):
+    with warnings.catch_warnings():  # torch.jit's own deprecation notice (see the module docstring)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(model, sample).save(str(path))
+        traced = torch.jit.load(str(path))
+    return traced
+
+
+def _sidecar(loaded: LoadedModel, fmt: str, checkpoint: str | Path, diff: float) -> dict:
+    data = loaded.cfg.data
+    natural = data.augment != "none" and data.augment != "light"
+    return {
+        "format": fmt,
+        "input": {"name": "images", "dtype": "float32", "layout": "NCHW", "batch": "dynamic",
+                  "channels": data.channels, "height": data.image_size, "width": data.image_size},
+        "output": {"name": "logits", "classes": len(loaded.class_names)},
+        "class_names": loaded.class_names,
+        "mean": data.mean, "std": data.std,
+        # As training validated: RGB or gray, scaled to [0, 1], resized, normalized.
+        "eval_crop": ({"resize_short_side": round(data.image_size / EVAL_CROP_RATIO), "center_crop": data.image_size}
+                      if natural else {"resize": [data.image_size, data.image_size]}),
+        "source_checkpoint": str(checkpoint),
+        "max_abs_diff_vs_pytorch": diff,
+        "config": loaded.meta.get("config"),
+    }

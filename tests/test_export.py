@@ -1,0 +1,89 @@
+"""`dist-train export`: ONNX and TorchScript files that reproduce PyTorch's logits, with what
+inference needs beside them; `predict` takes the ONNX file as it takes the checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dist_train.checkpoint import save_model_checkpoint
+from dist_train.config import load_config, to_dict
+from dist_train.errors import CheckpointError
+from dist_train.export import export_model
+from dist_train.models import create_model
+from dist_train.predict import load_for_inference
+
+from .conftest import DIGITS_CONFIG, run_cli
+
+
+def checkpoint(path, model_name: str, channels: int = 1, image_size: int = 16):
+    cfg = load_config(DIGITS_CONFIG, [f"model.name={model_name}", f"data.channels={channels}",
+                                      f"data.image_size={image_size}", f"data.mean={[0.5] * channels}",
+                                      f"data.std={[0.25] * channels}"])
+    torch.manual_seed(0)
+    model = create_model(model_name, 10, channels)
+    meta = {"config": to_dict(cfg), "class_names": [str(i) for i in range(10)], "mixed_precision": "no"}
+    return save_model_checkpoint(path, model.state_dict(), meta)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize(("model_name", "channels", "size"), [("resnet18", 3, 32), ("timm/resnet10t", 1, 16)])
+def test_the_exported_model_reproduces_pytorchs_logits(tmp_path, fmt, model_name, channels, size):
+    best = checkpoint(tmp_path / "best", model_name, channels, size)
+    out = tmp_path / f"model.{'onnx' if fmt == 'onnx' else 'pt'}"
+    done = export_model(best, fmt, out)
+    assert done.max_abs_diff <= 1e-4 and out.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best", out.name, out.name + ".json"])  # one file
+    reference = load_for_inference(best).model.eval()
+    images = torch.randn(5, channels, size, size)  # a batch size the export never saw
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        logits = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    else:
+        with pytest.warns(FutureWarning):  # PyTorch deprecates TorchScript; the file still loads
+            logits = torch.jit.load(str(out))(images)
+    with torch.no_grad():
+        assert (logits - reference(images)).abs().max() <= 1e-4
+    sidecar = json.loads(done.sidecar.read_text())
+    assert sidecar["class_names"] == [str(i) for i in range(10)]
+    assert sidecar["input"] == {"name": "images", "dtype": "float32", "layout": "NCHW", "batch": "dynamic",
+                                "channels": channels, "height": size, "width": size}
+    assert sidecar["mean"] == [0.5] * channels and sidecar["std"] == [0.25] * channels
+    assert sidecar["eval_crop"] == {"resize": [size, size]}  # digits_cpu's light augmentation
+
+
+def test_a_failed_export_leaves_nothing_and_names_the_difference(tmp_path):
+    best = checkpoint(tmp_path / "best", "small_cnn")
+    (tmp_path / "m.onnx").write_bytes(b"the previous export")
+    expected = r"outputs differ from PyTorch's by .* \(more than 1e-30\); nothing written"
+    with pytest.raises(CheckpointError, match=expected):
+        export_model(best, "onnx", tmp_path / "m.onnx", tolerance=1e-30)
+    assert (tmp_path / "m.onnx").read_bytes() == b"the previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "m.onnx"]
+
+
+@pytest.mark.slow
+def test_predict_with_the_onnx_file_gives_the_checkpoints_top_1(digits_dir, tmp_path):
+    run = tmp_path / "run"
+    trained = run_cli("train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+                      f"train.output_dir={run}", "train.epochs=1", "train.progress_bar=false", "tracking.wandb=false",
+                      "tracking.plots=false")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = run_cli("export", "--checkpoint", str(run / "best"), "--format", "onnx",
+                       "--out", str(tmp_path / "d.onnx"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "largest difference from PyTorch's logits" in exported.stdout
+    val_shards = [str(p) for p in sorted(digits_dir.glob("val-*.tar"))]
+    rows = {}
+    for name, model in (("checkpoint", run / "best"), ("onnx", tmp_path / "d.onnx")):
+        done = run_cli("predict", "--checkpoint", str(model), "--input", *val_shards,
+                       "--out", str(tmp_path / f"{name}.csv"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(tmp_path / f"{name}.csv") as f:
+            rows[name] = [(r["source"], r["predicted"]) for r in csv.DictReader(f)]
+    assert len(rows["onnx"]) == 359 and rows["onnx"] == rows["checkpoint"]
