@@ -93,6 +93,10 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     # Weight decay on biases and normalization parameters rarely helps and often hurts.
     decay_norm_and_bias: bool = False
+    # Fine-tuning: the classifier head's LR multiplier, and layer-wise LR decay (BEiT, timm):
+    # layer i of L (input side first) trains at lr * layer_decay^(L-1-i). null: none.
+    head_lr_mult: float = 1.0
+    layer_decay: float | None = None
     # Linear LR scaling: `lr` is meant for this global batch (processes x accumulation x
     # batch_size) and is multiplied by actual_global_batch / lr_base_batch. null: no scaling.
     lr_base_batch: int | None = None
@@ -183,6 +187,7 @@ MAX_EPOCHS = 1_000_000
 MAX_WORKERS = 256  # DataLoader workers per training process
 MAX_CLASSES = 1_000_000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+MAX_LR_MULT = 1000.0  # a head at 10-100x the backbone's LR is usual; 1000x is already extreme
 MAX_ALPHA = 100.0  # Beta(alpha, alpha) is near 0.5 long before; recipes use 0.1 to 1
 MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
 
@@ -316,6 +321,8 @@ def _check_ranges(cfg: Config) -> None:
         ("data.mix_switch_prob", cfg.data.mix_switch_prob, 0 <= cfg.data.mix_switch_prob <= 1, "in [0, 1]"),
         ("optim.lr", o.lr, 0 < o.lr <= MAX_LR, f"in (0, {MAX_LR:g}]"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("optim.head_lr_mult", o.head_lr_mult, 1 / MAX_LR_MULT <= o.head_lr_mult <= MAX_LR_MULT,
+         f"in [{1 / MAX_LR_MULT:g}, {MAX_LR_MULT:g}]"),
         ("optim.momentum", o.momentum, o.momentum > 0 or not (o.nesterov and o.name == "sgd"),
          "positive with optim.nesterov=true"),
         ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay <= MAX_WEIGHT_DECAY,
@@ -333,6 +340,9 @@ def _check_ranges(cfg: Config) -> None:
         ("sched.plateau_patience", s.plateau_patience, s.plateau_patience >= 0, ">= 0"),
         *((f"loss.focal_alpha[{i}]", a, a >= 0, ">= 0") for i, a in enumerate(cfg.loss.focal_alpha or [])),
     ]
+    if o.layer_decay is not None:
+        # Recipes use 0.5-0.95; far below, the early layers' LRs underflow to zero.
+        rules.append(("optim.layer_decay", o.layer_decay, 0.01 <= o.layer_decay <= 1, "in [0.01, 1] (or null)"))
     if t.ema_decay is not None:
         rules.append(("train.ema_decay", t.ema_decay, 0 < t.ema_decay < 1, "in (0, 1) (or null)"))
     if t.clip_grad_norm is not None:

@@ -29,22 +29,78 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.Optimizer:
-    """SGD or AdamW; `global_batch` (images per optimizer step) feeds `lr_base_batch` scaling."""
+    """SGD or AdamW; `global_batch` (images per optimizer step) feeds `lr_base_batch` scaling.
+
+    Parameter groups by weight decay and LR scale: `optim.layer_decay` (BEiT's layer-wise LR
+    decay: layer i of L gets decay^(L-1-i)) and `optim.head_lr_mult` (the classifier head's LR
+    multiplier) set each parameter's scale; a group's "lr_scale" is kept beside its LR."""
     lr = scaled_lr(cfg, global_batch) if global_batch else cfg.lr
-    decay, no_decay = [], []
+    scales = lr_scales(model, cfg)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for param in model.parameters():
         if not param.requires_grad:
             continue
         # Biases and normalization weights are the 1-d parameters.
-        (no_decay if param.ndim <= 1 and not cfg.decay_norm_and_bias else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+        decay = 0.0 if param.ndim <= 1 and not cfg.decay_norm_and_bias else cfg.weight_decay
+        groups.setdefault((decay, scales[id(param)]), []).append(param)
+    groups = [{"params": params, "weight_decay": decay, "lr": lr * scale, "lr_scale": scale}
+              for (decay, scale), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+
+
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The LR before per-group scales, read from the group with the largest (never underflowed)."""
+    group = max(optimizer.param_groups, key=lambda g: g.get("lr_scale", 1.0))
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
+def lr_scales(model: nn.Module, cfg: OptimConfig) -> dict[int, float]:
+    """Each parameter's LR scale (by id): layer decay, then the head's multiplier."""
+    scales = {id(p): 1.0 for p in model.parameters()}
+    if cfg.layer_decay is not None:
+        layers, count = layer_ids(model)
+        for name, param in model.named_parameters():
+            scales[id(param)] = cfg.layer_decay ** (count - 1 - layers[name])
+    if cfg.head_lr_mult != 1.0:
+        head = head_prefix(model)
+        for name, param in model.named_parameters():
+            if name.startswith(head):
+                scales[id(param)] *= cfg.head_lr_mult
+    return scales
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """(layer index of every parameter, number of layers), input side first.
+
+    timm models know their own blocks (`group_matcher`, as timm's own layer decay uses them);
+    for others, each top-level module holding parameters is a layer, and each block of a
+    top-level sequence of blocks (torchvision's ResNet stages, ConvNeXt's, ViT's encoder) too."""
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        grouped = group_parameters(model, model.group_matcher(coarse=False))
+        ids = {name: i for i, names in enumerate(grouped.values()) for name in names}
+        return ids, len(grouped)
+    ids: dict[str, int] = {}
+    layer = 0
+    for prefix, child in model.named_children():
+        blocks = list(child.named_children()) if isinstance(child, nn.Sequential | nn.ModuleList) else []
+        units = [(f"{prefix}.{n}", b) for n, b in blocks] if len(blocks) > 1 else [(prefix, child)]
+        for unit_prefix, unit in units:
+            names = [f"{unit_prefix}.{n}" for n, _ in unit.named_parameters()]
+            if names:
+                ids.update(dict.fromkeys(names, layer))
+                layer += 1
+    return ids, layer
+
+
+def head_prefix(model: nn.Module) -> str:
+    """The name (with a trailing dot) of the last Linear module: the classifier head of
+    torchvision's models (fc, classifier.N, heads.head), timm's (head.fc, head) and small_cnn."""
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return f"{linears[-1]}." if linears else ""
 
 
 class Schedule:
@@ -58,7 +114,7 @@ class Schedule:
                 optimizer, mode=cfg.plateau_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
             )
         else:
-            factor = lr_factor_fn(cfg, steps_per_epoch, epochs, base_lr=optimizer.param_groups[0]["lr"])
+            factor = lr_factor_fn(cfg, steps_per_epoch, epochs, base_lr=_base_lr(optimizer))
             self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def after_optimizer_step(self) -> None:
@@ -71,7 +127,8 @@ class Schedule:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The LR at this step before per-group scaling (what the schedule gives the base LR)."""
+        return _base_lr(self.optimizer)
 
     def state_dict(self) -> dict:
         return self.scheduler.state_dict()

@@ -28,6 +28,7 @@ from torch import nn
 
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.errors import CheckpointError
+from dist_train.optim import head_prefix
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 LISTED = 5  # keys named in the log line, of each kind
@@ -96,7 +97,7 @@ def load_pretrained(model: nn.Module, source: str | Path) -> WeightsReport:
     """Load `source` into `model` in place (see the module docstring)."""
     weights = read_weights(source)
     own = model.state_dict()
-    head = _head_prefix(model)
+    head = head_prefix(model)
     report = WeightsReport(str(source))
     chosen: dict[str, torch.Tensor] = {}
     first_conv = _first_conv_weight(model)
@@ -126,13 +127,6 @@ def load_pretrained(model: nn.Module, source: str | Path) -> WeightsReport:
     report.loaded = len(chosen)
     model.load_state_dict(chosen, strict=False)
     return report
-
-
-def _head_prefix(model: nn.Module) -> str:
-    """The name (with a trailing dot) of the last Linear module: the classifier head of
-    torchvision's models (fc, classifier.N, heads.head) and timm's."""
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    return f"{linears[-1]}." if linears else ""
 
 
 def _first_conv_weight(model: nn.Module) -> str | None:

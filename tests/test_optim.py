@@ -92,3 +92,35 @@ def test_weight_decay_skips_biases_and_norms_by_default():
     assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(4, 0.1)]
     adamw = build_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.8, 0.9]))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_layer_decay_and_the_head_multiplier_set_each_parameters_lr_by_the_formula():
+    """resnet18: conv1, bn1, 8 residual blocks, fc = 11 layers; layer i trains at
+    lr * decay^(10 - i), the head (fc) at lr * head_lr_mult."""
+    import torchvision
+
+    from dist_train.optim import layer_ids
+
+    model = torchvision.models.resnet18(num_classes=10)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.1, layer_decay=0.75, head_lr_mult=10.0))
+    layers, count = layer_ids(model)
+    assert count == 11 and layers["conv1.weight"] == 0 and layers["layer1.1.conv2.weight"] == 3
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        expected = 0.1 * (10.0 if name.startswith("fc.") else 0.75 ** (10 - layers[name]))
+        assert lr_of[id(param)] == pytest.approx(expected, rel=1e-12), name
+    schedule = Schedule(optimizer, SchedConfig(name="cosine", warmup_epochs=0), steps_per_epoch=10, epochs=1)
+    for _ in range(5):
+        schedule.after_optimizer_step()
+    factor = 0.5 * (1 + math.cos(math.pi * 5 / 10))
+    assert schedule.lr == pytest.approx(0.1 * factor)  # the base LR, whatever the groups' scales
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(0.1 * group["lr_scale"] * factor)
+
+
+def test_a_timm_models_layers_are_its_own_blocks():
+    from dist_train.models import create_model
+    from dist_train.optim import layer_ids
+
+    layers, count = layer_ids(create_model("timm/convnext_atto", 10))
+    assert count == 14 and layers["stem.0.weight"] == 0 and layers["head.fc.weight"] == 13
