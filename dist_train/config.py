@@ -70,6 +70,12 @@ class ModelConfig:
     # or torch state-dict file (.pth/.pt/.bin), or a dist-train checkpoint such as RUN/best.
     # Never downloaded. A head for another class count starts anew.
     weights: str | None = None
+    # Train only the classifier head at first: "backbone" freezes everything else for
+    # `freeze_epochs` epochs (null: the whole run), then all of it trains. A frozen parameter's
+    # gradient is dropped before the optimizer step: it is not updated and its optimizer state
+    # does not move. (BatchNorm statistics of a frozen backbone still follow the data.)
+    freeze: Literal["none", "backbone"] = "none"
+    freeze_epochs: float | None = None
     sync_batchnorm: bool = False  # batch statistics over all processes (small per-GPU batches)
     # NHWC memory layout: faster convolutions on tensor-core GPUs, usually slower on CPUs.
     channels_last: bool = False
@@ -340,6 +346,9 @@ def _check_ranges(cfg: Config) -> None:
         ("sched.plateau_patience", s.plateau_patience, s.plateau_patience >= 0, ">= 0"),
         *((f"loss.focal_alpha[{i}]", a, a >= 0, ">= 0") for i, a in enumerate(cfg.loss.focal_alpha or [])),
     ]
+    if (freeze := cfg.model.freeze_epochs) is not None:
+        rules.append(("model.freeze_epochs", freeze, 0 < freeze <= t.epochs,
+                      f"in (0, train.epochs={t.epochs}] (or null)"))
     if o.layer_decay is not None:
         # Recipes use 0.5-0.95; far below, the early layers' LRs underflow to zero.
         rules.append(("optim.layer_decay", o.layer_decay, 0.01 <= o.layer_decay <= 1, "in [0.01, 1] (or null)"))

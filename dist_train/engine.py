@@ -26,8 +26,9 @@ from dist_train.tracking import is_better
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
-               mix=None) -> None:
-    """One optimizer step over this rank's micro-batches of it."""
+               mix=None, frozen=()) -> None:
+    """One optimizer step over this rank's micro-batches of it. `frozen`: parameters that do not
+    train at this step (model.freeze): their gradients are dropped before clipping and the step."""
     model.train()
     for micro, (images, labels) in enumerate(micro_batches):
         images, labels = images.to(accelerator.device), labels.to(accelerator.device)
@@ -39,6 +40,9 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
             outputs = model(images)
             loss = criterion(outputs, labels)
             accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                for param in frozen:
+                    param.grad = None  # the optimizer skips a parameter without a gradient
             if clip_grad_norm and accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
@@ -91,7 +95,8 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     state, accelerator = run.state, run.accelerator
     for micro_batches in run.step_batches():
         train_step(state.model, micro_batches, run.criterion, state.optimizer, accelerator, run.progress,
-                   cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None)
+                   cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None,
+                   run.frozen_at(state.step))
         state.step += 1
         state.schedule.after_optimizer_step()
         if state.ema:  # every rank alike, from identical weights: no collective

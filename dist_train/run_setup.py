@@ -35,7 +35,7 @@ from dist_train.losses import build_loss
 from dist_train.metrics import ValidationMetrics
 from dist_train.mixing import BatchMixer, make_mixer
 from dist_train.models import create_model
-from dist_train.optim import Schedule, build_optimizer
+from dist_train.optim import Schedule, build_optimizer, head_prefix
 from dist_train.preemption import StopRequest, TrainingStopped
 from dist_train.pretrained import load_pretrained
 from dist_train.progress import TrainProgress
@@ -113,6 +113,17 @@ class Run:
     @property
     def monitors_ema(self) -> bool:
         return self.cfg.train.monitor.startswith(EMA_PREFIX)
+
+    def frozen_at(self, step: int) -> list[nn.Parameter]:
+        """The parameters model.freeze holds still at optimizer step `step` (a pure function of
+        the step: a resume freezes and unfreezes exactly where an uninterrupted run does)."""
+        epochs = self.cfg.model.freeze_epochs
+        if self.cfg.model.freeze == "none":
+            return []
+        if epochs is not None and step >= round(epochs * self.layout.steps_per_epoch):
+            return []
+        head = head_prefix(self.state.bare_model)
+        return [p for name, p in self.state.bare_model.named_parameters() if not name.startswith(head)]
 
     def stopped_improving(self) -> bool:
         """True once `train.early_stop_patience` validations in a row have not improved the monitor."""

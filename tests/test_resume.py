@@ -58,10 +58,11 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
 
 # The training recipe's options, each with state or randomness a resume must restore exactly:
 # per-sample RandAugment and erasing, mixup/cutmix, an EMA of the weights monitored for best/,
-# the k best checkpoints, validation mid-epoch.
+# the k best checkpoints, validation mid-epoch, a backbone frozen for 33 steps (the resume from
+# step 30 crosses the unfreeze).
 RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
           "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "train.keep_best=2",
-          "train.val_every_steps=8")
+          "train.val_every_steps=8", "model.freeze=backbone", "model.freeze_epochs=1.5")
 
 
 @pytest.fixture(scope="module")
