@@ -43,8 +43,8 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
             if accelerator.sync_gradients:
                 for param in frozen:
                     param.grad = None  # the optimizer skips a parameter without a gradient
-            if clip_grad_norm and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                if clip_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
         progress.batch_done(loss, len(labels))

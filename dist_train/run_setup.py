@@ -8,6 +8,7 @@ after its last. The loop itself is dist_train/engine.py.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from collections.abc import Iterator
@@ -122,6 +123,11 @@ class Run:
             return []
         if epochs is not None and step >= round(epochs * self.layout.steps_per_epoch):
             return []
+        return self._backbone
+
+    @functools.cached_property
+    def _backbone(self) -> list[nn.Parameter]:
+        """Every parameter but the head's: found once, not at every step."""
         head = head_prefix(self.state.bare_model)
         return [p for name, p in self.state.bare_model.named_parameters() if not name.startswith(head)]
 
