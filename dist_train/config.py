@@ -61,6 +61,11 @@ class DataConfig:
     max_skipped: int = 100
     # An image declaring more pixels is damaged data (a decompression bomb), never decoded.
     max_image_pixels: int = 89_478_485  # PIL's own default limit
+    # Remote shards (https://, http://, s3://) are fetched ahead of use into this node-local
+    # directory ("": dist-train-shards-<uid> in the system's temporary directory), shared by
+    # the node's processes and never holding more than cache_limit ("20GB", "512MiB", bytes).
+    cache_dir: str = ""
+    cache_limit: str = "20GB"
 
 
 @dataclass
@@ -260,6 +265,10 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    try:
+        parse_bytes(cfg.data.cache_limit)
+    except ValueError as exc:
+        raise ConfigError(f"data.cache_limit: {exc}") from None
     if cfg.data.max_skipped < 0:
         raise ConfigError(f"data.max_skipped must be >= 0, got {cfg.data.max_skipped}")
     if cfg.data.num_workers < 0:
@@ -300,6 +309,21 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={metric} needs train.ema_decay (the moving average it measures)")
         if metric not in METRIC_NAMES + EMA_METRIC_NAMES:
             raise ConfigError(f"{key}: unknown metric {metric!r}; choose from {METRIC_NAMES + EMA_METRIC_NAMES}")
+
+
+def parse_bytes(text: str) -> int:
+    """A size such as data.cache_limit ("20GB", "512MiB", "100000000") in bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    stripped = str(text).strip().upper().replace(" ", "")
+    number = stripped.rstrip("KMGTIB")
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if stripped[len(number):] not in units or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a size such as 20GB, 512MiB or a number of bytes")
+    return int(value * units[stripped[len(number):]])
 
 
 def _check_finite(node: Any, prefix: str) -> None:

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from dist_train.accelerator import make_accelerator
+from dist_train.data import cache_if_remote
 from dist_train.data.pipeline import EvalStreamSpec, make_eval_loader
 from dist_train.data.resolve import resolve_shards
 from dist_train.engine import evaluate
@@ -22,7 +23,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     # The precision the run validated with, so that the numbers reproduce.
     precision = loaded.meta.get("mixed_precision", "no")
     accelerator = make_accelerator(replace(cfg.train, mixed_precision=precision, grad_accum_steps=1))
-    shards = resolve_shards(data, split, num_classes)
+    shards = resolve_shards(data, split, num_classes, cache=cache_if_remote([data], cfg.data))
     spec = EvalStreamSpec(shards, num_classes=num_classes,
                           batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)

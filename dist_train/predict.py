@@ -21,7 +21,9 @@ from dist_train import workers
 from dist_train.atomic_file import replacing
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
+from dist_train.data import cache_if_remote
 from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make_eval_loader
+from dist_train.data.remote import is_remote
 from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
@@ -119,7 +121,7 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
         path = Path(item)
         if path.is_dir():
             images.extend(sorted(p for p in path.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS))
-        elif item.endswith(".tar") or "{" in item:
+        elif item.endswith(".tar") or "{" in item or is_remote(item):
             shards.append(item)
         elif path.is_file():
             images.append(path)
@@ -139,7 +141,8 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
                                   collate_fn=Collate(loaded.cfg.data),
                                   **workers.loader_options(loaded.cfg.data.num_workers)))
     if shards:
-        shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names)).shards, None)
+        cache = cache_if_remote(shards, loaded.cfg.data)
+        shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names), cache=cache).shards, None)
         spec = EvalStreamSpec(shard_set, batch_size=batch_size,
                               num_classes=len(loaded.class_names), with_keys=True)
         loaders.append(make_eval_loader(spec, loaded.cfg.data))

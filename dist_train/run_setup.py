@@ -9,6 +9,7 @@ after its last. The loop itself is dist_train/engine.py.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -284,6 +285,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         shards=datasets.train, order=order, epoch=state.epoch, num_classes=datasets.num_classes,
         batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps, rank=accelerator.process_index,
         world_size=layout.world_size, start_step=state.step_in_epoch,
+        # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     ), cfg.data, pin_memory=accelerator.device.type == "cuda")
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,

@@ -7,6 +7,9 @@
     plan.py                 the evaluation split: every sample once across ranks and workers
     pipeline.py             TrainStream / TrainLoader for training; EvalStream for eval and predict
     random_access.py        one sample read by offset; transforms.py: the image transforms
+    remote.py               https:// and s3:// objects (fsspec), retried with backoff
+    shard_cache.py          the node-local, bounded cache remote shards are read from
+    prefetch.py             which shards a node reads when; the thread that fetches them ahead
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_train.config import DataConfig
+from dist_train.data.remote import is_remote
 from dist_train.data.resolve import Damage, ShardSet, resolve_shards
+from dist_train.data.shard_cache import ShardCache, cache_for
 from dist_train.errors import ConfigError, DataError
 
 
@@ -35,11 +40,18 @@ class Datasets:
         return self.train.skipped_samples + self.val.skipped_samples
 
 
+def cache_if_remote(specs: list[str | list[str]], cfg: DataConfig) -> ShardCache | None:
+    """The node's shard cache if any of these data specs names remote shards."""
+    flat = [one for spec in specs for one in (spec if isinstance(spec, list) else [spec])]
+    return cache_for(cfg) if any(isinstance(one, str) and is_remote(one) for one in flat) else None
+
+
 def resolve_datasets(cfg: DataConfig) -> Datasets:
     """Find and check the train and val shards; settle the number and names of classes."""
     skip = cfg.on_error == "skip"
-    train = resolve_shards(cfg.train, "train", cfg.num_classes, skip_damaged=skip)
-    val = resolve_shards(cfg.val, "val", cfg.num_classes, skip_damaged=skip)
+    cache = cache_if_remote([cfg.train, cfg.val], cfg)
+    train = resolve_shards(cfg.train, "train", cfg.num_classes, skip_damaged=skip, cache=cache)
+    val = resolve_shards(cfg.val, "val", cfg.num_classes, skip_damaged=skip, cache=cache)
 
     manifest_names = train.class_names or val.class_names
     num_classes = cfg.num_classes or (len(manifest_names) if manifest_names else 0)

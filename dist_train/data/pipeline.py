@@ -30,8 +30,10 @@ from dist_train import workers
 from dist_train.config import DataConfig
 from dist_train.data import plan, random_access
 from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
+from dist_train.data.prefetch import LAG_STEPS, NodePlan, Prefetcher, check_room
 from dist_train.data.random_access import ShardReader
 from dist_train.data.resolve import Shard, ShardSet, parse_label
+from dist_train.data.shard_cache import ShardCache, cache_for
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
@@ -66,6 +68,15 @@ class TrainStreamSpec:
     rank: int = 0
     world_size: int = 1
     start_step: int = 0
+    local_world_size: int = 1  # processes on this node (ranks node*L .. node*L+L-1): they share a shard cache
+
+    @property
+    def node_ranks(self) -> range:
+        first = self.rank - self.rank % self.local_world_size
+        return range(first, min(first + self.local_world_size, self.world_size))
+
+    def node_plan(self, order: EpochOrder, cache: ShardCache) -> NodePlan:
+        return NodePlan(order, self.node_ranks, self.grad_accum_steps, self.batch_size, cache)
 
 
 class SampleDecoder:
@@ -167,9 +178,10 @@ class SkipCounter:
 class EvalStream(IterableDataset):
     """Streams this rank's share of the shards with webdataset's tar reader, in order."""
 
-    def __init__(self, spec: EvalStreamSpec, decode: SampleDecoder):
+    def __init__(self, spec: EvalStreamSpec, decode: SampleDecoder, cache: ShardCache | None = None):
         self.spec = spec
         self.decode = decode
+        self.cache = cache
         self.skipped = SkipCounter(decode)
 
     def __iter__(self) -> Iterator:
@@ -180,7 +192,7 @@ class EvalStream(IterableDataset):
         damaged = {shard.url: shard for shard in s.shards.shards if shard.damaged}
         return iter(wds.DataPipeline(
             lambda: iter(slices),
-            lambda pieces: read_slices(pieces, damaged),
+            lambda pieces: read_slices(pieces, damaged, self.cache),
             self._decoded,
             wds.batched(s.batch_size, partial=True, collation_fn=self.decode.collate),
         ))
@@ -202,9 +214,10 @@ class TrainStream(IterableDataset):
     for any number of workers, and after a resume.
     """
 
-    def __init__(self, spec: TrainStreamSpec, decode: SampleDecoder):
+    def __init__(self, spec: TrainStreamSpec, decode: SampleDecoder, cache: ShardCache | None = None):
         self.spec = spec
         self.decode = decode
+        self.cache = cache  # for remote shards
         # (epoch, start step), shared with worker processes that outlive an epoch.
         self.position = workers.context().Array("q", [spec.epoch, spec.start_step])
         self.skipped = SkipCounter(decode)
@@ -223,14 +236,19 @@ class TrainStream(IterableDataset):
         worker, num_workers = _this_worker()
         s = replace(self.spec, epoch=self.position[0], start_step=self.position[1])
         order = EpochOrder(s.shards.shards, s.order, s.epoch)
-        reader = ShardReader()
+        node_plan = s.node_plan(order, self.cache) if self.cache is not None else None
+        reader = ShardReader(self.cache)
         try:
             micro_batches = range(s.start_step * s.grad_accum_steps, order.steps * s.grad_accum_steps)
             for j in micro_batches[worker::num_workers]:
                 step, micro = divmod(j, s.grad_accum_steps)
+                if node_plan is not None:
+                    reader.now, reader.next_use = step, node_plan.next_use_by_name(step)
                 positions = micro_batch_positions(step, micro, s.rank, s.world_size, s.grad_accum_steps,
                                                   s.batch_size, s.order.global_batch)
-                yield self.decode.collate([self._prepare(order, reader, q) for q in positions])
+                batch = self.decode.collate([self._prepare(order, reader, q) for q in positions])
+                reader.release()  # remote copies this batch read may be evicted when done with
+                yield batch
         finally:
             reader.close()
 
@@ -261,21 +279,34 @@ def _this_worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None = None) -> Iterator[dict]:
+def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None = None,
+                cache: ShardCache | None = None) -> Iterator[dict]:
     """Samples of each slice, in shard order, read with webdataset's tar reader; a shard with
-    samples left out (data.on_error=skip) is read through its filtered index instead."""
+    samples left out (data.on_error=skip) is read through its filtered index instead, and a
+    remote shard from its copy in `cache`, pinned while it is read."""
     for piece in slices:
         if damaged and piece.url in damaged:
             reader = ShardReader()
             yield from (reader.sample(damaged[piece.url], i) for i in range(piece.start, piece.stop))
             reader.close()
             continue
-        samples = wds.tariterators.tarfile_samples([{"url": piece.url}])
+        if piece.remote:
+            if cache is None:
+                raise DataError(f"{piece.url}: a remote shard, and this reader has no shard cache")
+            stream = cache.open_pinned(piece.shard.as_remote_object())
+        else:
+            stream = open(piece.url, "rb")  # noqa: SIM115 - closed below, or by the generator's close
+        # `url` names the shard in errors and in sample sources (predictions): the URL, not the copy.
+        members = wds.tariterators.tar_file_expander([{"url": piece.url, "stream": stream}])
+        samples = wds.tariterators.group_by_keys(members)
         yielded = 0
-        for sample in islice(samples, piece.start, piece.stop):
-            yielded += 1
-            yield sample
-        samples.close()  # closes the shard file now rather than at garbage collection
+        try:
+            for sample in islice(samples, piece.start, piece.stop):
+                yielded += 1
+                yield sample
+        finally:
+            samples.close()
+            stream.close()  # the shard file now rather than at garbage collection; unpins a copy
         if yielded != piece.samples:
             raise DataError(
                 f"{piece.url}: expected samples {piece.start}..{piece.stop - 1}, the shard "
@@ -300,7 +331,8 @@ class Collate:
 def make_eval_loader(spec: EvalStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
     """Every sample of this rank's share once, in batches (the last may be smaller)."""
     decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys)
-    return _loader(EvalStream(spec, decode), data_cfg, pin_memory)
+    cache = cache_for(data_cfg) if any(shard.remote for shard in spec.shards.shards) else None
+    return _loader(EvalStream(spec, decode, cache), data_cfg, pin_memory)
 
 
 class TrainLoader:
@@ -312,25 +344,47 @@ class TrainLoader:
     """
 
     def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False):
-        self.stream = TrainStream(spec, SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes))
+        remote_shards = any(shard.remote for shard in spec.shards.shards)
+        cache = cache_for(data_cfg) if remote_shards else None
+        self.stream = TrainStream(spec, SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes), cache)
         # Workers live across epochs (no start-up cost per epoch; their shard indexes stay).
         self.loader = _loader(self.stream, data_cfg, pin_memory, persistent=True)
         self._workers_started = False
+        # Steps whose shards the node's ranks and their workers may be reading at once: the
+        # cache must hold them all (checked per epoch, before any worker waits for room).
+        in_flight = max(data_cfg.num_workers, 1) * 3  # per worker: one building, two queued
+        self._room_span = -(-in_flight // spec.grad_accum_steps) + LAG_STEPS + 1
+        # The node's first process fetches remote shards ahead of its ranks' reads.
+        self.prefetcher = Prefetcher(cache) if cache and spec.rank == spec.node_ranks.start else None
         self.set_position(spec.epoch, spec.start_step)
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:
         s = self.stream.spec
         self.stream.position[0], self.stream.position[1] = epoch, start_step
+        order = EpochOrder(s.shards.shards, s.order, epoch)
+        if self.stream.cache is not None:
+            node_plan = s.node_plan(order, self.stream.cache)
+            check_room(node_plan, self.stream.cache, self._room_span)
+            if self.prefetcher:
+                self.prefetcher.follow(node_plan, start_step)
         # Index the shards this rank reads in the main process while that helps: workers
         # started afterwards receive the indexes, and without workers the main process reads.
         # Persistent workers index later epochs' new shards themselves, once.
         if self.loader.num_workers == 0 or not self._workers_started:
-            order = EpochOrder(s.shards.shards, s.order, epoch)
             random_access.preload(order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size))
 
     def __iter__(self) -> Iterator:
         self._workers_started = True
-        return iter(self.loader)
+        if self.prefetcher is None:
+            return iter(self.loader)
+        return self._telling_prefetcher(iter(self.loader))
+
+    def _telling_prefetcher(self, batches: Iterator) -> Iterator:
+        """The batches, telling the prefetcher which step the run has reached."""
+        first_step, per_step = self.stream.position[1], self.stream.spec.grad_accum_steps
+        for j, batch in enumerate(batches):
+            self.prefetcher.reached(first_step + j // per_step)
+            yield batch
 
 
 def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> TrainLoader:

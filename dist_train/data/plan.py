@@ -17,9 +17,17 @@ from dist_train.data.resolve import Shard
 
 @dataclass(frozen=True)
 class Slice:
-    url: str
+    shard: Shard
     start: int  # first sample index within the shard
     stop: int  # one past the last
+
+    @property
+    def url(self) -> str:
+        return self.shard.url
+
+    @property
+    def remote(self) -> bool:
+        return self.shard.remote
 
     @property
     def samples(self) -> int:
@@ -51,7 +59,7 @@ def _cut(shards: list[Shard], start: int, stop: int) -> list[Slice]:
     for shard in shards:
         lo, hi = max(start, offset), min(stop, offset + shard.samples)
         if lo < hi:
-            slices.append(Slice(shard.url, lo - offset, hi - offset))
+            slices.append(Slice(shard, lo - offset, hi - offset))
         offset += shard.samples
         if offset >= stop:
             break

@@ -6,6 +6,8 @@ A spec is one of:
   - a brace pattern such as `data/train-{000000..000007}.tar`, a glob, or a single file,
   - a directory of plain `.tar` shards without a manifest (all of them, sorted),
   - a list of any of these.
+Each may be an `https://`, `http://` or `s3://` URL (a dataset directory: the URL its
+`dataset.json` lies under), read through the node's shard cache (data/shard_cache.py).
 
 Shards written elsewhere (e.g. by `webdataset.ShardWriter`) have no manifest: they are indexed
 once by reading their tar headers and `.cls` members, which also checks each label against the
@@ -17,15 +19,18 @@ from __future__ import annotations
 
 import glob
 import json
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 
+from dist_train.data import remote
+from dist_train.data.shard_cache import RemoteObject, ShardCache
 from dist_train.data.shards import MANIFEST_NAME
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.tar_index import TarIndex, index_tar, index_tar_until_damage
-from dist_train.errors import DataError
+from dist_train.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,16 @@ class Shard:
     # way (`usable_index`), so sample i means the same sample everywhere.
     exclude: frozenset[str] = frozenset()
     truncated: bool = False
+    # Remote shards: the object's size and, from a manifest, its sha256 (checked on download).
+    bytes: int = -1
+    sha256: str = ""
+
+    @property
+    def remote(self) -> bool:
+        return remote.is_remote(self.url)
+
+    def as_remote_object(self) -> RemoteObject:
+        return RemoteObject(self.url, self.bytes, self.sha256)
 
     @property
     def damaged(self) -> bool:
@@ -69,13 +84,15 @@ class ShardSet:
         return sum(d.samples for d in self.damage)
 
 
-def resolve_shards(spec: str | list[str], split: str, num_classes: int, skip_damaged: bool = False) -> ShardSet:
+def resolve_shards(spec: str | list[str], split: str, num_classes: int, skip_damaged: bool = False,
+                   cache: ShardCache | None = None) -> ShardSet:
     """Expand `spec`, check that every shard exists, and learn every shard's sample count.
 
     `split` ("train" or "val") picks the split of a dataset directory. `num_classes` (0 when
     unknown) bounds labels of shards without a manifest. With `skip_damaged` (data.on_error=
     skip) every shard is scanned, manifest or not, and damaged samples and shards are left
-    out and listed in `ShardSet.damage` instead of stopping the run.
+    out and listed in `ShardSet.damage` instead of stopping the run. `cache` holds remote
+    shards that must be read to be counted (those without a manifest).
     """
     specs = spec if isinstance(spec, list) else [spec]
     if not specs or not all(isinstance(s, str) and s for s in specs):
@@ -83,7 +100,10 @@ def resolve_shards(spec: str | list[str], split: str, num_classes: int, skip_dam
     shards: list[Shard] = []
     class_names: list[str] | None = None
     for one in specs:
-        found, names = _resolve_one(one, split, num_classes, skip_damaged)
+        if remote.is_remote(one):
+            found, names = _resolve_remote(one, split, num_classes, skip_damaged, cache)
+        else:
+            found, names = _resolve_one(one, split, num_classes, skip_damaged)
         shards.extend(found)
         class_names = class_names or names
     urls = [s.url for s in shards]
@@ -103,34 +123,43 @@ def resolve_shards(spec: str | list[str], split: str, num_classes: int, skip_dam
 def read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST_NAME
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_text()
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable dist-train manifest ({exc})") from None
+    inside = directory.resolve()
+    return _checked_manifest(text, str(path), lambda file: (directory / file).resolve().is_relative_to(inside))
+
+
+def _checked_manifest(text: str, where: str, inside) -> dict:
+    try:
+        manifest = json.loads(text)
         manifest["splits"]
         manifest["classes"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a readable dist-train manifest ({exc})") from None
-    problem = _manifest_problem(manifest, directory)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{where}: not a readable dist-train manifest ({exc})") from None
+    problem = _manifest_problem(manifest, inside)
     if problem:
-        raise DataError(f"{path}: {problem}")
+        raise DataError(f"{where}: {problem}")
     return manifest
 
 
-def _manifest_problem(manifest: dict, directory: Path) -> str | None:
+def _manifest_problem(manifest: dict, inside) -> str | None:
     """What is wrong with a manifest's classes and shard entries (None: nothing). A manifest
-    from elsewhere must not name files outside its directory, nor counts that are no counts."""
+    from elsewhere must not name files outside its directory (`inside(file)` says), nor counts
+    that are no counts."""
     classes, splits = manifest["classes"], manifest["splits"]
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         return "classes must be a list of names"
     if not isinstance(splits, dict):
         return "splits must map split names to their shards"
-    inside = directory.resolve()
     for name, split in splits.items():
         entries = split.get("shards") if isinstance(split, dict) else None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             return f"split {name!r} has no list of shards"
         for entry in entries:
             file, samples = entry.get("file"), entry.get("samples")
-            if not isinstance(file, str) or not file or not (directory / file).resolve().is_relative_to(inside):
-                return f"split {name!r}: shard file {str(file)[:100]!r} is not a file inside {directory}"
+            if not isinstance(file, str) or not file or not inside(file):
+                return f"split {name!r}: shard file {str(file)[:100]!r} is not a file inside the dataset's directory"
             if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
                 return f"split {name!r}: shard {file!r} has samples={str(samples)[:40]}, not a count"
     return None
@@ -176,6 +205,64 @@ def _resolve_one(spec: str, split: str, num_classes: int, skip_damaged: bool) ->
     return shards, names
 
 
+def _resolve_remote(spec: str, split: str, num_classes: int, skip_damaged: bool,
+                    cache: ShardCache | None) -> tuple[list[Shard], list[str] | None]:
+    """Remote shards: a dataset directory's URL or a brace pattern of shard URLs. Every object
+    is asked for its size now, so a missing one stops the run before it starts."""
+    if skip_damaged:
+        raise ConfigError(f"{spec}: data.on_error=skip scans shards on a local filesystem only; "
+                          "use data.on_error=raise for remote shards")
+    if any(c in spec for c in "*?["):
+        raise ConfigError(f"{spec}: a remote glob needs a listing; give a brace pattern "
+                          "(shard-{000000..000099}.tar) or the dataset directory's URL")
+    entries: dict[str, dict] = {}
+    if spec.rstrip("/").endswith(".tar") or "{" in spec:
+        urls = list(braceexpand.braceexpand(spec))
+        manifest = _remote_manifest(remote.parent(urls[0]), required=False)
+        if manifest:
+            entries = {remote.join(remote.parent(urls[0]), e["file"]): e
+                       for one in manifest["splits"].values() for e in one["shards"]}
+    else:
+        manifest = _remote_manifest(spec, required=True)
+        if split not in manifest["splits"]:
+            raise DataError(f"{remote.join(spec, MANIFEST_NAME)}: has no {split!r} split")
+        entries = {remote.join(spec, e["file"]): e for e in manifest["splits"][split]["shards"]}
+        urls = list(entries)
+    sizes = remote.sizes(urls)
+    shards = []
+    for url, size in zip(urls, sizes, strict=True):
+        entry = entries.get(url, {})
+        if entry.get("bytes") not in (None, size):
+            raise DataError(f"{url}: {size} bytes on the server, {entry['bytes']} in its {MANIFEST_NAME} "
+                            "(replaced since the manifest was written?)")
+        shard = Shard(url, -1, bytes=size, sha256=str(entry.get("sha256") or ""))
+        samples = entry.get("samples")
+        if samples is None:  # no manifest: read it (through the cache) to count and check it
+            if cache is None:
+                raise DataError(f"{url}: remote shards without a {MANIFEST_NAME} need a shard cache to be counted")
+            with cache.open_pinned(shard.as_remote_object()) as local:
+                samples = count_samples(local.name, num_classes, where=url)
+        shards.append(Shard(url, int(samples), bytes=size, sha256=shard.sha256))
+    return shards, list(manifest["classes"]) if manifest else None
+
+
+def _remote_manifest(directory: str, required: bool) -> dict | None:
+    url = remote.join(directory, MANIFEST_NAME)
+    try:
+        text = remote.read_bytes(url).decode("utf-8", "replace")
+    except remote.MissingObject:
+        if required:
+            raise DataError(f"{directory}: no {MANIFEST_NAME} there ({url} not found); give the dataset "
+                            "directory's URL, or shard URLs as a brace pattern") from None
+        return None
+
+    def inside(file: str) -> bool:
+        normal = posixpath.normpath(file)
+        return "://" not in file and not normal.startswith(("/", "..")) and normal != "."
+
+    return _checked_manifest(text, url, inside)
+
+
 def _from_manifest(directory: Path, split: str, skip_damaged: bool) -> tuple[list[Shard], list[str]]:
     manifest = read_manifest(directory)
     if split not in manifest["splits"]:
@@ -202,14 +289,19 @@ def _manifest_counts(directory: Path) -> tuple[dict[str, int], list[str] | None]
     return counts, list(manifest["classes"])
 
 
-def count_samples(path: str, num_classes: int = 0) -> int:
-    """Count the samples of one local tar shard and check their labels, without decoding images."""
-    entries = index_tar(path)
+def count_samples(path: str, num_classes: int = 0, where: str = "") -> int:
+    """Count the samples of one local tar shard and check their labels, without decoding images.
+    `where`: the shard's name in errors (its URL, for a cached copy of a remote shard)."""
+    where = where or path
+    try:
+        entries = index_tar(path)
+    except DataError as exc:
+        raise DataError(str(exc).replace(path, where)) from None
     if not entries:
-        raise DataError(f"{path}: empty shard (no samples); remove it, or set data.on_error=skip")
+        raise DataError(f"{where}: empty shard (no samples); remove it, or set data.on_error=skip")
     problems = _sample_problems(path, entries, num_classes, stop_at_first=True)
     if problems:
-        raise DataError(f"{path}: {problems[0][1]}")
+        raise DataError(f"{where}: {problems[0][1]}")
     return len(entries)
 
 
@@ -238,11 +330,16 @@ def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, 
     return Shard(path, len(entries) - len(exclude), exclude, truncated=cut is not None), damage
 
 
-def usable_index(shard: Shard) -> TarIndex:
-    """The index readers use: the shard's samples less those `scan_shard` left out."""
+def usable_index(shard: Shard, local_path: str = "") -> TarIndex:
+    """The index readers use: the shard's samples less those `scan_shard` left out.
+    `local_path`: where the shard's bytes are (a remote shard's cached copy)."""
+    path = local_path or shard.url
     if not shard.damaged:
-        return index_tar(shard.url)
-    entries, _ = index_tar_until_damage(shard.url)
+        try:
+            return index_tar(path)
+        except DataError as exc:
+            raise DataError(str(exc).replace(path, shard.url)) from None
+    entries, _ = index_tar_until_damage(path)
     return [e for e in entries if e[0] not in shard.exclude]
 
 

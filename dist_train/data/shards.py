@@ -14,6 +14,7 @@ a directory with a manifest is a complete dataset.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ MANIFEST_VERSION = 1
 @dataclass(frozen=True)
 class SplitSummary:
     name: str
-    shards: list[dict[str, int | str]]  # [{"file": "train-000000.tar", "samples": 256}, ...]
+    # [{"file": "train-000000.tar", "samples": 256, "bytes": 1234, "sha256": "..."}, ...]: bytes
+    # and sha256 check a copy fetched from a server (data/shard_cache.py).
+    shards: list[dict[str, int | str]]
 
     @property
     def samples(self) -> int:
@@ -67,12 +70,13 @@ def write_split(
     for start in range(0, len(samples), shard_size):
         name = f"{split}-{len(shards):06d}.tar"
         chunk = samples[start : start + shard_size]
-        _write_shard(chunk, out_dir / name)
-        shards.append({"file": name, "samples": len(chunk)})
+        size, sha256 = _write_shard(chunk, out_dir / name)
+        shards.append({"file": name, "samples": len(chunk), "bytes": size, "sha256": sha256})
     return SplitSummary(split, shards)
 
 
-def _write_shard(samples: list[RawSample], path: Path) -> None:
+def _write_shard(samples: list[RawSample], path: Path) -> tuple[int, str]:
+    """Write the shard; its size in bytes and sha256."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as stream:
         # encoder=False: we hand over bytes already. mtime=0 makes the bytes reproducible; an
@@ -89,6 +93,8 @@ def _write_shard(samples: list[RawSample], path: Path) -> None:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(tmp, path)
+    with open(path, "rb") as f:
+        return os.path.getsize(path), hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def make_shards(

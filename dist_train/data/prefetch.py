@@ -1,0 +1,166 @@
+"""What a node reads when, and a thread that fetches remote shards ahead of that.
+
+The training order (data/order.py) is a pure function of (seed, epoch, step), so a node can
+compute, before it starts, at which steps its ranks read each shard: `NodePlan`. A step
+reads, in each partition its ranks cover, the shuffle windows its positions fall in, and a
+window's samples are a contiguous run of the partition: so the plan is a few intervals of
+steps per shard, computed per window (thousands for ImageNet), never per sample.
+
+`Prefetcher` (a thread of the node's first training process) walks the plan from the step
+the run has reached: it fetches each shard before it is needed, as long as the cache has room
+or holds a copy needed later than it (which it evicts: Belady's rule, exact here because the
+future is known). Readers fetch what is not there yet themselves, so a slow network costs
+time, never correctness.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections import defaultdict
+
+from dist_train.data.order import EpochOrder
+from dist_train.data.shard_cache import NEVER, RemoteObject, ShardCache
+from dist_train.errors import ConfigError, DataError
+
+# Ranks of a node advance in step with each other to within one optimizer step, and their
+# workers read a few steps ahead: a copy last needed this many steps ago may still be read.
+LAG_STEPS = 2
+
+
+class NodePlan:
+    """For one epoch: the steps at which the node's ranks read each shard."""
+
+    def __init__(self, order: EpochOrder, ranks: range, grad_accum_steps: int, batch_size: int,
+                 cache: ShardCache):
+        self.epoch = order.epoch
+        self._intervals: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self._objects: dict[str, RemoteObject] = {}
+        per_step, window = order.per_partition_step, order.spec.window
+        chunk = grad_accum_steps * batch_size
+        # The partitions each rank's run of a global batch covers (order.shards_for_rank's rule).
+        partitions = sorted({p for r in ranks
+                             for p in range(r * chunk // per_step, ((r + 1) * chunk - 1) // per_step + 1)})
+        for p in partitions:
+            for w in range(math.ceil(order.partition_len / window)):
+                lo = w * window
+                hi = min(lo + window, order.partition_len)
+                steps = (lo // per_step, (hi - 1) // per_step)
+                first = p * order.partition_len + lo
+                for i in range(bisect.bisect_right(order.starts, first) - 1, len(order.shards)):
+                    if order.starts[i] >= p * order.partition_len + hi:
+                        break
+                    self._add(order.shards[i], steps, cache)
+        for spans in self._intervals.values():
+            spans.sort()
+        self._name_to_url = {cache.path(url).name: url for url in self._intervals}
+
+    def _add(self, shard, steps: tuple[int, int], cache: ShardCache) -> None:
+        spans = self._intervals[shard.url]
+        if spans and spans[-1][1] + 1 >= steps[0]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], steps[1]))
+        else:
+            spans.append(steps)
+        self._objects[shard.url] = RemoteObject(shard.url, shard.bytes, shard.sha256)
+
+    def next_use(self, url: str, now: float) -> float:
+        """The first step at or after `now` that reads this shard (NEVER: none this epoch)."""
+        for first, last in self._intervals.get(url, ()):
+            if last >= now:
+                return max(first, now)
+        return NEVER
+
+    def next_use_by_name(self, now: float):
+        """`next_use` for the cache, which knows copies by file name; conservative by LAG_STEPS."""
+        def next_use(name: str) -> float:
+            url = self._name_to_url.get(name)
+            return NEVER if url is None else self.next_use(url, now - LAG_STEPS)
+        return next_use
+
+    def schedule(self, now: int) -> list[tuple[int, RemoteObject]]:
+        """(step first needed, shard) of every shard still to be read from `now`, soonest first."""
+        upcoming = []
+        for url in self._intervals:
+            when = self.next_use(url, now)
+            if when != NEVER:
+                upcoming.append((int(when), self._objects[url]))
+        upcoming.sort(key=lambda item: item[0])
+        return upcoming
+
+    def peak_bytes(self, span: int) -> tuple[int, int]:
+        """(most bytes of shards read within any `span` consecutive steps, the first such step)."""
+        events: dict[int, list[str]] = defaultdict(list)
+        for url, spans in self._intervals.items():
+            for first, _ in spans:
+                events[first].append(url)
+        peak, at = 0, 0
+        for start in sorted(events):
+            total = sum(self._objects[u].bytes for u, spans in self._intervals.items()
+                        if any(first <= start + span - 1 and last >= start for first, last in spans))
+            if total > peak:
+                peak, at = total, start
+        return peak, at
+
+
+def check_room(plan: NodePlan, cache: ShardCache, span: int) -> None:
+    """Refuse a cache limit that cannot hold what the node reads within `span` steps."""
+    peak, step = plan.peak_bytes(span)
+    if peak > cache.limit:
+        raise ConfigError(
+            f"data.cache_limit ({cache.limit} bytes) cannot hold the shards this node reads within "
+            f"{span} steps from step {step} of epoch {plan.epoch} ({peak} bytes): raise it, or use "
+            "smaller shards or a smaller data.shuffle_buffer")
+
+
+class Prefetcher:
+    """Fetches the shards of the current epoch's plan ahead of the step the run has reached."""
+
+    def __init__(self, cache: ShardCache):
+        self.cache = cache
+        self._plan: NodePlan | None = None
+        self._now = 0
+        self._changed = threading.Condition()
+        self._stopped = False
+        self.error: DataError | None = None
+        self._thread = threading.Thread(target=self._run, name="dist-train-prefetch", daemon=True)
+        self._thread.start()
+
+    def follow(self, plan: NodePlan, now: int) -> None:
+        with self._changed:
+            self._plan, self._now = plan, now
+            self._changed.notify()
+
+    def reached(self, step: int) -> None:
+        if step != self._now:
+            with self._changed:
+                self._now = step
+                self._changed.notify()
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if self._stopped:
+                    return
+                plan, now = self._plan, self._now
+            if plan is not None and self.error is None:
+                try:
+                    self._fetch_ahead(plan, now)
+                except DataError as exc:  # readers meet it themselves and stop the run
+                    self.error = exc
+            with self._changed:
+                if not self._stopped and (plan, now) == (self._plan, self._now):
+                    self._changed.wait(timeout=1.0)
+
+    def _fetch_ahead(self, plan: NodePlan, now: int) -> None:
+        for when, obj in plan.schedule(now):
+            if self._stopped or self._now != now or self._plan is not plan:
+                return  # the run moved on: start again from where it is
+            if not self.cache.fetch(obj, plan.next_use_by_name(now), needed_at=when):
+                return  # full of copies needed sooner: wait until the run moves on

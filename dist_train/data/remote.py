@@ -1,0 +1,173 @@
+"""Object storage and web servers as shard sources: `https://`, `http://` and `s3://` URLs.
+
+Access goes through fsspec (aiohttp for HTTP, s3fs for S3): credentials and endpoints come
+from the environment or the usual config files (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT_URL`,
+`~/.aws/credentials`, ...), never from dist-train's config, and are never logged.
+
+Every call is retried: a transient failure (connection refused or reset, a timeout, a 5xx
+answer, S3 throttling) waits with exponential backoff and tries again, each retry one line
+on stderr with its number; a missing or forbidden object (404/403, NoSuchKey) is a DataError
+naming the URL at once, as is a transient failure that outlasts the retry budget.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from dist_train.errors import DataError
+
+REMOTE_SCHEMES = ("http://", "https://", "s3://")
+RETRIES = 8  # attempts after the first: backoff 0.5, 1, 2, 4, 8, 10, 10, 10 s (about 45 s)
+FIRST_WAIT_S = 0.5
+MAX_WAIT_S = 10.0
+
+T = TypeVar("T")
+
+
+def is_remote(spec: str) -> bool:
+    return spec.startswith(REMOTE_SCHEMES)
+
+
+def join(base: str, name: str) -> str:
+    """`name` (a relative path from a manifest) under the remote directory `base`."""
+    return f"{base.rstrip('/')}/{name}"
+
+
+def parent(url: str) -> str:
+    scheme, _, path = url.partition("://")
+    return f"{scheme}://{posixpath.dirname(path)}"
+
+
+def basename(url: str) -> str:
+    return posixpath.basename(url.partition("://")[2].split("?", 1)[0])
+
+
+def size(url: str) -> int:
+    """The object's size in bytes, as the server reports it."""
+    info = with_retries(url, lambda: _fs(url).info(url))
+    if info.get("size") is None:
+        raise DataError(f"{url}: the server does not report the object's size")
+    return int(info["size"])
+
+
+def sizes(urls: list[str]) -> list[int]:
+    """`size` of each URL, asked concurrently: a missing object stops the run before it starts."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(size, urls))
+
+
+def read_bytes(url: str) -> bytes:
+    return with_retries(url, lambda: _fs(url).cat_file(url))
+
+
+def exists(url: str) -> bool:
+    try:
+        size(url)
+    except MissingObject:
+        return False
+    return True
+
+
+def download(url: str, local_path: str) -> None:
+    """The whole object into `local_path` (which the caller renames once it is checked)."""
+    with_retries(url, lambda: _fs(url).get_file(url, local_path))
+
+
+def upload(local_path: str, url: str) -> None:
+    with_retries(url, lambda: _fs(url).put_file(local_path, url))
+
+
+class MissingObject(DataError):
+    """The object does not exist or may not be read: retrying cannot help."""
+
+
+def with_retries(url: str, call: Callable[[], T], retries: int | None = None) -> T:
+    """`call()`, retried with backoff while it fails for a reason that may pass."""
+    retries = RETRIES if retries is None else retries
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except Exception as exc:  # sorted below: transient ones are retried
+            # fsspec's HTTP client reports a refused connection as FileNotFoundError: its cause
+            # tells a server that is away from an object that is not there.
+            cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
+            reason = _transient_reason(exc) or (cause and _transient_reason(cause))
+            if reason is None and isinstance(exc, (FileNotFoundError, PermissionError)):
+                raise MissingObject(f"{url}: {_missing_reason(exc)}") from None
+            if reason is None:
+                raise DataError(f"{url}: {_short(exc)}") from None
+            if attempt == retries:
+                raise DataError(f"{url}: still failing after {retries} retries ({reason})") from None
+            wait = min(FIRST_WAIT_S * 2**attempt, MAX_WAIT_S)
+            print(f"dist-train: warning: {url}: {reason}; retry {attempt + 1} of {retries} in {wait:g} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _missing_reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "access denied (403): check the credentials in the environment"
+    return "not found (404 / NoSuchKey)"
+
+
+def _transient_reason(exc: Exception) -> str | None:
+    """Why a failure may pass (a connection problem, a timeout, a 5xx), or None if it will not."""
+    status = _http_status(exc)
+    if status is not None:
+        return f"HTTP {status}" if status >= 500 or status in (408, 429) else None
+    code = _s3_error_code(exc)
+    if code is not None:
+        transient = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                     "InternalError", "ServiceUnavailable", "503", "500"}
+        return f"S3 {code}" if code in transient else None
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return None
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)) or _is_client_connection_error(exc):
+        return _short(exc) or type(exc).__name__
+    return None
+
+
+def _http_status(exc: Exception) -> int | None:
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def _s3_error_code(exc: Exception) -> str | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        code = response.get("Error", {}).get("Code")
+        return str(code) if code is not None else None
+    return None
+
+
+def _is_client_connection_error(exc: Exception) -> bool:
+    """aiohttp's and botocore's connection failures, which are not all OSErrors."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError",
+                         "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                         "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError"})
+
+
+def _short(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]
+
+
+def _fs(url: str):
+    """The fsspec filesystem for this URL's scheme; one instance per process (fsspec caches)."""
+    import fsspec
+
+    protocol = url.partition("://")[0]
+    if protocol in ("http", "https"):
+        # No listing of directories and no cache of responses: we ask for known objects only.
+        return fsspec.filesystem(protocol, block_size=0)
+    fs = fsspec.filesystem(protocol)
+    # s3fs retries failures itself, five times with growing waits; one layer of retries
+    # (ours: counted, logged, with one budget for both schemes) is enough.
+    fs.retries = 1
+    return fs
