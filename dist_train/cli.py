@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards = _command(sub, "make-shards", cmd_make_shards, "write webdataset shards + dataset.json")
     shards.add_argument("--source", required=True, choices=["digits", "synthetic", "imagefolder"])
     shards.add_argument("--root", help="imagefolder: the root/<class>/<image> directory")
-    shards.add_argument("--out", required=True, help="output directory (must hold no shards)")
+    shards.add_argument("--out", required=True,
+                        help="output directory (must hold no shards), or s3://bucket/prefix to publish there")
     shards.add_argument("--val-fraction", type=float, default=0.2)
     shards.add_argument("--seed", type=int, default=0)
     shards.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
@@ -177,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
-    from dist_train.data import sources
+    from dist_train.data import remote, sources
     from dist_train.data.shards import make_shards
     from dist_train.errors import DataError
 
@@ -189,8 +191,15 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
         if not args.root:
             raise DataError("--source imagefolder needs --root DIR")
         source = sources.image_folder(args.root)
-    manifest = make_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
-                           shard_size=args.shard_size, source_name=args.source)
+    if remote.is_remote(args.out):
+        # Written locally first: an upload starts only from complete, checked shards.
+        with tempfile.TemporaryDirectory(prefix="dist-train-shards-") as staging:
+            manifest = make_shards(source, staging, val_fraction=args.val_fraction, seed=args.seed,
+                                   shard_size=args.shard_size, source_name=args.source)
+            remote.publish(staging, args.out)
+    else:
+        manifest = make_shards(source, args.out, val_fraction=args.val_fraction, seed=args.seed,
+                               shard_size=args.shard_size, source_name=args.source)
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['samples']} samples in {len(split['shards'])} shards")
     print(f"wrote {args.out}/dataset.json ({manifest['num_classes']} classes)")

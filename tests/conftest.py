@@ -26,6 +26,17 @@ def digits_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def recipe_reference(digits_dir, tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run of digits with every recipe option on (test_resume.py),
+    which resumed runs, local or from remote shards, must match bitwise."""
+    from .test_resume import recipe_reference_run
+
+    out = tmp_path_factory.mktemp("recipe") / "reference"
+    recipe_reference_run(digits_dir, out)
+    return out
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None):
     """Run `python -m dist_train ARGS` in a fresh process, as a user would."""
     # No W&B credentials: runs log offline into their run directory, never to the network.

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 1438 // 64  # 2 processes x 32, or 1 process x 2 accumulation x 32
 
 
-def train_args(digits_dir: Path, out: Path, *extra: str) -> list[str]:
+def train_args(digits_dir: Path | str, out: Path, *extra: str) -> list[str]:
     return [
         "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}",
         f"data.val={digits_dir}", f"train.output_dir={out}", "model.name=small_cnn_gn", "train.epochs=2",
@@ -65,29 +65,36 @@ RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_al
           "train.val_every_steps=8", "model.freeze=backbone", "model.freeze_epochs=1.5")
 
 
-@pytest.fixture(scope="module")
-def runs(digits_dir, tmp_path_factory):
-    """An uninterrupted 2-process run, and a copy of another killed with SIGKILL mid-epoch,
-    both with every recipe option on."""
-    base = tmp_path_factory.mktemp("resume")
-    reference = base / "reference"
-    result = accelerate_launch(*train_args(digits_dir, reference, *RECIPE))
+def recipe_reference_run(digits_dir: Path, out: Path) -> None:
+    """The uninterrupted 2-process run with every recipe option (conftest's `recipe_reference`)."""
+    result = accelerate_launch(*train_args(digits_dir, out, *RECIPE))
     assert result.returncode == 0, result.stderr[-4000:]
 
-    killed = base / "killed"
+
+def run_killed_at_step_30(data: str | Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    """The reference's run, killed with SIGKILL (launcher and ranks) once it has checkpointed step 30."""
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()),
-           *train_args(digits_dir, killed, *RECIPE)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           *train_args(data, out, *RECIPE, *extra)]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    process = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(killed / "checkpoints" / "step-00000030", process)  # epoch 1, step 8 of 22
+        wait_for(out / "checkpoints" / "step-00000030", process)  # epoch 1, step 8 of 22
     finally:
         # The launcher and both ranks, like a power cut. Not the launcher's process group: torchrun
         # starts each rank in a session of its own, and ranks outlive a killed launcher.
         kill_tree(process)
         process.wait()
-    return {"reference": reference, "killed": killed, "base": base}
+
+
+@pytest.fixture(scope="module")
+def runs(digits_dir, recipe_reference, tmp_path_factory):
+    """An uninterrupted 2-process run, and a copy of another killed with SIGKILL mid-epoch,
+    both with every recipe option on."""
+    base = tmp_path_factory.mktemp("resume")
+    killed = base / "killed"
+    run_killed_at_step_30(digits_dir, killed)
+    return {"reference": recipe_reference, "killed": killed, "base": base}
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(runs, digits_dir):

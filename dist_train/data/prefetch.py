@@ -52,16 +52,12 @@ class NodePlan:
                     if order.starts[i] >= p * order.partition_len + hi:
                         break
                     self._add(order.shards[i], steps, cache)
-        for spans in self._intervals.values():
-            spans.sort()
+        for url, spans in self._intervals.items():
+            self._intervals[url] = _merged(spans)
         self._name_to_url = {cache.path(url).name: url for url in self._intervals}
 
     def _add(self, shard, steps: tuple[int, int], cache: ShardCache) -> None:
-        spans = self._intervals[shard.url]
-        if spans and spans[-1][1] + 1 >= steps[0]:
-            spans[-1] = (spans[-1][0], max(spans[-1][1], steps[1]))
-        else:
-            spans.append(steps)
+        self._intervals[shard.url].append(steps)
         self._objects[shard.url] = RemoteObject(shard.url, shard.bytes, shard.sha256)
 
     def next_use(self, url: str, now: float) -> float:
@@ -101,6 +97,17 @@ class NodePlan:
             if total > peak:
                 peak, at = total, start
         return peak, at
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Intervals of steps, sorted, with those that overlap or touch joined."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(spans):
+        if merged and merged[-1][1] + 1 >= first:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
 
 
 def check_room(plan: NodePlan, cache: ShardCache, span: int) -> None:

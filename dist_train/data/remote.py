@@ -12,6 +12,7 @@ naming the URL at once, as is a transient failure that outlasts the retry budget
 
 from __future__ import annotations
 
+import os
 import posixpath
 import sys
 import time
@@ -80,6 +81,22 @@ def download(url: str, local_path: str) -> None:
 
 def upload(local_path: str, url: str) -> None:
     with_retries(url, lambda: _fs(url).put_file(local_path, url))
+
+
+def publish(local_dir: str, url: str) -> None:
+    """Upload a dataset directory written by make-shards: the shards, then `dataset.json` last
+    (as locally, a dataset with a manifest is complete). S3 only: a web server is read-only."""
+    if not url.startswith("s3://"):
+        raise DataError(f"{url}: only s3:// destinations can be written; copy the directory to the web server")
+    manifest = "dataset.json"
+    if exists(join(url, manifest)):
+        raise DataError(f"{url} already holds a dataset ({manifest}); choose an empty prefix")
+    files = sorted(os.listdir(local_dir))
+    for name in [f for f in files if f != manifest] + [manifest]:
+        try:
+            upload(os.path.join(local_dir, name), join(url, name))
+        except MissingObject:
+            raise DataError(f"{url}: cannot be written (no such bucket, or no permission)") from None
 
 
 class MissingObject(DataError):
