@@ -65,7 +65,7 @@ class DataConfig:
     # directory ("": dist-train-shards-<uid> in the system's temporary directory), shared by
     # the node's processes and never holding more than cache_limit ("20GB", "512MiB", bytes).
     cache_dir: str = ""
-    cache_limit: str = "20GB"
+    cache_limit: int | str = "20GB"
 
 
 @dataclass
@@ -311,7 +311,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: unknown metric {metric!r}; choose from {METRIC_NAMES + EMA_METRIC_NAMES}")
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: int | str) -> int:
     """A size such as data.cache_limit ("20GB", "512MiB", "100000000") in bytes."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

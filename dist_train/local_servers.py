@@ -96,14 +96,14 @@ class Nginx:
             self.process.terminate()
             self.process.wait(timeout=30)
 
-    def requests(self) -> list[tuple[str, str, int]]:
-        """(method, path, status) of every request answered so far."""
+    def requests(self) -> list[tuple[str, str, int, int]]:
+        """(method, path, status, body bytes sent) of every request answered so far."""
         lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
         out = []
-        for line in lines:
+        for line in lines:  # nginx's "combined" format
             request = line.split('"')[1].split()
-            status = int(line.split('"')[2].split()[0])
-            out.append((request[0], request[1], status))
+            status, sent = line.split('"')[2].split()[:2]
+            out.append((request[0], request[1], int(status), int(sent)))
         return out
 
     def close(self) -> None:

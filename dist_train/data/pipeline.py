@@ -30,7 +30,7 @@ from dist_train import workers
 from dist_train.config import DataConfig
 from dist_train.data import plan, random_access
 from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
-from dist_train.data.prefetch import LAG_STEPS, NodePlan, Prefetcher, check_room
+from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
 from dist_train.data.resolve import Shard, ShardSet, parse_label
 from dist_train.data.shard_cache import ShardCache, cache_for
@@ -214,10 +214,12 @@ class TrainStream(IterableDataset):
     for any number of workers, and after a resume.
     """
 
-    def __init__(self, spec: TrainStreamSpec, decode: SampleDecoder, cache: ShardCache | None = None):
+    def __init__(self, spec: TrainStreamSpec, decode: SampleDecoder, cache: ShardCache | None = None,
+                 lag_steps: int = 0):
         self.spec = spec
         self.decode = decode
         self.cache = cache  # for remote shards
+        self.lag_steps = lag_steps  # copies read this many steps before a reader's are kept
         # (epoch, start step), shared with worker processes that outlive an epoch.
         self.position = workers.context().Array("q", [spec.epoch, spec.start_step])
         self.skipped = SkipCounter(decode)
@@ -243,7 +245,7 @@ class TrainStream(IterableDataset):
             for j in micro_batches[worker::num_workers]:
                 step, micro = divmod(j, s.grad_accum_steps)
                 if node_plan is not None:
-                    reader.now, reader.next_use = step, node_plan.next_use_by_name(step)
+                    reader.now, reader.next_use = step, node_plan.next_use_by_name(step, self.lag_steps)
                 positions = micro_batch_positions(step, micro, s.rank, s.world_size, s.grad_accum_steps,
                                                   s.batch_size, s.order.global_batch)
                 batch = self.decode.collate([self._prepare(order, reader, q) for q in positions])
@@ -346,14 +348,15 @@ class TrainLoader:
     def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False):
         remote_shards = any(shard.remote for shard in spec.shards.shards)
         cache = cache_for(data_cfg) if remote_shards else None
-        self.stream = TrainStream(spec, SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes), cache)
+        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes)
+        self.stream = TrainStream(spec, decode, cache, lag_steps=steps_in_flight(data_cfg.num_workers,
+                                                                                 spec.grad_accum_steps))
         # Workers live across epochs (no start-up cost per epoch; their shard indexes stay).
         self.loader = _loader(self.stream, data_cfg, pin_memory, persistent=True)
         self._workers_started = False
-        # Steps whose shards the node's ranks and their workers may be reading at once: the
-        # cache must hold them all (checked per epoch, before any worker waits for room).
-        in_flight = max(data_cfg.num_workers, 1) * 3  # per worker: one building, two queued
-        self._room_span = -(-in_flight // spec.grad_accum_steps) + LAG_STEPS + 1
+        # The cache must hold the shards of the steps read at once (checked per epoch, before
+        # any worker waits for room).
+        self._room_span = self.stream.lag_steps
         # The node's first process fetches remote shards ahead of its ranks' reads.
         self.prefetcher = Prefetcher(cache) if cache and spec.rank == spec.node_ranks.start else None
         self.set_position(spec.epoch, spec.start_step)

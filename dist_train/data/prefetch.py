@@ -8,9 +8,11 @@ steps per shard, computed per window (thousands for ImageNet), never per sample.
 
 `Prefetcher` (a thread of the node's first training process) walks the plan from the step
 the run has reached: it fetches each shard before it is needed, as long as the cache has room
-or holds a copy needed later than it (which it evicts: Belady's rule, exact here because the
-future is known). Readers fetch what is not there yet themselves, so a slow network costs
-time, never correctness.
+or holds a copy this epoch no longer needs (which it evicts). A copy needed again later, such
+as a shard at a partition boundary (read by one rank at the epoch's start and another at its
+end), is kept: so each shard is downloaded once per node per epoch. Readers fetch what is not
+there yet themselves, evicting by Belady's rule (the copy needed last goes first; exact here,
+because the future is known), so a slow network costs time, never correctness.
 """
 
 from __future__ import annotations
@@ -24,9 +26,18 @@ from dist_train.data.order import EpochOrder
 from dist_train.data.shard_cache import NEVER, RemoteObject, ShardCache
 from dist_train.errors import ConfigError, DataError
 
-# Ranks of a node advance in step with each other to within one optimizer step, and their
-# workers read a few steps ahead: a copy last needed this many steps ago may still be read.
+# Ranks of a node advance in step with each other to within one optimizer step: a copy the
+# prefetcher's process last needed this many steps ago may still be read by another rank.
 LAG_STEPS = 2
+
+
+def steps_in_flight(num_workers: int, grad_accum_steps: int) -> int:
+    """Steps whose shards a node's readers may be reading at once: per rank, each worker builds
+    one micro-batch and has two queued (the loader's prefetch) ahead of the step the training
+    process consumes; ranks are at most one step apart. A reader keeps the copies of this many
+    steps behind its own from eviction, and the cache must hold them all (`check_room`)."""
+    micro_batches = max(num_workers, 1) * 3
+    return -(-micro_batches // grad_accum_steps) + LAG_STEPS + 1
 
 
 class NodePlan:
@@ -67,11 +78,12 @@ class NodePlan:
                 return max(first, now)
         return NEVER
 
-    def next_use_by_name(self, now: float):
-        """`next_use` for the cache, which knows copies by file name; conservative by LAG_STEPS."""
+    def next_use_by_name(self, now: float, lag: int = LAG_STEPS):
+        """`next_use` for the cache, which knows copies by file name: a copy read within `lag`
+        steps before `now` counts as needed now (a slower process of the node may read it)."""
         def next_use(name: str) -> float:
             url = self._name_to_url.get(name)
-            return NEVER if url is None else self.next_use(url, now - LAG_STEPS)
+            return NEVER if url is None else max(self.next_use(url, now - lag), now)
         return next_use
 
     def schedule(self, now: int) -> list[tuple[int, RemoteObject]]:
@@ -111,8 +123,9 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def check_room(plan: NodePlan, cache: ShardCache, span: int) -> None:
-    """Refuse a cache limit that cannot hold what the node reads within `span` steps."""
-    peak, step = plan.peak_bytes(span)
+    """Refuse a cache limit that cannot hold what the node reads within `span` steps (and the
+    step before them, which a reader keeps)."""
+    peak, step = plan.peak_bytes(span + 1)
     if peak > cache.limit:
         raise ConfigError(
             f"data.cache_limit ({cache.limit} bytes) cannot hold the shards this node reads within "
@@ -169,5 +182,5 @@ class Prefetcher:
         for when, obj in plan.schedule(now):
             if self._stopped or self._now != now or self._plan is not plan:
                 return  # the run moved on: start again from where it is
-            if not self.cache.fetch(obj, plan.next_use_by_name(now), needed_at=when):
+            if not self.cache.fetch(obj, plan.next_use_by_name(now), needed_at=when, keep_needed=True):
                 return  # full of copies needed sooner: wait until the run moves on

@@ -85,10 +85,11 @@ class ShardCache:
             f.close()
 
     def fetch(self, obj: RemoteObject, next_use: NextUse | None, needed_at: float,
-              wait_until: float | None = None) -> bool:
+              wait_until: float | None = None, keep_needed: bool = False) -> bool:
         """Make sure a checked copy is here: True when it is. Room is made by evicting copies
-        not in use and not needed before `needed_at`; without such room, False at once
-        (`wait_until` None: prefetching) or, for a reader, wait until `wait_until`."""
+        not in use and not needed before `needed_at` (with `keep_needed`, only copies not
+        needed again at all); without such room, False at once (`wait_until` None: prefetching)
+        or, for a reader, wait until `wait_until`."""
         if obj.bytes > self.limit:
             raise DataError(f"{obj.url}: {obj.bytes} bytes, more than data.cache_limit ({self.limit} bytes)")
         path = self.path(obj.url)
@@ -97,7 +98,7 @@ class ShardCache:
                 if path.exists():
                     break
                 busy = self._download_in_progress(path)
-                part = None if busy else self._reserve(obj, next_use, needed_at)
+                part = None if busy else self._reserve(obj, next_use, needed_at, keep_needed)
             if part is not None:
                 self._download(obj, part, path)
                 break
@@ -113,7 +114,8 @@ class ShardCache:
         """Bytes of complete copies plus the room reserved by downloads in progress."""
         return sum(size for _, size, _ in self._entries())
 
-    def _reserve(self, obj: RemoteObject, next_use: NextUse | None, needed_at: float) -> Path | None:
+    def _reserve(self, obj: RemoteObject, next_use: NextUse | None, needed_at: float,
+                 keep_needed: bool) -> Path | None:
         """Evict what must go and create the download's `.part` file, locked; None: no room."""
         entries = list(self._entries())
         free = self.limit - sum(size for _, size, _ in entries)
@@ -123,7 +125,7 @@ class ShardCache:
                 if is_part:
                     continue
                 url_next = next_use(path.name) if next_use else NEVER
-                if url_next > needed_at:
+                if url_next > needed_at and (url_next == NEVER or not keep_needed):
                     candidates.append((-url_next, path.stat().st_mtime if path.exists() else 0.0, path, size))
             candidates.sort(key=lambda c: (c[0], c[1]))  # needed last first; then least recently used
             for _, _, path, size in candidates:
