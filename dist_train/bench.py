@@ -18,6 +18,9 @@ Figures (targets for 2 CPU cores):
   peak_rss_mb            peak resident memory of any process of the digits run     <= 1500
   compile_speedup        train step with the model torch.compile'd / eager          >= 1.0
                          (train.compile; printed beside it: the compile's seconds)
+  remote_vs_local        the shard loader from nginx (loopback), cold cache / local  >= 0.95
+  remote_rate_limited    the same, nginx limited to 1.25x the loader's bytes/s       >= 0.9
+                         (dist_train/bench_remote.py)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import numpy as np
 import torch
 
 from dist_train import atomic_file
+from dist_train.bench_remote import remote_figures
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cpu.yaml"
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
@@ -63,6 +67,8 @@ TARGETS = {
     "time_to_acc": Target("<=", 60.0),
     "peak_rss_mb": Target("<=", 1500.0),
     "compile_speedup": Target(">=", 1.0),
+    "remote_vs_local": Target(">=", 0.95),
+    "remote_rate_limited": Target(">=", 0.9),
 }
 
 
@@ -103,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         figures["compile_speedup"], details["compile_seconds"] = compile_speedup(sizes)
         (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
          details["loader_first_batch_ms"]) = loaders(shards, Path(tmp), sizes)
+        figures["remote_vs_local"], figures["remote_rate_limited"], details["remote"] = remote_figures(
+            Path(tmp), REPO_CONFIG, sizes.loader_epochs, max(2, sizes.repeats // 2), details["best_workers"])
     figures = {name: figures[name] for name in TARGETS}  # table order
     report = {**figures, **details, "machine": _machine(), "quick": args.quick}
     _print_table(figures, details)
@@ -525,7 +533,8 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
           f"loaders started before timing: a new one's first batch comes after "
           f"{details['loader_first_batch_ms']:.0f} ms; "
           f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here; "
-          f"compile_speedup: the compile took {details['compile_seconds']:.1f} s)")
+          f"compile_speedup: the compile took {details['compile_seconds']:.1f} s; "
+          f"remote figures: {details['remote']})")
 
 
 if __name__ == "__main__":

@@ -102,7 +102,10 @@ class ShardCache:
             if part is not None:
                 self._download(obj, part, path)
                 break
-            if wait_until is None and not busy:
+            if busy:  # another process downloads it: wait for its lock, then look again
+                _wait_for_unlock(busy)
+                continue
+            if wait_until is None:
                 return False
             if wait_until is not None and time.monotonic() > wait_until:
                 raise DataError(f"{obj.url}: no room in the shard cache for {ROOM_TIMEOUT_S:.0f} s: every "
@@ -156,13 +159,14 @@ class ShardCache:
                 part.unlink()
             f.close()
 
-    def _download_in_progress(self, path: Path) -> bool:
+    def _download_in_progress(self, path: Path) -> Path | None:
+        """The `.part` file of a live download of this copy, if one is running."""
         for part in self.directory.glob(f".{path.name}.*.part"):
             if _locked(part):
-                return True
+                return part
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()  # left by a process that died while downloading
-        return False
+        return None
 
     def _entries(self) -> Iterator[tuple[Path, int, bool]]:
         """(path, bytes, is a download in progress) of everything the budget counts."""
@@ -212,6 +216,15 @@ def _evict(path: Path) -> bool:
             return False
         path.unlink(missing_ok=True)
         return True
+
+
+def _wait_for_unlock(part: Path) -> None:
+    """Block until the process downloading into `part` is done (its lock is released)."""
+    try:
+        with open(part, "rb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+    except FileNotFoundError:
+        pass  # done already
 
 
 def _locked(path: Path) -> bool:
