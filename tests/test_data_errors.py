@@ -9,6 +9,7 @@ empty shard, a missing shard file, a file that is not a tar.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -96,11 +97,22 @@ def _train(run_dir: Path, train: list[str], val: list[str], *overrides: str):
                              "train.epochs=1", "data.batch_size=10", "data.num_workers=2", *overrides)
 
 
+@pytest.fixture(scope="module")
+def raised(dataset, tmp_path_factory) -> dict:
+    """data.on_error=raise on each kind of damage: one launch each, two at a time (each is
+    mostly start-up, which two share the cores well)."""
+    kinds, base = dataset["kinds"], tmp_path_factory.mktemp("raise")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = {kind: pool.submit(_train, base / kind, [kinds["good"], kinds[kind]], dataset["val"][:1])
+                for kind in sorted(CULPRIT)}
+        return {kind: run.result() for kind, run in runs.items()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(CULPRIT))
-def test_raise_stops_with_one_line_naming_the_culprit(dataset, kind, tmp_path):
+def test_raise_stops_with_one_line_naming_the_culprit(dataset, raised, kind):
     kinds = dataset["kinds"]
-    done = _train(tmp_path / "run", [kinds["good"], kinds[kind]], dataset["val"][:1])
+    done = raised[kind]
     errors = {line for line in done.stderr.splitlines() if line.startswith("dist-train: error:")}
     assert done.returncode != 0
     assert len(errors) == 1, done.stderr[-3000:]  # each rank may say it, but it is the same line

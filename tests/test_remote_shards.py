@@ -335,12 +335,13 @@ def test_a_cache_a_quarter_of_the_data_stays_bounded_and_fetches_each_shard_once
 def test_eval_and_predict_read_remote_shards_like_local_ones(outage_run, small_digits, tmp_path):
     best = outage_run["local"] / "best"
     env = {"PYTHONPATH": str(Path(__file__).parent.parent)}
-    local = run_cli("eval", str(best), "--data", str(small_digits), "--json", env=env)
-    ours = run_cli("eval", str(best), "--data", outage_run["url"], "--json", env=env)
+    local = run_cli("eval", "--checkpoint", str(best), "--data", str(small_digits), "--json", env=env)
+    ours = run_cli("eval", "--checkpoint", str(best), "--data", outage_run["url"], "--json", env=env)
     assert local.returncode == 0 and ours.returncode == 0, ours.stderr
     assert json.loads(ours.stdout.splitlines()[-1]) == json.loads(local.stdout.splitlines()[-1])
-    predicted = run_cli("predict", str(best), outage_run["url"] + "/val-{000000..000011}.tar", "--out",
-                        str(tmp_path / "p.csv"), env=env)
+    val_shards = outage_run["url"] + "/val-{000000..000011}.tar"
+    predicted = run_cli("predict", "--checkpoint", str(best), "--input", val_shards, "--out", str(tmp_path / "p.csv"),
+                        env=env)
     assert predicted.returncode == 0, predicted.stderr
     rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
     assert len(rows) == 359 and all(row.startswith(outage_run["url"]) for row in rows)
