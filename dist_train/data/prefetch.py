@@ -20,11 +20,14 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
 from collections import defaultdict
 
 from dist_train.data.order import EpochOrder
 from dist_train.data.shard_cache import NEVER, RemoteObject, ShardCache
 from dist_train.errors import ConfigError, DataError
+
+RETRY_S = 0.01  # a prefetcher that found the cache full tries again after the run moves on, this often at most
 
 # Ranks of a node advance in step with each other to within one optimizer step: a copy the
 # prefetcher's process last needed this many steps ago may still be read by another rank.
@@ -46,6 +49,9 @@ class NodePlan:
     def __init__(self, order: EpochOrder, ranks: range, grad_accum_steps: int, batch_size: int,
                  cache: ShardCache):
         self.epoch = order.epoch
+        self.steps = order.steps
+        # The next epoch's plan, its steps counted on from this epoch's end (`then_follow`).
+        self.then: NodePlan | None = None
         self._intervals: dict[str, list[tuple[int, int]]] = defaultdict(list)
         self._objects: dict[str, RemoteObject] = {}
         per_step, window = order.per_partition_step, order.spec.window
@@ -71,11 +77,21 @@ class NodePlan:
         self._intervals[shard.url].append(steps)
         self._objects[shard.url] = RemoteObject(shard.url, shard.bytes, shard.sha256)
 
+    def then_follow(self, next_epoch: NodePlan) -> NodePlan:
+        """Chain the next epoch's plan on, so that its first shards are fetched before this
+        epoch ends (no wait at the epoch's start)."""
+        self.then = next_epoch
+        self._name_to_url = {**next_epoch._name_to_url, **self._name_to_url}
+        return self
+
     def next_use(self, url: str, now: float) -> float:
-        """The first step at or after `now` that reads this shard (NEVER: none this epoch)."""
+        """The first step at or after `now` that reads this shard (NEVER: none this epoch, nor
+        in the next one if it is chained on)."""
         for first, last in self._intervals.get(url, ()):
             if last >= now:
                 return max(first, now)
+        if self.then is not None:
+            return self.steps + self.then.next_use(url, max(now - self.steps, 0))
         return NEVER
 
     def next_use_by_name(self, now: float, lag: int = LAG_STEPS):
@@ -89,10 +105,10 @@ class NodePlan:
     def schedule(self, now: int) -> list[tuple[int, RemoteObject]]:
         """(step first needed, shard) of every shard still to be read from `now`, soonest first."""
         upcoming = []
-        for url in self._intervals:
+        for url, obj in {**(self.then._objects if self.then else {}), **self._objects}.items():
             when = self.next_use(url, now)
             if when != NEVER:
-                upcoming.append((int(when), self._objects[url]))
+                upcoming.append((int(when), obj))
         upcoming.sort(key=lambda item: item[0])
         return upcoming
 
@@ -136,8 +152,11 @@ def check_room(plan: NodePlan, cache: ShardCache, span: int) -> None:
 class Prefetcher:
     """Fetches the shards of the current epoch's plan ahead of the step the run has reached."""
 
-    def __init__(self, cache: ShardCache):
+    def __init__(self, cache: ShardCache, horizon: int):
         self.cache = cache
+        # Steps ahead it fetches: enough to hide a download's latency, few enough that the copies
+        # it holds leave room for what else uses the cache (validation between epochs).
+        self.horizon = horizon
         self._plan: NodePlan | None = None
         self._now = 0
         self._changed = threading.Condition()
@@ -169,18 +188,31 @@ class Prefetcher:
                 if self._stopped:
                     return
                 plan, now = self._plan, self._now
+            outcome, started = "done", time.monotonic()
             if plan is not None and self.error is None:
                 try:
-                    self._fetch_ahead(plan, now)
+                    outcome = self._fetch_ahead(plan, now)
                 except DataError as exc:  # readers meet it themselves and stop the run
                     self.error = exc
             with self._changed:
-                if not self._stopped and (plan, now) == (self._plan, self._now):
-                    self._changed.wait(timeout=1.0)
+                if outcome == "done":  # all this epoch reads from here on is here: wait for the next plan
+                    self._changed.wait_for(lambda plan=plan: self._stopped or self._plan is not plan)
+                elif outcome in ("full", "ahead"):  # room, or the next shard's turn, comes as the run moves on
+                    self._changed.wait_for(lambda plan=plan, now=now: self._stopped or self._plan is not plan
+                                           or self._now != now)
+            if outcome == "full":
+                # Not more often than this: each try scans the cache, in the training process.
+                time.sleep(max(0.0, RETRY_S - (time.monotonic() - started)))
 
-    def _fetch_ahead(self, plan: NodePlan, now: int) -> None:
+    def _fetch_ahead(self, plan: NodePlan, now: int) -> str:
+        """Fetch in order of need: "done" (all here), "ahead" (all needed within the horizon
+        here), "full" (no room without evicting a copy still needed), or "moved" (the run
+        moved on meanwhile)."""
         for when, obj in plan.schedule(now):
             if self._stopped or self._now != now or self._plan is not plan:
-                return  # the run moved on: start again from where it is
+                return "moved"
+            if when > now + self.horizon:
+                return "ahead"
             if not self.cache.fetch(obj, plan.next_use_by_name(now), needed_at=when, keep_needed=True):
-                return  # full of copies needed sooner: wait until the run moves on
+                return "full"
+        return "done"

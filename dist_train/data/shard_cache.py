@@ -192,6 +192,13 @@ class ShardCache:
         self.__init__(state["directory"], state["limit"])
 
 
+def evicted_last(cache: ShardCache, urls) -> NextUse:
+    """For a reader with no plan (validation during training): copies of these shards (the
+    training set's, prefetched by the training plan) are evicted only after every other copy."""
+    names = {cache.path(url).name for url in urls}
+    return lambda name: 1e18 if name in names else NEVER
+
+
 def cache_for(data_cfg: DataConfig) -> ShardCache:
     """The node's shard cache as the config sets it: node-local by default (under the system's
     temporary directory, one per user)."""
