@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -250,9 +251,10 @@ def outage_run(nginx, small_digits, tmp_path_factory):
     """Two runs of the same 2-process training: from local files, and from nginx through a cache
     a quarter of the training set's size, nginx stopped mid-epoch and started again 10 s later."""
     base = tmp_path_factory.mktemp("outage")
+    # The local run alongside the remote one: it uses the cores the outage leaves idle.
     cmd, env = accelerate_launch_command(*train_args(small_digits, base / "local", *SMALL_RUN))
-    result = run_reaped(cmd, env=env, timeout=420)
-    assert result.returncode == 0, result.stderr[-4000:]
+    local_run = ThreadPoolExecutor(max_workers=1)
+    local_result = local_run.submit(run_reaped, cmd, env=env, timeout=420)
 
     train_bytes = sum(size for name, size in shard_bytes(small_digits).items() if name.startswith("train"))
     limit = train_bytes // 4
@@ -293,6 +295,8 @@ def outage_run(nginx, small_digits, tmp_path_factory):
         done.set()
         for t in threads:
             t.join()
+        local_run.shutdown()
+    assert local_result.result().returncode == 0, local_result.result().stderr[-4000:]
     (base / "requests.txt").write_text("\n".join(map(str, nginx.requests()[log_start:])))
     print(f"remote run: cache peak {peak[0]} bytes of data.cache_limit={limit} (training set {train_bytes} bytes)")
     return {"local": base / "local", "remote": base / "remote", "result": result, "limit": limit, "peak": peak[0],
