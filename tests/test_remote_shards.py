@@ -345,13 +345,14 @@ def test_a_cache_a_quarter_of_the_data_stays_bounded_and_fetches_each_shard_once
 def test_eval_and_predict_read_remote_shards_like_local_ones(outage_run, small_digits, tmp_path):
     best = outage_run["local"] / "best"
     env = {"PYTHONPATH": str(Path(__file__).parent.parent)}
-    local = run_cli("eval", "--checkpoint", str(best), "--data", str(small_digits), "--json", env=env)
-    ours = run_cli("eval", "--checkpoint", str(best), "--data", outage_run["url"], "--json", env=env)
+    val_shards = outage_run["url"] + "/val-{000000..000011}.tar"
+    commands = [("eval", "--checkpoint", str(best), "--data", str(small_digits), "--json"),
+                ("eval", "--checkpoint", str(best), "--data", outage_run["url"], "--json"),
+                ("predict", "--checkpoint", str(best), "--input", val_shards, "--out", str(tmp_path / "p.csv"))]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # three processes that mostly start up
+        local, ours, predicted = pool.map(lambda args: run_cli(*args, env=env), commands)
     assert local.returncode == 0 and ours.returncode == 0, ours.stderr
     assert json.loads(ours.stdout.splitlines()[-1]) == json.loads(local.stdout.splitlines()[-1])
-    val_shards = outage_run["url"] + "/val-{000000..000011}.tar"
-    predicted = run_cli("predict", "--checkpoint", str(best), "--input", val_shards, "--out", str(tmp_path / "p.csv"),
-                        env=env)
     assert predicted.returncode == 0, predicted.stderr
     rows = (tmp_path / "p.csv").read_text().splitlines()[1:]
     assert len(rows) == 359 and all(row.startswith(outage_run["url"]) for row in rows)
