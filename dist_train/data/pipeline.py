@@ -296,6 +296,7 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
     """Samples of each slice, in shard order, read with webdataset's tar reader; a shard with
     samples left out (data.on_error=skip) is read through its filtered index instead, and a
     remote shard from its copy in `cache`, pinned while it is read."""
+    next_use = evicted_last(cache, keep_cached) if cache is not None else None
     for piece in slices:
         if damaged and piece.url in damaged:
             reader = ShardReader()
@@ -305,7 +306,7 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
         if piece.remote:
             if cache is None:
                 raise DataError(f"{piece.url}: a remote shard, and this reader has no shard cache")
-            stream = cache.open_pinned(piece.shard.as_remote_object(), evicted_last(cache, keep_cached))
+            stream = cache.open_pinned(piece.shard.as_remote_object(), next_use)
         else:
             stream = open(piece.url, "rb")  # noqa: SIM115 - closed below, or by the generator's close
         # `url` names the shard in errors and in sample sources (predictions): the URL, not the copy.
@@ -364,11 +365,8 @@ class TrainLoader:
         # Workers live across epochs (no start-up cost per epoch; their shard indexes stay).
         self.loader = _loader(self.stream, data_cfg, pin_memory, persistent=True)
         self._workers_started = False
-        # The cache must hold the shards of the steps read at once (checked per epoch, before
-        # any worker waits for room).
-        self._room_span = self.stream.lag_steps
         # The node's first process fetches remote shards ahead of its ranks' reads.
-        self.prefetcher = (Prefetcher(cache, horizon=PREFETCH_SPANS * self._room_span)
+        self.prefetcher = (Prefetcher(cache, horizon=PREFETCH_SPANS * self.stream.lag_steps)
                            if cache and spec.rank == spec.node_ranks.start else None)
         self.set_position(spec.epoch, spec.start_step)
 
@@ -378,7 +376,9 @@ class TrainLoader:
         order = EpochOrder(s.shards.shards, s.order, epoch)
         if self.stream.cache is not None:
             node_plan = s.node_plan(order, self.stream.cache)
-            check_room(node_plan, self.stream.cache, self._room_span)
+            # The cache must hold the shards of the steps read at once: checked per epoch,
+            # before any worker waits for room.
+            check_room(node_plan, self.stream.cache, self.stream.lag_steps)
             if self.prefetcher:
                 self.prefetcher.follow(node_plan, start_step)
         # Index the shards this rank reads in the main process while that helps: workers

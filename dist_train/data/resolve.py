@@ -20,7 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import braceexpand
@@ -242,7 +242,7 @@ def _resolve_remote(spec: str, split: str, num_classes: int, skip_damaged: bool,
                 raise DataError(f"{url}: remote shards without a {MANIFEST_NAME} need a shard cache to be counted")
             with cache.open_pinned(shard.as_remote_object()) as local:
                 samples = count_samples(local.name, num_classes, where=url)
-        shards.append(Shard(url, int(samples), bytes=size, sha256=shard.sha256))
+        shards.append(replace(shard, samples=int(samples)))
     return shards, list(manifest["classes"]) if manifest else None
 
 
