@@ -98,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     shards = _command(sub, "make-shards", cmd_make_shards, "write webdataset shards + dataset.json")
-    shards.add_argument("--source", required=True, choices=["digits", "synthetic", "imagefolder"])
-    shards.add_argument("--root", help="imagefolder: the root/<class>/<image> directory")
+    shards.add_argument("--source", required=True, choices=["digits", "digit-tags", "synthetic", "imagefolder", "csv"],
+                        help="digit-tags: sklearn's digits as a multi-label set (tags such as even, has_loop)")
+    shards.add_argument("--root", help="imagefolder: the root/<class>/<image> directory; csv: the CSV file "
+                        "(header path,labels; labels separated by spaces or ;)")
+    shards.add_argument("--multilabel", action="store_true", help="csv: any number of labels per image")
     shards.add_argument("--out", required=True,
                         help="output directory (must hold no shards), or s3://bucket/prefix to publish there")
     shards.add_argument("--val-fraction", type=float, default=0.2)
@@ -183,13 +186,18 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
     from dist_train.data.shards import make_shards
     from dist_train.errors import DataError
 
+    if args.source in ("imagefolder", "csv") and not args.root:
+        what = "DIR" if args.source == "imagefolder" else "FILE.csv"
+        raise DataError(f"--source {args.source} needs --root {what}")
     if args.source == "digits":
         source = sources.digits()
+    elif args.source == "digit-tags":
+        source = sources.digit_tags()
     elif args.source == "synthetic":
         source = sources.synthetic(args.num_samples, args.num_classes, args.image_size, args.seed)
+    elif args.source == "csv":
+        source = sources.csv_list(args.root, multilabel=args.multilabel)
     else:
-        if not args.root:
-            raise DataError("--source imagefolder needs --root DIR")
         source = sources.image_folder(args.root)
     if remote.is_remote(args.out):
         # Written locally first: an upload starts only from complete, checked shards.
@@ -202,7 +210,8 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
                                shard_size=args.shard_size, source_name=args.source)
     for name, split in manifest["splits"].items():
         print(f"{name}: {split['samples']} samples in {len(split['shards'])} shards")
-    print(f"wrote {args.out}/dataset.json ({manifest['num_classes']} classes)")
+    kind = "labels, multi-label" if manifest["task"] == "multilabel" else "classes"
+    print(f"wrote {args.out}/dataset.json ({manifest['num_classes']} {kind})")
     return 0
 
 
@@ -215,7 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not PartialState().is_main_process:
         return 0
     if args.json:
-        print(json.dumps({**values, "samples": samples, "val/confusion_matrix": confusion}))
+        detail = "val/per_label" if isinstance(confusion, dict) else "val/confusion_matrix"
+        print(json.dumps({**values, "samples": samples, detail: confusion}))
     else:
         for name, value in values.items():
             print(f"{name:22s} {value:.6f}")

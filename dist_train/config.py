@@ -33,6 +33,10 @@ class DataConfig:
     train: str | list[str] = ""
     val: str | list[str] = ""
     num_classes: int = 0  # 0: take it from dataset.json
+    # multiclass: one label per image (`.cls` "3"); multilabel: a list per image (`.cls` "3,7",
+    # or a `.json` member [3, 7]), trained with loss.name=bce or asl, scored by val/map_macro...
+    task: Literal["multiclass", "multilabel"] = "multiclass"
+    allow_empty_labels: bool = True  # multilabel: an image with no label (a `.cls` of "") is data
     class_names: list[str] | None = None  # None: from dataset.json, else "0".."n-1"
     batch_size: int = 64  # per process, per micro-step
     val_batch_size: int | None = None  # None: same as batch_size
@@ -54,6 +58,13 @@ class DataConfig:
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
     shuffle_buffer: int = 1000  # training samples are shuffled within windows of this many
+    # Which training samples an epoch reads (data/sampling.py). uniform: each once. With
+    # replacement, drawn per epoch from (seed, epoch) alone: balanced (every class equally
+    # often), sqrt (class frequency ~ the square root of its count), weights (each sample of
+    # class c drawn with weight sampling_weights[c], as WeightedRandomSampler's weights).
+    sampling: Literal["uniform", "balanced", "sqrt", "weights"] = "uniform"
+    sampling_weights: list[float] | None = None
+    samples_per_epoch: int = 0  # samples drawn per epoch when sampling; 0: the training set's size
     # Damaged data: raise stops the run naming shard and sample; skip leaves damaged samples
     # and shards out, counts them (metrics.jsonl `data/skipped_samples`) and stops only past
     # max_skipped. Skip scans every shard's headers and labels at start-up.
@@ -88,10 +99,18 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["cross_entropy", "label_smoothing", "focal"] = "cross_entropy"
+    # multiclass: cross_entropy, label_smoothing, focal; multilabel: bce (binary cross-entropy
+    # with logits, per label) or asl (asymmetric loss, Ridnik et al. 2021).
+    name: Literal["cross_entropy", "label_smoothing", "focal", "bce", "asl"] = "cross_entropy"
     label_smoothing: float = 0.1  # used by "label_smoothing"
     focal_gamma: float = 2.0  # used by "focal"
     focal_alpha: list[float] | None = None  # per-class weights for "focal"
+    # cross_entropy and label_smoothing: a weight per class, or "auto" (n / (classes x n_c), from
+    # the training set's class counts, sklearn's "balanced"). null: none.
+    class_weights: str | list[float] | None = None
+    asl_gamma_neg: float = 4.0  # asl: focusing of the negatives (the paper's defaults)
+    asl_gamma_pos: float = 0.0
+    asl_clip: float = 0.05  # asl: a negative's probability is shifted down by this (0: none)
 
 
 @dataclass
@@ -137,6 +156,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     clip_grad_norm: float | None = None
     monitor: str = "val/f1_macro"  # metric that picks the best checkpoint
+    threshold: float = 0.5  # multilabel: a label is predicted when its probability is at least this
     monitor_mode: Literal["min", "max"] = "max"
     log_every_steps: int = 50  # train records in metrics.jsonl, every N optimizer steps
     # Validation (and the choice of best/) after every epoch, and also every N optimizer steps
@@ -199,6 +219,7 @@ MAX_WORKERS = 256  # DataLoader workers per training process
 MAX_CLASSES = 1_000_000
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 MAX_LR_MULT = 1000.0  # a head at 10-100x the backbone's LR is usual; 1000x is already extreme
+MAX_CLASS_WEIGHT = 1e6  # a class weighed a million times another is already beyond any real use
 MAX_ALPHA = 100.0  # Beta(alpha, alpha) is near 0.5 long before; recipes use 0.1 to 1
 MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
 
@@ -210,8 +231,29 @@ METRIC_NAMES = (
     "val/auroc_macro",
     "val/loss",
 )
+MULTILABEL_METRIC_NAMES = (
+    "val/map_macro",  # mean over labels of average precision
+    "val/f1_micro",
+    "val/f1_macro",
+    "val/auroc_macro",
+    "val/subset_acc",  # every label of the image right
+    "val/loss",
+)
 EMA_PREFIX = "val_ema/"  # the same metrics of the weights' moving average (train.ema_decay)
-EMA_METRIC_NAMES = tuple(EMA_PREFIX + name.removeprefix("val/") for name in METRIC_NAMES)
+
+
+def metric_names(task: str) -> tuple[str, ...]:
+    return MULTILABEL_METRIC_NAMES if task == "multilabel" else METRIC_NAMES
+
+
+def ema_metric_names(task: str) -> tuple[str, ...]:
+    return tuple(EMA_PREFIX + name.removeprefix("val/") for name in metric_names(task))
+
+
+EMA_METRIC_NAMES = ema_metric_names("multiclass")
+ALL_METRIC_NAMES = tuple(dict.fromkeys(METRIC_NAMES + MULTILABEL_METRIC_NAMES))
+ALL_EMA_METRIC_NAMES = tuple(EMA_PREFIX + name.removeprefix("val/") for name in ALL_METRIC_NAMES)
+MULTILABEL_LOSSES = ("bce", "asl")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -303,12 +345,53 @@ def validate(cfg: Config) -> None:
                           "take; use cross_entropy or label_smoothing")
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
         raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
+    task = cfg.data.task
+    names = metric_names(task) + ema_metric_names(task)
     for key, metric in (("train.monitor", cfg.train.monitor),
                         ("sched.plateau_monitor", cfg.sched.plateau_monitor)):
-        if metric in EMA_METRIC_NAMES and cfg.train.ema_decay is None:
+        if metric in ema_metric_names(task) and cfg.train.ema_decay is None:
             raise ConfigError(f"{key}={metric} needs train.ema_decay (the moving average it measures)")
-        if metric not in METRIC_NAMES + EMA_METRIC_NAMES:
-            raise ConfigError(f"{key}: unknown metric {metric!r}; choose from {METRIC_NAMES + EMA_METRIC_NAMES}")
+        if metric not in names:
+            raise ConfigError(f"{key}: unknown metric {metric!r} for data.task={task}; choose from {names}")
+    _check_task(cfg)
+
+
+def _check_task(cfg: Config) -> None:
+    """Losses, sampling and class weights that fit the task."""
+    d, loss = cfg.data, cfg.loss
+    if (loss.name in MULTILABEL_LOSSES) != (d.task == "multilabel"):
+        fitting = "bce or asl" if d.task == "multilabel" else "cross_entropy, label_smoothing or focal"
+        raise ConfigError(f"loss.name={loss.name} does not fit data.task={d.task}; use {fitting}")
+    if d.task == "multilabel":
+        if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
+            raise ConfigError("data.mixup_alpha / data.cutmix_alpha are for data.task=multiclass")
+        if d.sampling != "uniform":
+            raise ConfigError(f"data.sampling={d.sampling} draws by class, which needs one label per image; "
+                              "with data.task=multilabel use uniform (and loss.name=asl for imbalance)")
+    if d.samples_per_epoch < 0:
+        raise ConfigError(f"data.samples_per_epoch must be >= 0, got {d.samples_per_epoch}")
+    if d.samples_per_epoch and d.sampling == "uniform":
+        raise ConfigError("data.samples_per_epoch sets the length of a sampled epoch: it needs data.sampling "
+                          "balanced, sqrt or weights (a uniform epoch reads every sample once)")
+    if (d.sampling == "weights") != (d.sampling_weights is not None):
+        raise ConfigError("data.sampling=weights takes its weights from data.sampling_weights (one per class), "
+                          "and only it does")
+    checked = [("data.sampling_weights", d.sampling_weights)]
+    weights = loss.class_weights
+    if isinstance(weights, str) and weights != "auto":
+        raise ConfigError(f"loss.class_weights: {quoted(weights)} is not 'auto', a list of weights, or null")
+    if weights is not None and loss.name not in ("cross_entropy", "label_smoothing"):
+        raise ConfigError(f"loss.class_weights is for cross_entropy and label_smoothing; loss.name={loss.name} "
+                          + ("has loss.focal_alpha" if loss.name == "focal" else "does not take it"))
+    if isinstance(weights, list):
+        checked.append(("loss.class_weights", weights))
+    for key, values in checked:
+        if values is None:
+            continue
+        if cfg.data.num_classes and len(values) != cfg.data.num_classes:
+            raise ConfigError(f"{key} has {len(values)} values; data.num_classes is {cfg.data.num_classes}")
+        if any(not 0 <= v <= MAX_CLASS_WEIGHT for v in values) or not any(v > 0 for v in values):
+            raise ConfigError(f"{key} must be in [0, {MAX_CLASS_WEIGHT:g}], with at least one positive")
 
 
 def parse_bytes(text: int | str) -> int:
@@ -349,6 +432,10 @@ def _check_ranges(cfg: Config) -> None:
         ("data.cutmix_alpha", cfg.data.cutmix_alpha, 0 <= cfg.data.cutmix_alpha <= MAX_ALPHA, f"in [0, {MAX_ALPHA:g}]"),
         ("data.mix_prob", cfg.data.mix_prob, 0 <= cfg.data.mix_prob <= 1, "in [0, 1]"),
         ("data.mix_switch_prob", cfg.data.mix_switch_prob, 0 <= cfg.data.mix_switch_prob <= 1, "in [0, 1]"),
+        ("train.threshold", t.threshold, 0 < t.threshold < 1, "in (0, 1)"),
+        ("loss.asl_gamma_neg", cfg.loss.asl_gamma_neg, 0 <= cfg.loss.asl_gamma_neg <= 100, "in [0, 100]"),
+        ("loss.asl_gamma_pos", cfg.loss.asl_gamma_pos, 0 <= cfg.loss.asl_gamma_pos <= 100, "in [0, 100]"),
+        ("loss.asl_clip", cfg.loss.asl_clip, 0 <= cfg.loss.asl_clip < 1, "in [0, 1)"),
         ("optim.lr", o.lr, 0 < o.lr <= MAX_LR, f"in (0, {MAX_LR:g}]"),
         ("optim.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
         ("optim.head_lr_mult", o.head_lr_mult, 1 / MAX_LR_MULT <= o.head_lr_mult <= MAX_LR_MULT,

@@ -50,7 +50,7 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
         progress.batch_done(loss, len(labels))
 
 
-def evaluate(model, loader, metrics: ValidationMetrics, accelerator) -> tuple[dict[str, float], list[list[int]]]:
+def evaluate(model, loader, metrics: ValidationMetrics, accelerator) -> tuple[dict[str, float], list | dict]:
     """Metrics over this rank's share of the validation set, synced across all ranks."""
     model.eval()
     metrics.reset()
@@ -126,6 +126,7 @@ def validate(run: Run) -> None:
     val_loader = run.val_loader()
     share_main_buffers(state.model, accelerator)
     model = state.bare_model  # uncompiled: see train.compile
+    # `confusion`: the confusion matrix, or with multi-label data the per-label scores.
     values, confusion = evaluate(model, val_loader, run.metrics, accelerator)
     if state.ema:  # the moving average too, as val_ema/*; its confusion matrix if it is monitored
         ema_values, ema_confusion = evaluate(state.ema.module_with_buffers_of(model), val_loader, run.metrics,
@@ -134,7 +135,7 @@ def validate(run: Run) -> None:
         confusion = ema_confusion if monitor.startswith(EMA_PREFIX) else confusion
     state.schedule.after_validation(values)
     epoch = state.epoch_of_last_step
-    record = {"epoch": epoch, "step": state.step, **values, "val/confusion_matrix": confusion,
+    record = {"epoch": epoch, "step": state.step, **values, run.metrics.detail_key: confusion,
               **epoch_stats, **run.damage_since_last(val_loader)}
     run.tracker.log(record)
     run.last_validation = record

@@ -6,15 +6,16 @@ from dataclasses import replace
 from pathlib import Path
 
 from dist_train.accelerator import make_accelerator
-from dist_train.data import cache_if_remote
-from dist_train.data.pipeline import EvalStreamSpec, make_eval_loader
+from dist_train.data import cache_if_remote, check_task
+from dist_train.data.pipeline import EvalStreamSpec, label_reader, make_eval_loader
 from dist_train.data.resolve import resolve_shards
 from dist_train.engine import evaluate
-from dist_train.metrics import ValidationMetrics
+from dist_train.metrics import validation_metrics
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", batch_size: int | None = None):
-    """Metrics of a saved model on shards: (values, confusion, samples). Works in one process
+    """Metrics of a saved model on shards: (values, confusion matrix or, for a multi-label model,
+    per-label scores, samples). Works in one process
     or under `accelerate launch`, where each rank evaluates its share and metrics are synced."""
     from dist_train.predict import load_for_inference
 
@@ -23,11 +24,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     # The precision the run validated with, so that the numbers reproduce.
     precision = loaded.meta.get("mixed_precision", "no")
     accelerator = make_accelerator(replace(cfg.train, mixed_precision=precision, grad_accum_steps=1))
-    shards = resolve_shards(data, split, num_classes, cache=cache_if_remote([data], cfg.data))
+    shards = resolve_shards(data, split, num_classes, cache=cache_if_remote([data], cfg.data),
+                            labels=label_reader(cfg.data, num_classes))
+    check_task(shards, cfg.data.task, data)
     spec = EvalStreamSpec(shards, num_classes=num_classes,
                           batch_size=batch_size or cfg.data.val_batch_size or cfg.data.batch_size,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
-    metrics = ValidationMetrics(num_classes, accelerator.device)
+    metrics = validation_metrics(cfg, num_classes, accelerator.device)
     model = loaded.model.to(accelerator.device)
     values, confusion = evaluate(model, make_eval_loader(spec, cfg.data), metrics, accelerator)
     return values, confusion, shards.samples

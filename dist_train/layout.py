@@ -39,7 +39,8 @@ def plan_layout(cfg: Config, accelerator: Accelerator, train_samples: int,
     Tells accelerate the accumulation steps that keep the global batch."""
     world, batch = accelerator.num_processes, cfg.data.batch_size
     order = saved_order or OrderSpec(seed=cfg.train.seed, global_batch=world * cfg.train.grad_accum_steps * batch,
-                                     partitions=world, window=cfg.data.shuffle_buffer)
+                                     partitions=world, window=cfg.data.shuffle_buffer,
+                                     sampling=cfg.data.sampling, samples_per_epoch=cfg.data.samples_per_epoch)
     accum, rest = divmod(order.global_batch, world * batch)
     if rest or accum == 0:
         raise ConfigError(
@@ -51,10 +52,11 @@ def plan_layout(cfg: Config, accelerator: Accelerator, train_samples: int,
         accelerator.print(f"train.grad_accum_steps {cfg.train.grad_accum_steps} -> {accum}: keeps the global "
                           f"batch of {order.global_batch} on {world} process(es)")
     accelerator.gradient_accumulation_steps = accum
-    steps = steps_per_epoch(train_samples, order.global_batch)
+    epoch_samples = order.samples_per_epoch or train_samples  # a sampled epoch may be set longer or shorter
+    steps = steps_per_epoch(epoch_samples, order.global_batch)
     if steps == 0:
         raise DataError(
-            f"the training set has {train_samples} samples, fewer than one global batch "
+            f"an epoch has {epoch_samples} samples, fewer than one global batch "
             f"({world} processes x {accum} accumulation steps x {batch} = {order.global_batch})"
         )
     base_lr = scaled_lr(cfg.optim, order.global_batch)

@@ -5,6 +5,10 @@ Accuracy, macro F1 / precision / recall and the confusion matrix keep summed cou
 across ranks inside `compute()`, which every rank must call. Because each validation sample
 is seen by exactly one rank (see data/plan.py), the synced values equal the single-process
 values on the whole validation set.
+
+Multi-label data (`MultilabelValidationMetrics`): mean average precision and AUROC per label
+(thresholds=None: every prediction kept, exact), F1 micro and macro and subset accuracy at
+`train.threshold` (summed counts), per-label confusion counts, and binary cross-entropy.
 """
 
 from __future__ import annotations
@@ -19,10 +23,20 @@ from torchmetrics.classification import (
     MulticlassF1Score,
     MulticlassPrecision,
     MulticlassRecall,
+    MultilabelAUROC,
+    MultilabelAveragePrecision,
+    MultilabelConfusionMatrix,
+    MultilabelExactMatch,
+    MultilabelF1Score,
 )
+
+from dist_train.config import Config
 
 
 class ValidationMetrics:
+    # The record key of the detail beside the scalars (here the confusion matrix).
+    detail_key = "val/confusion_matrix"
+
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
         self.scores = MetricCollection(
             {
@@ -70,3 +84,73 @@ class ValidationMetrics:
         self.scores.reset()
         self.confusion.reset()
         self.loss.reset()
+
+
+class MultilabelValidationMetrics:
+    """The multi-label counterpart of `ValidationMetrics`; `compute()` returns (scalars, per-label
+    detail: {"confusion": [[tn, fp], [fn, tp]] per label, "ap": [...], "auroc": [...]})."""
+
+    detail_key = "val/per_label"
+
+    def __init__(self, num_labels: int, threshold: float = 0.5, device: torch.device | str = "cpu"):
+        self.ranked = MetricCollection({
+            # thresholds=None: exact; every prediction kept (memory grows with the validation set).
+            "ap": MultilabelAveragePrecision(num_labels, average=None, thresholds=None),
+            "auroc": MultilabelAUROC(num_labels, average=None, thresholds=None),
+        }, compute_groups=False).to(device)
+        self.counted = MetricCollection({
+            "val/f1_micro": MultilabelF1Score(num_labels, threshold=threshold, average="micro"),
+            "val/f1_macro": MultilabelF1Score(num_labels, threshold=threshold, average="macro"),
+            "val/subset_acc": MultilabelExactMatch(num_labels, threshold=threshold),
+        }).to(device)
+        self.confusion = MultilabelConfusionMatrix(num_labels, threshold=threshold).to(device)
+        self.loss = MeanMetric().to(device)  # binary cross-entropy summed over labels, whatever the training loss
+        self.num_labels = num_labels
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        logits, targets = logits.float(), labels.long()
+        probs = logits.sigmoid()
+        self.ranked.update(probs, targets)
+        self.counted.update(probs, targets)
+        self.confusion.update(probs, targets)
+        self.loss.update(F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(1))
+
+    def compute(self) -> tuple[dict[str, float], dict[str, list]]:
+        self._shape_empty_predictions()
+        ranked = {name: v.double() for name, v in self.ranked.compute().items()}
+        values = {
+            # Labels without a positive (or negative) in the set have no AP (AUROC): left out.
+            "val/map_macro": _nanmean(ranked["ap"]),
+            **{name: float(v) for name, v in self.counted.compute().items()},
+            "val/auroc_macro": _nanmean(ranked["auroc"]),
+            "val/loss": float(self.loss.compute()),
+        }
+        detail = {"confusion": self.confusion.compute().long().tolist(),
+                  "ap": ranked["ap"].tolist(), "auroc": ranked["auroc"].tolist()}
+        return values, detail
+
+    def _shape_empty_predictions(self) -> None:
+        """A rank that validated nothing: empty prediction states of the others' shape and type
+        (see ValidationMetrics._shape_empty_predictions)."""
+        for metric in self.ranked.values():
+            if not metric.preds:
+                metric.preds.append(torch.empty(0, self.num_labels, device=metric.device))
+                metric.target.append(torch.empty(0, self.num_labels, dtype=torch.long, device=metric.device))
+
+    def reset(self) -> None:
+        self.ranked.reset()
+        self.counted.reset()
+        self.confusion.reset()
+        self.loss.reset()
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    finite = values[~values.isnan()]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
+def validation_metrics(cfg: Config, num_classes: int, device: torch.device | str = "cpu"):
+    """The metrics of the run's task."""
+    if cfg.data.task == "multilabel":
+        return MultilabelValidationMetrics(num_classes, cfg.train.threshold, device)
+    return ValidationMetrics(num_classes, device)

@@ -2,7 +2,8 @@
 
 Inputs may be image files, folders (searched recursively for images) or tar shards; the
 result is one CSV row per image with its source (file path, or `shard#key`), the predicted
-class, its probability and the top-k classes.
+class, its probability and the top-k classes. A multi-label model's row holds instead the
+labels whose probability reaches `train.threshold`, each with its probability.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dist_train.atomic_file import replacing
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
 from dist_train.data import cache_if_remote
-from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make_eval_loader
+from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, label_reader, make_eval_loader
 from dist_train.data.remote import is_remote
 from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sources import IMAGE_EXTENSIONS
@@ -98,8 +99,10 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 
 class ImageFiles(Dataset):
-    def __init__(self, paths: list[Path], cfg: Config):
+    def __init__(self, paths: list[Path], cfg: Config, num_classes: int):
         self.paths = paths
+        # An image file has no known label: -1 (multi-label: a row of -1).
+        self.unknown = torch.full((num_classes,), -1.0) if cfg.data.task == "multilabel" else -1
         self.transform = build_transform(cfg.data, train=False)
         self.mode = "L" if cfg.data.channels == 1 else "RGB"
         self.max_pixels = cfg.data.max_image_pixels
@@ -110,7 +113,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         path = self.paths[i]
         image = decode_image(path, self.mode, self.max_pixels, str(path))
-        return self.transform(image), -1, str(path)
+        return self.transform(image), self.unknown, str(path)
 
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
@@ -133,16 +136,19 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 
 def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, device) -> Iterator[tuple]:
-    """(probabilities, labels, sources) per batch; labels are -1 where unknown."""
+    """(probabilities, labels, sources) per batch; labels are -1 where unknown. Probabilities are
+    a softmax over classes, or for a multi-label model each label's sigmoid."""
     images, shards = collect_inputs(inputs)
     loaders = []
     if images:
-        loaders.append(DataLoader(ImageFiles(images, loaded.cfg), batch_size=batch_size,
+        loaders.append(DataLoader(ImageFiles(images, loaded.cfg, len(loaded.class_names)), batch_size=batch_size,
                                   collate_fn=Collate(loaded.cfg.data),
                                   **workers.loader_options(loaded.cfg.data.num_workers)))
     if shards:
         cache = cache_if_remote(shards, loaded.cfg.data)
-        shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names), cache=cache).shards, None)
+        labels = label_reader(loaded.cfg.data, len(loaded.class_names))
+        shard_set = ShardSet(resolve_shards(shards, "val", len(loaded.class_names), cache=cache, labels=labels).shards,
+                             None)
         spec = EvalStreamSpec(shard_set, batch_size=batch_size,
                               num_classes=len(loaded.class_names), with_keys=True)
         loaders.append(make_eval_loader(spec, loaded.cfg.data))
@@ -150,7 +156,8 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
         for loader in loaders:
             for batch, labels, sources in loader:
                 logits = loaded.model(batch.to(device)).float()
-                yield logits.softmax(dim=1).cpu(), labels, sources
+                probs = logits.sigmoid() if loaded.cfg.data.task == "multilabel" else logits.softmax(dim=1)
+                yield probs.cpu(), labels, sources
 
 
 def write_predictions(loaded: LoadedModel, inputs: list[str], out: str | Path, top_k: int = 3,
@@ -162,7 +169,31 @@ def write_predictions(loaded: LoadedModel, inputs: list[str], out: str | Path, t
     # Renamed into place when complete: a bad image halfway must not leave a previous CSV of
     # that name cut down to its header.
     with replacing(out) as tmp:
+        if loaded.cfg.data.task == "multilabel":
+            return _write_multilabel_rows(loaded, inputs, tmp, batch_size, device)
         return _write_rows(loaded, inputs, tmp, top_k, batch_size, device)
+
+
+def _write_multilabel_rows(loaded: LoadedModel, inputs: list[str], out: Path, batch_size: int, device) -> int:
+    """source, the labels (if known), the predicted labels (probability >= train.threshold) and
+    their probabilities, highest first; names separated by ";"."""
+    names, threshold = loaded.class_names, loaded.cfg.train.threshold
+    rows = 0
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source", "labels", "predicted", "probabilities"])
+        for probs, labels, sources in predict_batches(loaded, inputs, batch_size, device):
+            for p, label, source in zip(probs.tolist(), labels.tolist(), sources, strict=True):
+                above = sorted((i for i, q in enumerate(p) if q >= threshold), key=lambda i: -p[i])
+                known = label[0] >= 0
+                writer.writerow([
+                    source,
+                    ";".join(names[i] for i, v in enumerate(label) if v > 0) if known else "",
+                    ";".join(names[i] for i in above),
+                    ";".join(f"{names[i]}:{p[i]:.4f}" for i in above),
+                ])
+                rows += 1
+    return rows
 
 
 def _write_rows(loaded: LoadedModel, inputs: list[str], out: Path, top_k: int, batch_size: int, device) -> int:

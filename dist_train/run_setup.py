@@ -26,15 +26,16 @@ from torch import nn
 from dist_train import __version__, workers
 from dist_train.accelerator import make_accelerator
 from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config
-from dist_train.config import EMA_METRIC_NAMES, EMA_PREFIX, METRIC_NAMES, Config, to_dict
+from dist_train.config import ALL_EMA_METRIC_NAMES, ALL_METRIC_NAMES, EMA_PREFIX, Config, to_dict
 from dist_train.damage import damage_record, report_damage
-from dist_train.data import Datasets, resolve_datasets
+from dist_train.data import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, make_eval_loader
+from dist_train.data.sampling import sample_weights
 from dist_train.ema import WeightsEma
 from dist_train.layout import RunLayout, plan_layout
 from dist_train.losses import build_loss
-from dist_train.metrics import ValidationMetrics
+from dist_train.metrics import ValidationMetrics, validation_metrics
 from dist_train.mixing import BatchMixer, make_mixer
 from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer, head_prefix
@@ -164,7 +165,10 @@ class Run:
             "step": self.state.step,
             "metrics": values,
             "monitor": self.cfg.train.monitor,
-            "confusion_matrix": confusion,
+            self.metrics.detail_key.removeprefix("val/"): confusion,  # confusion_matrix, or per_label
+            "class_counts": {"train": list(self.datasets.train.class_counts or []),
+                             "val": list(self.datasets.val.class_counts or [])},
+            "task": self.cfg.data.task,
             "class_names": self.datasets.class_names,
             "num_classes": self.datasets.num_classes,
             "config": to_dict(self.cfg),
@@ -187,7 +191,7 @@ class Run:
         """A resumable checkpoint of this step (collective); never of a run whose loss went NaN."""
         self.progress.check_finite(self.state.step)
         last = self.last_validation
-        meta = self.meta(self.state.epoch_of_last_step, _metrics_of(last), last.get("val/confusion_matrix"))
+        meta = self.meta(self.state.epoch_of_last_step, _metrics_of(last), last.get(self.metrics.detail_key))
         save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
 
     def stop_now(self) -> NoReturn:
@@ -206,7 +210,7 @@ class Run:
                 f"stopped early after step {self.state.step} of {self.layout.total_steps}: {self.cfg.train.monitor} "
                 f"has not improved for {best.since} validations (train.early_stop_patience="
                 f"{self.cfg.train.early_stop_patience})")
-        self.save_model("last", self.state.epoch_of_last_step, _metrics_of(last), last.get("val/confusion_matrix"))
+        self.save_model("last", self.state.epoch_of_last_step, _metrics_of(last), last.get(self.metrics.detail_key))
         if self.accelerator.is_main_process and self.cfg.tracking.plots:
             write_plots_and_summary(self.out)
         self.accelerator.wait_for_everyone()
@@ -221,12 +225,12 @@ class Run:
 
 def _last_validation(out: Path) -> dict[str, Any]:
     """The newest validation record a resumed run's metrics.jsonl holds."""
-    validations = [r for r in read_metrics(out / "metrics.jsonl") if "val/acc" in r]
+    validations = [r for r in read_metrics(out / "metrics.jsonl") if "val/loss" in r]
     return validations[-1] if validations else {}
 
 
 def _metrics_of(record: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in record.items() if k in METRIC_NAMES + EMA_METRIC_NAMES}
+    return {k: v for k, v in record.items() if k in ALL_METRIC_NAMES + ALL_EMA_METRIC_NAMES}
 
 
 def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
@@ -282,18 +286,24 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     if changes:
         accelerator.print(f"changed since the checkpoint, applied from step {state.step}: {'; '.join(changes)}")
     report_damage(accelerator, datasets)
+    criterion = build_loss(cfg.loss, datasets.num_classes, lambda: train_class_counts(cfg.data, datasets))
+    weights = None
+    if order.sampling != "uniform":  # each training sample's weight in the draw (data/sampling.py)
+        weights = sample_weights(cfg.data, datasets.train, datasets.num_classes,
+                                 cache_if_remote([cfg.data.train], cfg.data))
     train_loader = TrainLoader(TrainStreamSpec(
         shards=datasets.train, order=order, epoch=state.epoch, num_classes=datasets.num_classes,
         batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps, rank=accelerator.process_index,
         world_size=layout.world_size, start_step=state.step_in_epoch,
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
+        sample_weights=weights,
     ), cfg.data, pin_memory=accelerator.device.type == "cuda")
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,
-        criterion=build_loss(cfg.loss).to(accelerator.device),
+        criterion=criterion.to(accelerator.device),
         train_loader=train_loader,
-        metrics=ValidationMetrics(datasets.num_classes, accelerator.device),
+        metrics=validation_metrics(cfg, datasets.num_classes, accelerator.device),
         tracker=RunTracker(accelerator, cfg, out, datasets.class_names),
         progress=TrainProgress(accelerator, show_bar=cfg.train.progress_bar),
         stop=StopRequest(accelerator),

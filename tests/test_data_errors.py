@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits
 
 from dist_train.config import load_config
 from dist_train.data import resolve_datasets
+from dist_train.data.labels import LabelReader
 from dist_train.data.resolve import scan_shard
 from dist_train.data.tar_index import index_tar
 from dist_train.errors import DataError
@@ -193,6 +194,6 @@ def test_a_sample_cut_short_is_counted_whichever_member_is_cut(tmp_path, member)
     offset, size = members[member]
     with open(shard, "r+b") as f:
         f.truncate(offset + size // 2)
-    scanned, damage = scan_shard(str(shard), 10)
+    scanned, damage = scan_shard(str(shard), LabelReader(10))
     assert scanned.samples == 7 and scanned.truncated
     assert sum(d.samples for d in damage) == 1, damage

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_train.data.labels import LabelReader
 from dist_train.data.resolve import scan_shard
 from dist_train.data.tar_index import TAR_BLOCK, index_tar
 from dist_train.errors import DataError
@@ -94,7 +95,7 @@ def _bounded(path: Path, num_classes: int = 10) -> None:
     try:
         with contextlib.suppress(DataError):
             index_tar(str(path))
-        scan_shard(str(path), num_classes)  # data.on_error=skip: never raises, counts the damage
+        scan_shard(str(path), LabelReader(num_classes))  # data.on_error=skip: never raises, counts the damage
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
@@ -135,7 +136,7 @@ def test_a_crafted_header_is_one_line_naming_shard_and_byte(samples, tmp_path, c
     try:
         with pytest.raises(DataError, match=rf"crafted\.tar: unreadable tar shard \({CRAFTED[case]}\)"):
             index_tar(str(path))
-        usable, damage = scan_shard(str(path), 10, expected=6)  # data.on_error=skip
+        usable, damage = scan_shard(str(path), LabelReader(10), expected=6)  # data.on_error=skip
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

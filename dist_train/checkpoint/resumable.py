@@ -128,6 +128,11 @@ def verify(path: Path, hashes: bool = True) -> dict[str, Any]:
     return index
 
 
+REQUIRED_ORDER_KEYS = {"seed", "global_batch", "partitions", "window"}
+SAMPLING_KEYS = {"sampling", "samples_per_epoch"}
+SAMPLING_MODES = ("uniform", "balanced", "sqrt", "weights")
+
+
 def _check_index(index: dict[str, Any], path: Path) -> None:
     """The parts of state.json that decide where and how a run continues, checked before use:
     a damaged or altered one is skipped like a file that fails its hash, never a traceback."""
@@ -140,7 +145,10 @@ def _check_index(index: dict[str, Any], path: Path) -> None:
         not isinstance(index.get("files"), dict) or not all(isinstance(v, str) for v in index["files"].values()),
         not count(index.get("world_size"), 1),
         not isinstance(position, dict) or not count(position.get("global_step"), 0),
-        not isinstance(order, dict) or set(order) != {"seed", "global_batch", "partitions", "window"},
+        # sampling and samples_per_epoch: since data.sampling (a checkpoint from before lacks them).
+        not isinstance(order, dict) or not REQUIRED_ORDER_KEYS <= set(order) <= REQUIRED_ORDER_KEYS | SAMPLING_KEYS,
+        isinstance(order, dict) and order.get("sampling", "uniform") not in SAMPLING_MODES,
+        isinstance(order, dict) and not count(order.get("samples_per_epoch", 0), 0),
         isinstance(order, dict) and not all(count(order.get(k), 1) for k in ("global_batch", "partitions", "window")),
         isinstance(order, dict) and not count(order.get("seed"), 0),
         isinstance(order, dict) and count(order.get("partitions"), 1) and count(order.get("global_batch"), 1)

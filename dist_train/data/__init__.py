@@ -17,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_train.config import DataConfig
+from dist_train.data.labels import LabelReader, class_counts
 from dist_train.data.remote import is_remote
 from dist_train.data.resolve import Damage, ShardSet, resolve_shards
 from dist_train.data.shard_cache import ShardCache, cache_for
+from dist_train.data.shards import MANIFEST_NAME
 from dist_train.errors import ConfigError, DataError
 
 
@@ -46,12 +48,22 @@ def cache_if_remote(specs: list[str | list[str]], cfg: DataConfig) -> ShardCache
     return cache_for(cfg) if any(isinstance(one, str) and is_remote(one) for one in flat) else None
 
 
+def check_task(shards: ShardSet, task: str, key: str) -> None:
+    """A dataset.json that says its labels are of another task than the run's is refused."""
+    if shards.task and shards.task != task:
+        raise DataError(f"{key}: a {shards.task} dataset (its {MANIFEST_NAME} says so), and data.task is {task}; "
+                        f"set data.task={shards.task}")
+
+
 def resolve_datasets(cfg: DataConfig) -> Datasets:
     """Find and check the train and val shards; settle the number and names of classes."""
     skip = cfg.on_error == "skip"
     cache = cache_if_remote([cfg.train, cfg.val], cfg)
-    train = resolve_shards(cfg.train, "train", cfg.num_classes, skip_damaged=skip, cache=cache)
-    val = resolve_shards(cfg.val, "val", cfg.num_classes, skip_damaged=skip, cache=cache)
+    labels = LabelReader(cfg.num_classes, cfg.task == "multilabel", cfg.allow_empty_labels)
+    train = resolve_shards(cfg.train, "train", cfg.num_classes, skip_damaged=skip, cache=cache, labels=labels)
+    val = resolve_shards(cfg.val, "val", cfg.num_classes, skip_damaged=skip, cache=cache, labels=labels)
+    check_task(train, cfg.task, "data.train")
+    check_task(val, cfg.task, "data.val")
 
     manifest_names = train.class_names or val.class_names
     num_classes = cfg.num_classes or (len(manifest_names) if manifest_names else 0)
@@ -64,6 +76,9 @@ def resolve_datasets(cfg: DataConfig) -> Datasets:
     names = cfg.class_names or manifest_names or [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ConfigError(f"data.class_names has {len(names)} names; data.num_classes is {num_classes}")
+    if cfg.sampling_weights is not None and len(cfg.sampling_weights) != num_classes:
+        raise ConfigError(f"data.sampling_weights has {len(cfg.sampling_weights)} values; the dataset has "
+                          f"{num_classes} classes")
     if train.samples == 0 or val.samples == 0:
         raise DataError(f"empty split: train has {train.samples} samples, val {val.samples}")
     datasets = Datasets(train, val, num_classes, list(names))
@@ -72,3 +87,16 @@ def resolve_datasets(cfg: DataConfig) -> Datasets:
         raise DataError(f"{datasets.skipped_samples} damaged samples, more than data.max_skipped="
                         f"{cfg.max_skipped}; the first: {first.where}: {first.problem}")
     return datasets
+
+
+def train_class_counts(cfg: DataConfig, datasets: Datasets) -> tuple[int, ...]:
+    """Training samples per class (single-label data): from the manifest or indexing, else read
+    from the shards' labels."""
+    counts = datasets.train.class_counts
+    if counts is None:
+        from dist_train.data.sampling import read_labels
+
+        cache = cache_if_remote([cfg.train], cfg)
+        counts = class_counts(read_labels(datasets.train.shards, LabelReader(datasets.num_classes), cache).tolist(),
+                              datasets.num_classes)
+    return tuple(counts) + (0,) * (datasets.num_classes - len(counts))

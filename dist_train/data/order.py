@@ -16,6 +16,10 @@ How positions map to samples (the design of MosaicML Streaming, on webdataset ta
   4. A global batch takes G / C consecutive samples of every partition, partition 0 first.
 With as many processes as partitions, each process reads only its own partition, window by
 window; with fewer, a process reads several; with more, they share one.
+
+A sampled epoch (data.sampling, data/sampling.py) first draws how many times each sample is
+read; the sequence of step 1 then holds each shard's drawn samples (a sample drawn twice,
+twice) in place of all its samples, and steps 2-4 are the same.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class OrderSpec:
     global_batch: int  # G: samples per optimizer step, over all processes
     partitions: int  # C: divides G
     window: int  # B: shuffle window within a partition
+    sampling: str = "uniform"  # data.sampling; other than uniform, the epoch is drawn
+    samples_per_epoch: int = 0  # a drawn epoch's samples (0: as many as the training set has)
 
     def __post_init__(self):
         if self.global_batch % self.partitions:
@@ -56,12 +62,20 @@ class OrderSpec:
 
 
 class EpochOrder:
-    def __init__(self, shards: tuple[Shard, ...], spec: OrderSpec, epoch: int):
+    """`sample_weights`: for a sampled epoch (spec.sampling), each sample's weight, in the order
+    of `shards` (data/sampling.py)."""
+
+    def __init__(self, shards: tuple[Shard, ...], spec: OrderSpec, epoch: int,
+                 sample_weights: np.ndarray | None = None):
         self.spec = spec
         self.epoch = epoch
         shard_order = np.random.default_rng(derive_seed(spec.seed, epoch)).permutation(len(shards))
         self.shards = [shards[i] for i in shard_order]
-        self.starts = np.cumsum([0] + [s.samples for s in self.shards]).tolist()
+        self.drawn: np.ndarray | None = None  # sampled: the index within its shard of each read
+        reads = [s.samples for s in self.shards]  # per shard, in the epoch's order
+        if spec.sampling != "uniform":
+            reads = self._draw(shards, shard_order, sample_weights)
+        self.starts = np.cumsum([0, *reads]).tolist()
         total = self.starts[-1]
         self.steps = steps_per_epoch(total, spec.global_batch)
         self.per_partition_step = spec.global_batch // spec.partitions  # G / C
@@ -76,7 +90,31 @@ class EpochOrder:
         source = window * self.spec.window + int(self._window_perm(partition, window)[slot])
         concat = partition * self.partition_len + source
         shard = bisect.bisect_right(self.starts, concat) - 1
+        if self.drawn is not None:
+            return self.shards[shard], int(self.drawn[concat])
         return self.shards[shard], concat - self.starts[shard]
+
+    def _draw(self, shards: tuple[Shard, ...], shard_order: np.ndarray, weights: np.ndarray | None) -> list[int]:
+        """Draw the epoch's samples (data/sampling.py); keep the shards with a sample drawn, in
+        the epoch's shard order, and the index of each read within its shard. Returns the
+        reads per kept shard."""
+        from dist_train.data.sampling import DRAW_STREAM, draw_counts
+
+        total = sum(s.samples for s in shards)
+        if weights is None or len(weights) != total:
+            raise ValueError(f"data.sampling={self.spec.sampling} needs one weight per training sample")
+        counts = draw_counts(weights, self.spec.samples_per_epoch or total,
+                             derive_seed(self.spec.seed, self.epoch, DRAW_STREAM))
+        firsts = np.cumsum([0] + [s.samples for s in shards])
+        kept, drawn, reads = [], [], []
+        for i in shard_order:
+            times = counts[firsts[i]:firsts[i + 1]]
+            if times.any():
+                kept.append(shards[i])
+                drawn.append(np.repeat(np.arange(len(times), dtype=np.int64), times))
+                reads.append(int(times.sum()))
+        self.shards, self.drawn = kept, np.concatenate(drawn)
+        return reads
 
     def shards_for_rank(self, rank: int, world_size: int, grad_accum_steps: int, batch_size: int) -> list[Shard]:
         """The shards a rank reads this epoch: those overlapping its partitions."""

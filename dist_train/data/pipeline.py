@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 
 import numpy as np
@@ -29,10 +29,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_train import workers
 from dist_train.config import DataConfig
 from dist_train.data import plan, random_access
+from dist_train.data.labels import MAX_LABEL_BYTES, LabelReader
 from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
-from dist_train.data.resolve import Shard, ShardSet, parse_label
+from dist_train.data.resolve import Shard, ShardSet
 from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_batch_normalize, build_transform
@@ -74,17 +75,22 @@ class TrainStreamSpec:
     start_step: int = 0
     local_world_size: int = 1  # processes on this node (ranks node*L .. node*L+L-1): they share a shard cache
     epochs: int = 0  # of the run (0: unknown); remote shards of the next epoch are fetched ahead
+    # data.sampling other than uniform: each training sample's weight (data/sampling.py)
+    sample_weights: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def node_ranks(self) -> range:
         first = self.rank - self.rank % self.local_world_size
         return range(first, min(first + self.local_world_size, self.world_size))
 
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        return EpochOrder(self.shards.shards, self.order, epoch, self.sample_weights)
+
     def node_plan(self, order: EpochOrder, cache: ShardCache) -> NodePlan:
         """What the node reads when this epoch, and the next epoch chained on if there is one."""
         plan = NodePlan(order, self.node_ranks, self.grad_accum_steps, self.batch_size, cache)
         if order.epoch + 1 < self.epochs:
-            next_order = EpochOrder(self.shards.shards, self.order, order.epoch + 1)
+            next_order = self.epoch_order(order.epoch + 1)
             plan.then_follow(NodePlan(next_order, self.node_ranks, self.grad_accum_steps, self.batch_size, cache))
         return plan
 
@@ -98,6 +104,7 @@ class SampleDecoder:
         self.collate = Collate(data_cfg)
         self.mode = "L" if data_cfg.channels == 1 else "RGB"
         self.num_classes = num_classes
+        self.labels = label_reader(data_cfg, num_classes)
         self.with_keys = with_keys
         self.skip_damaged = data_cfg.on_error == "skip"
         self.max_skipped = data_cfg.max_skipped
@@ -108,11 +115,12 @@ class SampleDecoder:
         image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
         if image_key is None:
             raise DataError(f"{where} has no image member ({'/'.join(IMAGE_EXTENSIONS)})")
-        if "cls" not in sample:
-            raise DataError(f"{where} has no .cls label")
-        label = parse_label(sample["cls"], self.num_classes, where)
+        member = self.labels.member(sample)
+        if member is None:
+            raise DataError(f"{where} {self.labels.missing()}")
+        label = self.labels.read(sample[member][:MAX_LABEL_BYTES], member, where)
         image = decode_image(io.BytesIO(sample[image_key]), self.mode, self.max_pixels, f"{where}: .{image_key}")
-        prepared = (self.transform(image), label)
+        prepared = (self.transform(image), self.labels.target(label))
         if self.with_keys:
             prepared += (f"{sample['__url__']}#{sample['__key__']}",)
         return prepared
@@ -247,7 +255,7 @@ class TrainStream(IterableDataset):
     def __iter__(self) -> Iterator:
         worker, num_workers = _this_worker()
         s = replace(self.spec, epoch=self.position[0], start_step=self.position[1])
-        order = EpochOrder(s.shards.shards, s.order, s.epoch)
+        order = s.epoch_order(s.epoch)
         node_plan = s.node_plan(order, self.cache) if self.cache is not None else None
         reader = ShardReader(self.cache)
         try:
@@ -327,15 +335,24 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
             )
 
 
+def label_reader(data_cfg: DataConfig, num_classes: int) -> LabelReader:
+    return LabelReader(num_classes, data_cfg.task == "multilabel", data_cfg.allow_empty_labels)
+
+
 class Collate:
-    """Samples (uint8 image, label[, source]) -> (float32 images, int64 labels[, sources])."""
+    """Samples (uint8 image, label[, source]) -> (float32 images, labels[, sources]): int64 class
+    indexes, or (multilabel) float32 multi-hot rows."""
 
     def __init__(self, data_cfg: DataConfig):
         self.normalize = build_batch_normalize(data_cfg)
+        self.multilabel = data_cfg.task == "multilabel"
 
     def __call__(self, samples: list[tuple]) -> tuple:
         images = self.normalize(torch.stack([s[0] for s in samples]))
-        labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
+        if self.multilabel:
+            labels = torch.stack([s[1] for s in samples])
+        else:
+            labels = torch.tensor([s[1] for s in samples], dtype=torch.long)
         if len(samples[0]) == 3:
             return images, labels, [s[2] for s in samples]
         return images, labels
@@ -373,7 +390,7 @@ class TrainLoader:
     def set_position(self, epoch: int, start_step: int = 0) -> None:
         s = self.stream.spec
         self.stream.position[0], self.stream.position[1] = epoch, start_step
-        order = EpochOrder(s.shards.shards, s.order, epoch)
+        order = s.epoch_order(epoch)
         if self.stream.cache is not None:
             node_plan = s.node_plan(order, self.stream.cache)
             # The cache must hold the shards of the steps read at once: checked per epoch,

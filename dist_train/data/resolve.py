@@ -26,6 +26,7 @@ from pathlib import Path
 import braceexpand
 
 from dist_train.data import remote
+from dist_train.data.labels import MAX_LABEL_BYTES, LabelReader, class_counts, summed_counts
 from dist_train.data.shard_cache import RemoteObject, ShardCache
 from dist_train.data.shards import MANIFEST_NAME
 from dist_train.data.sources import IMAGE_EXTENSIONS
@@ -45,6 +46,8 @@ class Shard:
     # Remote shards: the object's size and, from a manifest, its sha256 (checked on download).
     bytes: int = -1
     sha256: str = ""
+    # Samples per class (multi-label: per label), from a manifest or from indexing; () unknown.
+    class_counts: tuple[int, ...] = ()
 
     @property
     def remote(self) -> bool:
@@ -74,10 +77,18 @@ class ShardSet:
     shards: tuple[Shard, ...]
     class_names: list[str] | None  # from a manifest, when there is one
     damage: tuple[Damage, ...] = ()  # found while indexing, with data.on_error=skip
+    task: str | None = None  # "multiclass" or "multilabel", from a manifest that says
 
     @property
     def samples(self) -> int:
         return sum(s.samples for s in self.shards)
+
+    @property
+    def class_counts(self) -> tuple[int, ...] | None:
+        """Samples per class over all shards; None when a shard's are unknown (an older manifest)."""
+        if any(not s.class_counts for s in self.shards if s.samples):
+            return None
+        return summed_counts([s.class_counts for s in self.shards])
 
     @property
     def skipped_samples(self) -> int:
@@ -85,39 +96,43 @@ class ShardSet:
 
 
 def resolve_shards(spec: str | list[str], split: str, num_classes: int, skip_damaged: bool = False,
-                   cache: ShardCache | None = None) -> ShardSet:
+                   cache: ShardCache | None = None, labels: LabelReader | None = None) -> ShardSet:
     """Expand `spec`, check that every shard exists, and learn every shard's sample count.
 
     `split` ("train" or "val") picks the split of a dataset directory. `num_classes` (0 when
     unknown) bounds labels of shards without a manifest. With `skip_damaged` (data.on_error=
     skip) every shard is scanned, manifest or not, and damaged samples and shards are left
     out and listed in `ShardSet.damage` instead of stopping the run. `cache` holds remote
-    shards that must be read to be counted (those without a manifest).
+    shards that must be read to be counted (those without a manifest). `labels` reads and
+    checks labels (default: one integer label per sample, below `num_classes`).
     """
+    labels = labels or LabelReader(num_classes)
     specs = spec if isinstance(spec, list) else [spec]
     if not specs or not all(isinstance(s, str) and s for s in specs):
         raise DataError(f"data.{split} is empty: give a dataset directory or shard pattern")
     shards: list[Shard] = []
     class_names: list[str] | None = None
+    task = None
     for one in specs:
         if remote.is_remote(one):
-            found, names = _resolve_remote(one, split, num_classes, skip_damaged, cache)
+            found, manifest = _resolve_remote(one, split, labels, skip_damaged, cache)
         else:
-            found, names = _resolve_one(one, split, num_classes, skip_damaged)
+            found, manifest = _resolve_one(one, split, labels, skip_damaged)
         shards.extend(found)
-        class_names = class_names or names
+        class_names = class_names or (list(manifest["classes"]) if manifest else None)
+        task = task or (manifest.get("task", "multiclass") if manifest else None)
     urls = [s.url for s in shards]
     if len(set(urls)) != len(urls):
         raise DataError(f"data.{split} names a shard more than once")
     if not skip_damaged:
-        return ShardSet(tuple(shards), class_names)
+        return ShardSet(tuple(shards), class_names, task=task)
     usable, damage = [], []
     for shard in shards:
-        scanned, found = scan_shard(shard.url, num_classes, expected=shard.samples)
+        scanned, found = scan_shard(shard.url, labels, expected=shard.samples)
         damage.extend(found)
         if scanned.samples:
             usable.append(scanned)
-    return ShardSet(tuple(usable), class_names, tuple(damage))
+    return ShardSet(tuple(usable), class_names, tuple(damage), task)
 
 
 def read_manifest(directory: Path) -> dict:
@@ -162,10 +177,19 @@ def _manifest_problem(manifest: dict, inside) -> str | None:
                 return f"split {name!r}: shard file {str(file)[:100]!r} is not a file inside the dataset's directory"
             if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
                 return f"split {name!r}: shard {file!r} has samples={str(samples)[:40]}, not a count"
+            counts = entry.get("class_counts", [])
+            if not isinstance(counts, list) or not all(_is_count(c) for c in counts):
+                return f"split {name!r}: shard {file!r} has class_counts={str(counts)[:40]}, not a list of counts"
+    if manifest.get("task", "multiclass") not in ("multiclass", "multilabel"):
+        return f"task {str(manifest.get('task'))[:40]!r} is not multiclass or multilabel"
     return None
 
 
-def _resolve_one(spec: str, split: str, num_classes: int, skip_damaged: bool) -> tuple[list[Shard], list[str] | None]:
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _resolve_one(spec: str, split: str, labels: LabelReader, skip_damaged: bool) -> tuple[list[Shard], dict | None]:
     if "://" in spec or spec.startswith("pipe:"):
         raise DataError(
             f"{spec}: remote shards are not supported yet; copy them to a local or shared "
@@ -188,25 +212,31 @@ def _resolve_one(spec: str, split: str, num_classes: int, skip_damaged: bool) ->
     if missing and not skip_damaged:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DataError(f"missing shard file: {missing[0]}{more}")
-    manifests: dict[Path, dict[str, int]] = {}
+    manifests: dict[Path, tuple[dict[str, dict], dict | None]] = {}
     shards = []
-    names = None
+    first_manifest = None
     for f in files:
-        counts = manifests.get(Path(f).parent)
-        if counts is None:
-            counts, names_here = _manifest_counts(Path(f).parent)
-            manifests[Path(f).parent] = counts
-            names = names or names_here
-        n = counts.get(Path(f).name)
-        if skip_damaged:  # scanned later; -1: count unknown
-            shards.append(Shard(f, n if n is not None else -1))
+        if Path(f).parent not in manifests:
+            manifests[Path(f).parent] = _manifest_entries(Path(f).parent)
+        entries, manifest = manifests[Path(f).parent]
+        first_manifest = first_manifest or manifest
+        entry = entries.get(Path(f).name)
+        if entry is not None:
+            shards.append(_from_entry(f, entry))
+        elif skip_damaged:  # scanned later; -1: count unknown
+            shards.append(Shard(f, -1))
         else:
-            shards.append(Shard(f, n if n is not None else count_samples(f, num_classes)))
-    return shards, names
+            samples, counts = index_labels(f, labels)
+            shards.append(Shard(f, samples, class_counts=counts))
+    return shards, first_manifest
 
 
-def _resolve_remote(spec: str, split: str, num_classes: int, skip_damaged: bool,
-                    cache: ShardCache | None) -> tuple[list[Shard], list[str] | None]:
+def _from_entry(url: str, entry: dict, **extra) -> Shard:
+    return Shard(url, int(entry["samples"]), class_counts=tuple(entry.get("class_counts", ())), **extra)
+
+
+def _resolve_remote(spec: str, split: str, labels: LabelReader, skip_damaged: bool,
+                    cache: ShardCache | None) -> tuple[list[Shard], dict | None]:
     """Remote shards: a dataset directory's URL or a brace pattern of shard URLs. Every object
     is asked for its size now, so a missing one stops the run before it starts."""
     if skip_damaged:
@@ -236,14 +266,15 @@ def _resolve_remote(spec: str, split: str, num_classes: int, skip_damaged: bool,
             raise DataError(f"{url}: {size} bytes on the server, {entry['bytes']} in its {MANIFEST_NAME} "
                             "(replaced since the manifest was written?)")
         shard = Shard(url, -1, bytes=size, sha256=str(entry.get("sha256") or ""))
-        samples = entry.get("samples")
-        if samples is None:  # no manifest: read it (through the cache) to count and check it
-            if cache is None:
-                raise DataError(f"{url}: remote shards without a {MANIFEST_NAME} need a shard cache to be counted")
-            with cache.open_pinned(shard.as_remote_object()) as local:
-                samples = count_samples(local.name, num_classes, where=url)
-        shards.append(replace(shard, samples=int(samples)))
-    return shards, list(manifest["classes"]) if manifest else None
+        if entry:
+            shards.append(_from_entry(url, entry, bytes=size, sha256=shard.sha256))
+            continue
+        if cache is None:  # no manifest: read it (through the cache) to count and check it
+            raise DataError(f"{url}: remote shards without a {MANIFEST_NAME} need a shard cache to be counted")
+        with cache.open_pinned(shard.as_remote_object()) as local:
+            samples, counts = index_labels(local.name, labels, where=url)
+        shards.append(replace(shard, samples=samples, class_counts=counts))
+    return shards, manifest
 
 
 def _remote_manifest(directory: str, required: bool) -> dict | None:
@@ -263,7 +294,7 @@ def _remote_manifest(directory: str, required: bool) -> dict | None:
     return _checked_manifest(text, url, inside)
 
 
-def _from_manifest(directory: Path, split: str, skip_damaged: bool) -> tuple[list[Shard], list[str]]:
+def _from_manifest(directory: Path, split: str, skip_damaged: bool) -> tuple[list[Shard], dict]:
     manifest = read_manifest(directory)
     if split not in manifest["splits"]:
         raise DataError(f"{directory / MANIFEST_NAME}: has no {split!r} split")
@@ -272,25 +303,21 @@ def _from_manifest(directory: Path, split: str, skip_damaged: bool) -> tuple[lis
         path = directory / entry["file"]
         if not path.is_file() and not skip_damaged:
             raise DataError(f"missing shard file: {path} (listed in {MANIFEST_NAME})")
-        shards.append(Shard(str(path), int(entry["samples"])))
-    return shards, list(manifest["classes"])
+        shards.append(_from_entry(str(path), entry))
+    return shards, manifest
 
 
-def _manifest_counts(directory: Path) -> tuple[dict[str, int], list[str] | None]:
-    """Sample counts by file name from a manifest beside the shards, if there is one."""
+def _manifest_entries(directory: Path) -> tuple[dict[str, dict], dict | None]:
+    """Shard entries by file name from a manifest beside the shards, and the manifest, if any."""
     if not (directory / MANIFEST_NAME).is_file():
         return {}, None
     manifest = read_manifest(directory)
-    counts = {
-        entry["file"]: int(entry["samples"])
-        for split in manifest["splits"].values()
-        for entry in split["shards"]
-    }
-    return counts, list(manifest["classes"])
+    entries = {entry["file"]: entry for split in manifest["splits"].values() for entry in split["shards"]}
+    return entries, manifest
 
 
-def count_samples(path: str, num_classes: int = 0, where: str = "") -> int:
-    """Count the samples of one local tar shard and check their labels, without decoding images.
+def index_labels(path: str, labels: LabelReader, where: str = "") -> tuple[int, tuple[int, ...]]:
+    """(samples, class counts) of one local tar shard, its labels checked, no image decoded.
     `where`: the shard's name in errors (its URL, for a cached copy of a remote shard)."""
     where = where or path
     try:
@@ -299,13 +326,18 @@ def count_samples(path: str, num_classes: int = 0, where: str = "") -> int:
         raise DataError(str(exc).replace(path, where)) from None
     if not entries:
         raise DataError(f"{where}: empty shard (no samples); remove it, or set data.on_error=skip")
-    problems = _sample_problems(path, entries, num_classes, stop_at_first=True)
+    problems, found = _sample_problems(path, entries, labels, stop_at_first=True)
     if problems:
         raise DataError(f"{where}: {problems[0][1]}")
-    return len(entries)
+    return len(entries), class_counts(found, labels.num_classes)
 
 
-def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, list[Damage]]:
+def count_samples(path: str, num_classes: int = 0, where: str = "") -> int:
+    """The samples of one local tar shard, its (single) labels checked against `num_classes`."""
+    return index_labels(path, LabelReader(num_classes), where)[0]
+
+
+def scan_shard(path: str, labels: LabelReader, expected: int = -1) -> tuple[Shard, list[Damage]]:
     """data.on_error=skip: the shard with its damaged samples left out, and what was left out.
 
     `expected`: the sample count a manifest gives (-1: unknown), to count what a missing or
@@ -315,7 +347,7 @@ def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, 
         return Shard(path, 0), [Damage(path, "missing shard file", max(expected, 0))]
     try:
         entries, cut = index_tar_until_damage(path)
-        problems = _sample_problems(path, entries, num_classes)
+        problems, found = _sample_problems(path, entries, labels)
     except DataError as exc:  # not a tar at all, or unreadable
         return Shard(path, 0), [Damage(path, str(exc).removeprefix(f"{path}: "), max(expected, 0))]
     damage = [Damage(path, problem, 1) for _, problem in problems]
@@ -327,7 +359,8 @@ def scan_shard(path: str, num_classes: int, expected: int = -1) -> tuple[Shard, 
     if not entries and cut is None:
         damage.append(Damage(path, "empty shard (no samples)", 0))
     exclude = frozenset(key for key, _ in problems)
-    return Shard(path, len(entries) - len(exclude), exclude, truncated=cut is not None), damage
+    return Shard(path, len(entries) - len(exclude), exclude, truncated=cut is not None,
+                 class_counts=class_counts(found, labels.num_classes)), damage
 
 
 def usable_index(shard: Shard, local_path: str = "") -> TarIndex:
@@ -343,39 +376,30 @@ def usable_index(shard: Shard, local_path: str = "") -> TarIndex:
     return [e for e in entries if e[0] not in shard.exclude]
 
 
-def _sample_problems(path: str, entries: TarIndex, num_classes: int,
-                     stop_at_first: bool = False) -> list[tuple[str, str]]:
-    """(key, problem) for each sample without an image, without a label, or with a bad label."""
+def _sample_problems(path: str, entries: TarIndex, labels: LabelReader, stop_at_first: bool = False
+                     ) -> tuple[list[tuple[str, str]], list[int | tuple[int, ...]]]:
+    """(key, problem) for each sample without an image, without a label, or with a bad label;
+    and the labels of the others."""
     if len({key for key, _ in entries}) != len(entries):
         raise DataError(f"{path}: members of one sample are not stored together")
-    problems = []
+    problems, found = [], []
     with open(path, "rb") as f:
         for key, members in entries:
             problem = None
+            member = labels.member(members)
             if not any(ext in members for ext in IMAGE_EXTENSIONS):
                 problem = f"sample {key!r} has no image member ({'/'.join(IMAGE_EXTENSIONS)})"
-            elif "cls" not in members:
-                problem = f"sample {key!r} has no .cls label"
+            elif member is None:
+                problem = f"sample {key!r} {labels.missing()}"
             else:
-                offset, size = members["cls"]
+                offset, size = members[member]
                 f.seek(offset)
                 try:
-                    parse_label(f.read(min(size, 64)), num_classes, where=f"sample {key!r}")
+                    found.append(labels.read(f.read(min(size, MAX_LABEL_BYTES)), member, where=f"sample {key!r}"))
                 except DataError as exc:
                     problem = str(exc)
             if problem:
                 problems.append((key, problem))
                 if stop_at_first:
                     break
-    return problems
-
-
-def parse_label(raw: bytes, num_classes: int, where: str) -> int:
-    """webdataset's `.cls` convention: the label as decimal text."""
-    try:
-        label = int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{where}: label {raw[:20]!r} is not an integer") from None
-    if label < 0 or (num_classes and label >= num_classes):
-        raise DataError(f"{where}: label {label} is outside 0..{num_classes - 1} (data.num_classes)")
-    return label
+    return problems, found
