@@ -240,10 +240,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dist_train.report import PLOT_NAMES, write_report
+    from dist_train.report import load_run, write_report
 
     print(write_report(args.run_dir))
-    print(f"\nwrote {', '.join(PLOT_NAMES)} and summary.md in {args.run_dir}")
+    print(f"\nwrote {', '.join(load_run(args.run_dir).plot_names)} and summary.md in {args.run_dir}")
     return 0
 
 

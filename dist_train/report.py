@@ -8,8 +8,10 @@ reads `metrics.jsonl`, `best/meta.json` and `last/meta.json` and (re)writes, in 
 
 and prints the per-class precision / recall / F1 table of the best checkpoint, computed
 from its confusion matrix exactly as scikit-learn's `classification_report` computes it from
-the predictions. Training calls the same code at its end (`tracking.plots`), so a run
-directory explains itself without wandb.
+the predictions. A multi-label run gets a per-label table (with each label's average precision
+and AUROC) and `per_label.png` in place of the last two plots. summary.md also gives the
+samples per class of each split. Training calls the same code at its end (`tracking.plots`),
+so a run directory explains itself without wandb.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dist_train.optim import lr_factor_fn, scaled_lr
 from dist_train.tracking import read_metrics
 
 PLOT_NAMES = ("loss.png", "metrics.png", "lr.png", "confusion_matrix.png", "per_class_f1.png")
+MULTILABEL_PLOT_NAMES = ("loss.png", "metrics.png", "lr.png", "per_label.png")
 MAX_ANNOTATED_CLASSES = 30  # count labels inside confusion-matrix cells up to this many classes
 MAX_BARS = 40  # per-class F1: beyond this many classes, show the lowest ones
 
@@ -43,6 +46,14 @@ class RunRecords:
     @property
     def class_names(self) -> list[str]:
         return self.best["class_names"]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.best.get("task") == "multilabel"
+
+    @property
+    def plot_names(self) -> tuple[str, ...]:
+        return MULTILABEL_PLOT_NAMES if self.multilabel else PLOT_NAMES
 
     @property
     def layout(self) -> dict[str, Any]:
@@ -84,7 +95,7 @@ def load_run(run_dir: str | Path) -> RunRecords:
     return RunRecords(
         run_dir=run_dir,
         train=[r for r in records if "train/loss" in r],
-        val=[r for r in records if "val/acc" in r],
+        val=[r for r in records if "val/loss" in r],
         best=json.loads(best_meta.read_text()),
         last=json.loads(last_meta.read_text()) if last_meta.is_file() else None,
     )
@@ -126,11 +137,53 @@ def format_table(scores: list[ClassScores]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class LabelScores(ClassScores):
+    average_precision: float
+    auroc: float
+
+
+def per_label_scores(per_label: dict[str, list], label_names: list[str]) -> list[LabelScores]:
+    """Per-label precision, recall, F1 (at the run's threshold), support (images with the label),
+    average precision and AUROC, from a multi-label checkpoint's `per_label` record."""
+    scores = []
+    for name, ((_, fp), (fn, tp)), ap, auroc in zip(label_names, per_label["confusion"], per_label["ap"],
+                                                    per_label["auroc"], strict=True):
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        scores.append(LabelScores(name, precision, recall, f1, tp + fn, ap, auroc))
+    return scores
+
+
+def format_label_table(scores: list[LabelScores], per_label: dict[str, list]) -> str:
+    """The per-label table, with micro and macro averages, like scikit-learn's for multi-label data."""
+    width = max(12, *(len(s.name) for s in scores))
+    header = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'AP':>9} {'AUROC':>9} {'support':>9}"
+    lines = [header, ""]
+    lines += [f"{s.name:>{width}} {s.precision:9.4f} {s.recall:9.4f} {s.f1:9.4f} {s.average_precision:9.4f} "
+              f"{s.auroc:9.4f} {s.support:9d}" for s in scores]
+    matrix = np.asarray(per_label["confusion"]).sum(axis=0)
+    tp, fp, fn = matrix[1, 1], matrix[0, 1], matrix[1, 0]
+    p, r = (tp / (tp + fp) if tp + fp else 0.0), (tp / (tp + fn) if tp + fn else 0.0)
+    total = sum(s.support for s in scores)
+    lines += ["", f"{'micro avg':>{width}} {p:9.4f} {r:9.4f} {2 * p * r / (p + r) if p + r else 0.0:9.4f} "
+              f"{'':9} {'':9} {total:9d}"]
+    means = [float(np.nanmean([getattr(s, k) for s in scores]))
+             for k in ("precision", "recall", "f1", "average_precision", "auroc")]
+    lines.append(f"{'macro avg':>{width}} " + " ".join(f"{m:9.4f}" for m in means) + f" {total:9d}")
+    return "\n".join(lines)
+
+
 def write_report(run_dir: str | Path) -> str:
     """Write the plots and summary.md; return the per-class table of the best checkpoint."""
     run = load_run(run_dir)
-    scores = per_class_scores(run.best["confusion_matrix"], run.class_names)
-    table = format_table(scores)
+    if run.multilabel:
+        scores = per_label_scores(run.best["per_label"], run.class_names)
+        table = format_label_table(scores, run.best["per_label"])
+    else:
+        scores = per_class_scores(run.best["confusion_matrix"], run.class_names)
+        table = format_table(scores)
     _write_plots(run, scores)
     atomic_file.write_text(run.run_dir / "summary.md", _summary(run, table))
     return table
@@ -150,7 +203,8 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     if run.train:
         ax.plot([r["step"] for r in run.train], [r["train/loss"] for r in run.train],
                 label=f"train ({run.best['config']['loss']['name']})", color="tab:blue", alpha=0.8)
-    ax.plot([r["step"] for r in run.val], [r["val/loss"] for r in run.val], "o-", label="validation (cross-entropy)",
+    val_loss = "binary cross-entropy" if run.multilabel else "cross-entropy"
+    ax.plot([r["step"] for r in run.val], [r["val/loss"] for r in run.val], "o-", label=f"validation ({val_loss})",
             color="tab:orange")
     ax.set(title=f"Loss — {name}", xlabel="optimizer step", ylabel="loss")
     ax.set_yscale("log")
@@ -161,9 +215,12 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     # By step, as the loss: validations may also come mid-epoch (train.val_every_steps).
     steps = [r["step"] for r in run.val]
-    for key, label in (("val/acc", "accuracy"), ("val/f1_macro", "F1 (macro)"),
-                       ("val/precision_macro", "precision (macro)"), ("val/recall_macro", "recall (macro)"),
-                       ("val/auroc_macro", "AUROC (macro)")):
+    shown_metrics = (
+        (("val/map_macro", "mAP (macro)"), ("val/f1_micro", "F1 (micro)"), ("val/f1_macro", "F1 (macro)"),
+         ("val/subset_acc", "subset accuracy"), ("val/auroc_macro", "AUROC (macro)")) if run.multilabel else
+        (("val/acc", "accuracy"), ("val/f1_macro", "F1 (macro)"), ("val/precision_macro", "precision (macro)"),
+         ("val/recall_macro", "recall (macro)"), ("val/auroc_macro", "AUROC (macro)")))
+    for key, label in shown_metrics:
         ax.plot(steps, [r[key] for r in run.val], "o-", label=label, markersize=3)
     ax.axvline(best_step, color="grey", linestyle="--", linewidth=1,
                label=f"best: epoch {best_epoch}, step {best_step}")
@@ -187,6 +244,9 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     ax.legend(fontsize=8)
     _save(fig, run.run_dir / "lr.png")
 
+    if run.multilabel:
+        _plot_per_label(plt, run, scores, run.run_dir / "per_label.png")
+        return
     _plot_confusion(plt, run, run.run_dir / "confusion_matrix.png")
 
     shown = scores if len(scores) <= MAX_BARS else sorted(scores, key=lambda s: s.f1)[:MAX_BARS]
@@ -243,6 +303,37 @@ def _plot_confusion(plt, run: RunRecords, path: Path) -> None:
     _save(fig, path)
 
 
+def _plot_per_label(plt, run: RunRecords, scores: list[LabelScores], path: Path) -> None:
+    """Average precision, AUROC and F1 of each label (the lowest by AP when there are many)."""
+    shown = scores if len(scores) <= MAX_BARS else sorted(scores, key=lambda s: s.average_precision)[:MAX_BARS]
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.42 * len(shown) + 1.2)))
+    y = np.arange(len(shown))
+    for offset, key, label in ((-0.27, "average_precision", "AP"), (0.0, "auroc", "AUROC"), (0.27, "f1", "F1")):
+        ax.barh(y + offset, [getattr(s, key) for s in shown], height=0.27, label=label)
+    ax.set_yticks(y, [s.name for s in shown])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.0)
+    mean_ap = run.best["metrics"].get("val/map_macro", float("nan"))
+    ax.set(title=f"Per label, best epoch {run.best['epoch']} (mAP {mean_ap:.3f})", xlabel="score", ylabel="label")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    _save(fig, path)
+
+
+def _class_counts(run: RunRecords) -> list[str]:
+    """Samples per class (multi-label: images per label) of each split, when the data says."""
+    counts = (run.last or run.best).get("class_counts") or {}
+    splits = [(name, counts.get(name) or []) for name in ("train", "val")]
+    if not any(values for _, values in splits):
+        return []
+    kind = "label" if run.multilabel else "class"
+    lines = [f"## Samples per {kind}", "", f"| {kind} | " + " | ".join(name for name, _ in splits) + " |",
+             "| --- | " + " | ".join("---:" for _ in splits) + " |"]
+    for i, name in enumerate(run.class_names):
+        cells = [str(values[i]) if i < len(values) else "?" for _, values in splits]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
     with atomic_file.replacing(path) as tmp:
@@ -277,7 +368,8 @@ def _summary(run: RunRecords, table: str) -> str:
         + (f", stopped early: {best['monitor']} did not improve for {cfg['train']['early_stop_patience']} "
            f"validations after step {best['step']}" if last.get("stopped_early") else "")
         + f"; training time {seconds:.1f} s" + (f"; median {np.median(rates):.0f} images/s" if rates else ""),
-        f"- model {cfg['model']['name']}, {len(run.class_names)} classes; loss {cfg['loss']['name']}; "
+        f"- model {cfg['model']['name']}, {len(run.class_names)} {'labels' if run.multilabel else 'classes'}; "
+        f"loss {cfg['loss']['name']}; sampling {cfg['data'].get('sampling', 'uniform')}; "
         f"optimizer {cfg['optim']['name']} lr {cfg['optim']['lr']}; schedule {cfg['sched']['name']}",
         f"- {layout['world_size']} process(es), global batch {layout['global_batch']} "
         f"({layout['batch_size']} per process x {layout['grad_accum_steps']} accumulation), "
@@ -288,15 +380,16 @@ def _summary(run: RunRecords, table: str) -> str:
         "| --- | --- | --- |",
         *(f"| {k} | {best['metrics'][k]:.4f} | {last['metrics'][k]:.4f} |" for k in best["metrics"]),
         "",
-        "## Per class (best epoch)",
+        "## Per label (best epoch)" if run.multilabel else "## Per class (best epoch)",
         "",
         "```",
         table,
         "```",
         "",
+        *_class_counts(run),
         "## Plots",
         "",
-        *(f"![{p}]({p})" for p in PLOT_NAMES),
+        *(f"![{p}]({p})" for p in run.plot_names),
         "",
     ]
     return "\n".join(lines)

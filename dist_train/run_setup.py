@@ -31,7 +31,7 @@ from dist_train.damage import damage_record, report_damage
 from dist_train.data import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, make_eval_loader
-from dist_train.data.sampling import sample_weights
+from dist_train.data.sampling import epoch_sampler
 from dist_train.ema import WeightsEma
 from dist_train.layout import RunLayout, plan_layout
 from dist_train.losses import build_loss
@@ -287,17 +287,17 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         accelerator.print(f"changed since the checkpoint, applied from step {state.step}: {'; '.join(changes)}")
     report_damage(accelerator, datasets)
     criterion = build_loss(cfg.loss, datasets.num_classes, lambda: train_class_counts(cfg.data, datasets))
-    weights = None
-    if order.sampling != "uniform":  # each training sample's weight in the draw (data/sampling.py)
-        weights = sample_weights(cfg.data, datasets.train, datasets.num_classes,
-                                 cache_if_remote([cfg.data.train], cfg.data))
+    sampler = None
+    if order.sampling != "uniform":  # what draws each epoch (data/sampling.py)
+        sampler = epoch_sampler(cfg.data, datasets.train, datasets.num_classes,
+                                cache_if_remote([cfg.data.train], cfg.data))
     train_loader = TrainLoader(TrainStreamSpec(
         shards=datasets.train, order=order, epoch=state.epoch, num_classes=datasets.num_classes,
         batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps, rank=accelerator.process_index,
         world_size=layout.world_size, start_step=state.step_in_epoch,
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
-        sample_weights=weights,
+        sampler=sampler,
     ), cfg.data, pin_memory=accelerator.device.type == "cuda")
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,

@@ -58,6 +58,9 @@ class RunTracker:
             values["epoch"] = record["epoch"]
             if "val/confusion_matrix" in record:
                 values["val/confusion_matrix"] = _confusion_table(record["val/confusion_matrix"], self.class_names)
+            if "val/per_label" in record:  # multi-label: each label's average precision, as its own chart
+                values |= {f"val/ap/{name}": ap for name, ap in zip(self.class_names, record["val/per_label"]["ap"],
+                                                                     strict=True)}
             self.accelerator.log(values, step=record["step"])
 
 

@@ -28,11 +28,17 @@ import bisect
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dist_train.data.resolve import Shard
 from dist_train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from dist_train.data.sampling import EpochSampler
+
+DRAW_STREAM = 11  # keeps a sampled epoch's draw apart from the other seeds derived from (seed, epoch)
 
 
 def derive_seed(*parts: int) -> int:
@@ -62,11 +68,9 @@ class OrderSpec:
 
 
 class EpochOrder:
-    """`sample_weights`: for a sampled epoch (spec.sampling), each sample's weight, in the order
-    of `shards` (data/sampling.py)."""
+    """`sampler`: for a sampled epoch (spec.sampling), what draws it (data/sampling.py)."""
 
-    def __init__(self, shards: tuple[Shard, ...], spec: OrderSpec, epoch: int,
-                 sample_weights: np.ndarray | None = None):
+    def __init__(self, shards: tuple[Shard, ...], spec: OrderSpec, epoch: int, sampler: EpochSampler | None = None):
         self.spec = spec
         self.epoch = epoch
         shard_order = np.random.default_rng(derive_seed(spec.seed, epoch)).permutation(len(shards))
@@ -74,7 +78,7 @@ class EpochOrder:
         self.drawn: np.ndarray | None = None  # sampled: the index within its shard of each read
         reads = [s.samples for s in self.shards]  # per shard, in the epoch's order
         if spec.sampling != "uniform":
-            reads = self._draw(shards, shard_order, sample_weights)
+            reads = self._draw(shards, shard_order, sampler)
         self.starts = np.cumsum([0, *reads]).tolist()
         total = self.starts[-1]
         self.steps = steps_per_epoch(total, spec.global_batch)
@@ -94,17 +98,15 @@ class EpochOrder:
             return self.shards[shard], int(self.drawn[concat])
         return self.shards[shard], concat - self.starts[shard]
 
-    def _draw(self, shards: tuple[Shard, ...], shard_order: np.ndarray, weights: np.ndarray | None) -> list[int]:
+    def _draw(self, shards: tuple[Shard, ...], shard_order: np.ndarray, sampler: EpochSampler | None) -> list[int]:
         """Draw the epoch's samples (data/sampling.py); keep the shards with a sample drawn, in
         the epoch's shard order, and the index of each read within its shard. Returns the
         reads per kept shard."""
-        from dist_train.data.sampling import DRAW_STREAM, draw_counts
-
         total = sum(s.samples for s in shards)
-        if weights is None or len(weights) != total:
-            raise ValueError(f"data.sampling={self.spec.sampling} needs one weight per training sample")
-        counts = draw_counts(weights, self.spec.samples_per_epoch or total,
-                             derive_seed(self.spec.seed, self.epoch, DRAW_STREAM))
+        if sampler is None or len(sampler) != total:
+            raise ValueError(f"data.sampling={self.spec.sampling} needs the label of every training sample")
+        counts = sampler.draw_counts(self.spec.samples_per_epoch or total,
+                                     derive_seed(self.spec.seed, self.epoch, DRAW_STREAM))
         firsts = np.cumsum([0] + [s.samples for s in shards])
         kept, drawn, reads = [], [], []
         for i in shard_order:

@@ -34,6 +34,7 @@ from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batc
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
 from dist_train.data.resolve import Shard, ShardSet
+from dist_train.data.sampling import EpochSampler
 from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_batch_normalize, build_transform
@@ -75,8 +76,8 @@ class TrainStreamSpec:
     start_step: int = 0
     local_world_size: int = 1  # processes on this node (ranks node*L .. node*L+L-1): they share a shard cache
     epochs: int = 0  # of the run (0: unknown); remote shards of the next epoch are fetched ahead
-    # data.sampling other than uniform: each training sample's weight (data/sampling.py)
-    sample_weights: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # data.sampling other than uniform: what draws each epoch (data/sampling.py)
+    sampler: EpochSampler | None = field(default=None, compare=False, repr=False)
 
     @property
     def node_ranks(self) -> range:
@@ -84,7 +85,7 @@ class TrainStreamSpec:
         return range(first, min(first + self.local_world_size, self.world_size))
 
     def epoch_order(self, epoch: int) -> EpochOrder:
-        return EpochOrder(self.shards.shards, self.order, epoch, self.sample_weights)
+        return EpochOrder(self.shards.shards, self.order, epoch, self.sampler)
 
     def node_plan(self, order: EpochOrder, cache: ShardCache) -> NodePlan:
         """What the node reads when this epoch, and the next epoch chained on if there is one."""
