@@ -64,12 +64,13 @@ def nginx(small_digits, digits_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3(digits_dir):
+def s3(digits_dir, imbalanced_digits):
     server = S3Server()
     server.make_bucket("datasets")
     old = {key: os.environ.get(key) for key in server.env}
     os.environ.update(server.env)
     remote.publish(str(digits_dir), "s3://datasets/digits")
+    remote.publish(str(imbalanced_digits), "s3://datasets/imbalanced")  # the recipe runs' data
     yield server
     for key, value in old.items():
         if value is None:
@@ -229,8 +230,10 @@ def test_make_shards_publishes_to_s3_the_bytes_it_writes_locally(s3, digits_dir)
 @pytest.mark.slow
 def test_two_processes_from_s3_killed_and_resumed_end_bitwise_like_local_files(s3, recipe_reference, tmp_path):
     """Criteria 1 and 2: the S3 run is SIGKILLed mid-epoch (step 30 of 44) and resumed with
-    train.resume=auto; it ends with the weights and validations of the local, uninterrupted run."""
-    data = "s3://datasets/digits"
+    train.resume=auto; it ends with the weights and validations of the local, uninterrupted run.
+    (Balanced sampling of the imbalanced digits, test_resume's RECIPE: the prefetch follows the
+    sampled order.)"""
+    data = "s3://datasets/imbalanced"
     cache = f"data.cache_dir={tmp_path / 'cache'}"
     run_killed_at_step_30(data, tmp_path / "run", cache, env=s3.env)
     cmd, env = accelerate_launch_command(*train_args(data, tmp_path / "run", *RECIPE, cache, "train.resume=auto"))

@@ -59,10 +59,12 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
 # The training recipe's options, each with state or randomness a resume must restore exactly:
 # per-sample RandAugment and erasing, mixup/cutmix, an EMA of the weights monitored for best/,
 # the k best checkpoints, validation mid-epoch, a backbone frozen for 33 steps (the resume from
-# step 30 crosses the unfreeze).
+# step 30 crosses the unfreeze), and balanced sampling of the 1:50 imbalanced digits (conftest's
+# `imbalanced_digits`) drawn anew each epoch, in epochs as long as the whole digits set's.
 RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
           "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "train.keep_best=2",
-          "train.val_every_steps=8", "model.freeze=backbone", "model.freeze_epochs=1.5")
+          "train.val_every_steps=8", "model.freeze=backbone", "model.freeze_epochs=1.5",
+          "data.sampling=balanced", "data.samples_per_epoch=1437")
 
 
 def recipe_reference_run(digits_dir: Path, out: Path) -> None:
@@ -88,20 +90,20 @@ def run_killed_at_step_30(data: str | Path, out: Path, *extra: str, env: dict[st
 
 
 @pytest.fixture(scope="module")
-def runs(digits_dir, recipe_reference, tmp_path_factory):
+def runs(imbalanced_digits, recipe_reference, tmp_path_factory):
     """An uninterrupted 2-process run, and a copy of another killed with SIGKILL mid-epoch,
     both with every recipe option on."""
     base = tmp_path_factory.mktemp("resume")
     killed = base / "killed"
-    run_killed_at_step_30(digits_dir, killed)
+    run_killed_at_step_30(imbalanced_digits, killed)
     return {"reference": recipe_reference, "killed": killed, "base": base}
 
 
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(runs, digits_dir):
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(runs, imbalanced_digits):
     resumed = runs["base"] / "resumed-2"
     shutil.copytree(runs["killed"], resumed)
     assert not (resumed / "last").exists()
-    result = accelerate_launch(*train_args(digits_dir, resumed, *RECIPE, "train.resume=auto"))
+    result = accelerate_launch(*train_args(imbalanced_digits, resumed, *RECIPE, "train.resume=auto"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from" in result.stdout and "at epoch 1" in result.stdout
     reference, ours = weights(runs["reference"]), weights(resumed)
@@ -131,13 +133,14 @@ def test_the_recipe_validates_mid_epoch_and_keeps_the_best_of_its_moving_average
         f"step-{r['step']:08d}" for r in ranked[:2])
 
 
-def test_resume_on_one_process_instead_of_two(runs, digits_dir):
+def test_resume_on_one_process_instead_of_two(runs, imbalanced_digits):
     resumed = runs["base"] / "resumed-1"
     shutil.copytree(runs["killed"], resumed)
     # One thread, as each of the two ranks had (torchrun sets OMP_NUM_THREADS=1): with two, the
     # CPU kernels sum in another order and the weights drift by float rounding alone (3.9e-5
     # after 14 steps here); with one, the resumed run is bitwise the reference.
-    result = run_cli(*train_args(digits_dir, resumed, *RECIPE, "train.resume=auto")[2:], env={"OMP_NUM_THREADS": "1"})
+    result = run_cli(*train_args(imbalanced_digits, resumed, *RECIPE, "train.resume=auto")[2:],
+                     env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "train.grad_accum_steps 1 -> 2" in result.stdout  # the global batch of 64 is kept
     reference, ours = weights(runs["reference"]), weights(resumed)

@@ -1,6 +1,8 @@
 """data.sampling on a 1:50 imbalanced subset of digits: class frequencies, a pure function of
 (seed, epoch), the same batches on any number of processes and workers and after a resume;
-loss.class_weights; and, trained, better recall of the rare classes than uniform sampling."""
+loss.class_weights; and, trained, better recall of the rare classes than uniform sampling.
+(A 2-process run with balanced sampling, killed with SIGKILL and resumed, ends bitwise like
+one never stopped: the recipe runs of test_resume.py and test_remote_shards.py sample.)"""
 
 from __future__ import annotations
 
@@ -18,28 +20,17 @@ from torch import nn
 
 from dist_train.config import DataConfig, LossConfig, load_config
 from dist_train.data import resolve_datasets, train_class_counts
-from dist_train.data import sources as data_sources
 from dist_train.data.labels import LabelReader
 from dist_train.data.order import EpochOrder, OrderSpec
 from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
 from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sampling import class_weights, epoch_sampler, read_labels
-from dist_train.data.shards import make_shards
 from dist_train.errors import ConfigError, DataError
 from dist_train.losses import WeightedCrossEntropy, auto_class_weights, build_loss
 
-from .conftest import DIGITS_CONFIG, REPO
+from .conftest import DIGITS_CONFIG, RARE_DIGITS, REPO
 
-RARE = range(5, 10)  # digits 5-9 keep 1 training image in 50
-
-
-@pytest.fixture(scope="session")
-def imbalanced_digits(tmp_path_factory) -> Path:
-    """Digits with classes 5-9 cut to 2% of their training images (about 145 : 3), the
-    validation set left whole (every class about 36)."""
-    out = tmp_path_factory.mktemp("imbalanced")
-    make_shards(data_sources.digits(), out, shard_size=64, train_class_fraction={c: 0.02 for c in RARE})
-    return out
+RARE = RARE_DIGITS  # the conftest's `imbalanced_digits` keeps 1 training image in 50 of these
 
 
 def _config(data: Path, *overrides: str):
