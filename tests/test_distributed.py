@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -19,7 +20,7 @@ from dist_train.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, run_cli, run_reaped
 from .distributed.accumulation_check import make_data, make_model
-from .test_metrics import sklearn_reference
+from .test_metrics import sklearn_multilabel_reference, sklearn_reference
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +86,46 @@ def test_digits_trains_under_two_process_ddp(digits_dir, tmp_path):
     assert evaluated["val/confusion_matrix"] == meta["confusion_matrix"]
 
 
+def test_multilabel_digit_tags_train_under_two_process_ddp(tmp_path):
+    """The multi-label demo (configs/digit_tags_cpu.yaml), shortened: trained on 2 processes; the
+    synced metrics equal one process's `eval` of best/; predictions list the labels above the
+    threshold with their probabilities; the report has the per-label table and class counts."""
+    data = tmp_path / "digit_tags"
+    made = run_cli("make-shards", "--source", "digit-tags", "--out", str(data), "--shard-size", "256")
+    assert made.returncode == 0 and "(5 labels, multi-label)" in made.stdout, made.stderr[-2000:]
+    out = tmp_path / "run"
+    result = accelerate_launch(
+        "-m", "dist_train", "train", "--config", str(REPO / "configs" / "digit_tags_cpu.yaml"), f"data.train={data}",
+        f"data.val={data}", f"train.output_dir={out}", "train.epochs=4", "train.progress_bar=false",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    meta = json.loads((out / "best" / "meta.json").read_text())
+    print(f"\nmulti-label digit tags, 2 processes, 4 epochs: best {meta['metrics']}")
+    assert meta["world_size"] == 2 and meta["task"] == "multilabel" and meta["metrics"]["val/map_macro"] > 0.97
+    assert meta["class_counts"]["val"] == [178, 179, 143, 144, 108]  # images per tag
+    single = run_cli("eval", "--checkpoint", str(out / "best"), "--data", str(data), "--json")
+    assert single.returncode == 0, single.stderr[-3000:]
+    evaluated = json.loads(single.stdout.strip().splitlines()[-1])
+    for name, value in meta["metrics"].items():
+        assert evaluated[name] == pytest.approx(value, abs=1e-6), name
+    assert evaluated["val/per_label"]["confusion"] == meta["per_label"]["confusion"]
+    predicted = run_cli("predict", "--checkpoint", str(out / "best"), "--input", str(data / "val-000001.tar"),
+                        "--out", str(tmp_path / "predictions.csv"))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(rows) == 103 and list(rows[0]) == ["source", "labels", "predicted", "probabilities"]
+    for row in rows:
+        named = [item.split(":") for item in row["probabilities"].split(";") if item]
+        assert [n for n, _ in named] == (row["predicted"].split(";") if row["predicted"] else [])
+        assert all(float(p) >= 0.5 for _, p in named) and [float(p) for _, p in named] == sorted(
+            (float(p) for _, p in named), reverse=True)
+    exact = sum(set(row["labels"].split(";")) == set(row["predicted"].split(";")) for row in rows)
+    assert exact >= 0.6 * len(rows)  # all tags right (subset accuracy over the whole val set: above)
+    summary = (out / "summary.md").read_text()
+    assert "## Per label (best epoch)" in summary and "## Samples per label" in summary
+    assert "| has_loop | 570 | 143 |" in summary and (out / "per_label.png").is_file()
+
+
 def test_a_timm_model_trains_under_two_process_ddp_and_evaluates(digits_dir, tmp_path):
     out = tmp_path / "run"
     result = accelerate_launch(
@@ -144,24 +185,61 @@ def test_accumulation_all_reduces_once_per_step_and_matches_one_big_batch(tmp_pa
     assert not all(torch.equal(ema[0][k], ddp[k]) for k in ema[0])  # an average, not a copy
 
 
-def test_uneven_shards_prime_val_set_metrics_equal_sklearn(tmp_path):
+def write_uneven_digit_tag_shards(directory: Path, counts: list[int]) -> str:
+    """Multi-label shards of consecutive digits tagged as make-shards' digit-tags source does:
+    the labels as a `.cls` list ("0,2") in even-numbered shards, as a `.json` list in the others."""
+    import webdataset as wds
+
+    from dist_train.data.sources import DIGIT_TAGS
+
+    digits = load_digits()
+    pixels = (digits.images * 255 / 16).astype(np.uint8)
+    directory.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for n, count in enumerate(counts):
+        with wds.TarWriter(str(directory / f"part-{n:06d}.tar")) as sink:
+            for _ in range(count):
+                tags = [i for i, members in enumerate(DIGIT_TAGS.values()) if digits.target[index] in members]
+                label = {"cls": ",".join(map(str, tags))} if n % 2 == 0 else {"json": json.dumps(tags).encode()}
+                sink.write({"__key__": f"d{index:05d}", "png": pixels[index], **label})
+                index += 1
+    return str(directory / f"part-{{000000..{len(counts) - 1:06d}}}.tar")
+
+
+def _outputs(out: Path, total: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Both ranks' logits and labels, and the synced metrics; every sample read once."""
+    keys = [k for rank in range(2) for k in json.loads((out / f"keys-rank{rank}.json").read_text())]
+    assert len(keys) == total and len(set(keys)) == total  # every sample once, none padded or repeated
+    per_rank = [torch.load(out / f"outputs-rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert sorted(len(o["labels"]) for o in per_rank) == [total // 2, total - total // 2]
+    synced = json.loads((out / "synced.json").read_text())
+    assert synced["world_size"] == 2
+    return torch.cat([o["logits"] for o in per_rank]), torch.cat([o["labels"] for o in per_rank]), synced
+
+
+def test_uneven_shards_prime_val_set_metrics_equal_sklearn_single_and_multi_label(tmp_path):
+    """One launch: single-label digits, then digits tagged with several labels each."""
     pattern = write_uneven_digit_shards(tmp_path / "val", [13, 41, 47])  # 101 samples, a prime
+    tagged = write_uneven_digit_tag_shards(tmp_path / "tagged", [13, 41, 47])
     result = accelerate_launch(
         str(REPO / "tests" / "distributed" / "eval_sync_check.py"), "--shards", pattern, "--out", str(tmp_path),
+        "--multilabel-shards", tagged, "--num-labels", "5",
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    keys = [k for rank in range(2) for k in json.loads((tmp_path / f"keys-rank{rank}.json").read_text())]
-    assert len(keys) == 101 and len(set(keys)) == 101  # every sample once, none padded or repeated
-    per_rank = [torch.load(tmp_path / f"outputs-rank{rank}.pt", weights_only=True) for rank in range(2)]
-    assert sorted(len(o["labels"]) for o in per_rank) == [50, 51]
-    logits = torch.cat([o["logits"] for o in per_rank])
-    labels = torch.cat([o["labels"] for o in per_rank])
-    synced = json.loads((tmp_path / "synced.json").read_text())
-    assert synced["world_size"] == 2
+    logits, labels, synced = _outputs(tmp_path, 101)
     expected = sklearn_reference(logits, labels, 10)
     for name, value in expected.items():
         assert synced["values"][name] == pytest.approx(value, abs=1e-5), name
     assert np.array(synced["confusion"]).sum() == 101
+
+    logits, labels, synced = _outputs(tmp_path / "multilabel", 101)
+    assert labels.shape == (101, 5) and 0 < labels.mean() < 1
+    expected, per_label = sklearn_multilabel_reference(logits, labels)
+    for name, value in expected.items():  # mAP, F1 micro / macro, subset accuracy, AUROC, loss
+        assert synced["values"][name] == pytest.approx(value, abs=1e-5), name
+    assert np.allclose(synced["confusion"]["ap"], per_label["ap"], atol=1e-5)
+    assert np.allclose(synced["confusion"]["auroc"], per_label["auroc"], atol=1e-5)  # roc_auc_score per label
+    assert synced["confusion"]["confusion"] == per_label["confusion"]
 
 
 def test_training_on_fewer_shards_than_workers_finishes(tmp_path):

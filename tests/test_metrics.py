@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from dist_train.metrics import ValidationMetrics
+from dist_train.metrics import MultilabelValidationMetrics, ValidationMetrics
 
 
 def sklearn_reference(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
@@ -21,6 +21,45 @@ def sklearn_reference(logits: torch.Tensor, labels: torch.Tensor, num_classes: i
         "val/auroc_macro": skm.roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=classes),
         "val/loss": skm.log_loss(y, probs, labels=classes),
     }
+
+
+def sklearn_multilabel_reference(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5
+                                 ) -> tuple[dict[str, float], dict[str, list]]:
+    """scikit-learn's multi-label scores: (the run's scalars, per-label AP and AUROC)."""
+    probs = logits.double().sigmoid().numpy()
+    y = labels.numpy().astype(int)
+    pred = (probs >= threshold).astype(int)
+    per_label_ap = skm.average_precision_score(y, probs, average=None)
+    per_label_auroc = skm.roc_auc_score(y, probs, average=None)
+    bce = -(y * np.log(probs) + (1 - y) * np.log1p(-probs)).sum(axis=1).mean()
+    return {
+        "val/map_macro": float(np.mean(per_label_ap)),
+        "val/f1_micro": skm.f1_score(y, pred, average="micro", zero_division=0),
+        "val/f1_macro": skm.f1_score(y, pred, average="macro", zero_division=0),
+        "val/subset_acc": skm.accuracy_score(y, pred),  # all labels right
+        "val/auroc_macro": float(np.mean(per_label_auroc)),
+        "val/loss": float(bce),
+    }, {"ap": per_label_ap.tolist(), "auroc": per_label_auroc.tolist(),
+        "confusion": skm.multilabel_confusion_matrix(y, pred).tolist()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multilabel_metrics_match_scikit_learn(seed):
+    num_labels = 6
+    gen = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(997, num_labels, generator=gen) < torch.linspace(0.05, 0.6, num_labels)).float()
+    logits = torch.randn(997, num_labels, generator=gen) + 2.0 * (labels - 0.5)
+    metrics = MultilabelValidationMetrics(num_labels, threshold=0.4)
+    for chunk in torch.split(torch.arange(997), [100, 300, 1, 596]):
+        metrics.update(logits[chunk], labels[chunk])
+    values, per_label = metrics.compute()
+    expected, expected_per_label = sklearn_multilabel_reference(logits, labels, threshold=0.4)
+    assert set(values) == set(expected)
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, abs=1e-5), name
+    assert np.allclose(per_label["ap"], expected_per_label["ap"], atol=1e-5)
+    assert np.allclose(per_label["auroc"], expected_per_label["auroc"], atol=1e-5)
+    assert per_label["confusion"] == expected_per_label["confusion"]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

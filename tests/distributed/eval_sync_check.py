@@ -1,7 +1,9 @@
 """Run under `accelerate launch` (2 CPU processes, 2 DataLoader workers each): evaluate a
 fixed model on uneven shards through dist-train's `evaluate`, then dump each rank's own
 outputs (logits, labels, sample keys) so the test can recompute the metrics over the
-union with scikit-learn and check that no sample was seen twice or missed."""
+union with scikit-learn and check that no sample was seen twice or missed. With
+`--multilabel-shards`, the same again for a multi-label model on multi-label shards, into
+`<out>/multilabel`."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import torch
 
 from dist_train.accelerator import make_accelerator
 from dist_train.config import DataConfig, TrainConfig
-from dist_train.data.pipeline import EvalStreamSpec, make_eval_loader
+from dist_train.data.pipeline import EvalStreamSpec, label_reader, make_eval_loader
 from dist_train.data.resolve import resolve_shards
 from dist_train.engine import evaluate
-from dist_train.metrics import ValidationMetrics
+from dist_train.metrics import MultilabelValidationMetrics, ValidationMetrics
 from dist_train.models import SmallCNN
 
 
@@ -26,15 +28,25 @@ def main() -> None:
     parser.add_argument("--shards", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--multilabel-shards")
+    parser.add_argument("--num-labels", type=int, default=5)
     args = parser.parse_args()
     accelerator = make_accelerator(TrainConfig(cpu=True))
-    data_cfg = DataConfig(num_workers=2, image_size=8, channels=1, mean=[0.25], std=[0.35], augment="none")
-    shards = resolve_shards(args.shards, "val", args.num_classes)
-    spec = EvalStreamSpec(shards, batch_size=7, num_classes=args.num_classes,
+    check(accelerator, args.shards, args.num_classes, Path(args.out), multilabel=False)
+    if args.multilabel_shards:
+        (Path(args.out) / "multilabel").mkdir(exist_ok=True)
+        check(accelerator, args.multilabel_shards, args.num_labels, Path(args.out) / "multilabel", multilabel=True)
+
+
+def check(accelerator, pattern: str, num_classes: int, out: Path, multilabel: bool) -> None:
+    task = "multilabel" if multilabel else "multiclass"
+    data_cfg = DataConfig(num_workers=2, image_size=8, channels=1, mean=[0.25], std=[0.35], augment="none", task=task)
+    shards = resolve_shards(pattern, "val", num_classes, labels=label_reader(data_cfg, num_classes))
+    spec = EvalStreamSpec(shards, batch_size=7, num_classes=num_classes,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     torch.manual_seed(0)  # the same weights on every rank, without DDP
-    model = SmallCNN(args.num_classes, in_channels=1)
-    metrics = ValidationMetrics(args.num_classes)
+    model = SmallCNN(num_classes, in_channels=1)
+    metrics = MultilabelValidationMetrics(num_classes, threshold=0.5) if multilabel else ValidationMetrics(num_classes)
     values, confusion = evaluate(model, make_eval_loader(spec, data_cfg), metrics, accelerator)
 
     keyed = replace(spec, with_keys=True)
@@ -45,7 +57,6 @@ def main() -> None:
             labels.append(batch_labels)
             keys.extend(batch_keys)
     rank = accelerator.process_index
-    out = Path(args.out)
     torch.save({"logits": torch.cat(logits), "labels": torch.cat(labels)}, out / f"outputs-rank{rank}.pt")
     (out / f"keys-rank{rank}.json").write_text(json.dumps(keys))
     if accelerator.is_main_process:
