@@ -3,7 +3,9 @@
     shards.py, sources.py   writing shards (make-shards) from digits, synthetic images, folders
     resolve.py              a data spec -> shards with sample counts, checked (Datasets, below)
     tar_index.py            a tar shard's samples by offset, from its headers
+    labels.py               a sample's label (or, multi-label, its labels), read and checked
     order.py                the training order: a pure function of (seed, epoch, position)
+    sampling.py             data.sampling: the samples a sampled epoch draws, by class
     plan.py                 the evaluation split: every sample once across ranks and workers
     pipeline.py             TrainStream / TrainLoader for training; EvalStream for eval and predict
     random_access.py        one sample read by offset; transforms.py: the image transforms
