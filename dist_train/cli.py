@@ -174,9 +174,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Before this process imports torch: the fork server imports it at the same time.
     workers.start_helpers(fork_server=cfg.data.num_workers > 0)
     from dist_train.data import resolve_datasets
+
+    # Shards and labels checked before any process starts work, and before torch is imported:
+    # bad data is reported in about a second.
+    datasets = resolve_datasets(cfg.data)
     from dist_train.engine import fit
 
-    datasets = resolve_datasets(cfg.data)  # checks shards and labels before any process starts work
     fit(cfg, datasets)
     return 0
 

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from dist_train.errors import DataError
 
@@ -48,10 +47,12 @@ class LabelReader:
             self._check_range(label, where)
         return tuple(sorted(set(labels)))
 
-    def target(self, label: int | tuple[int, ...]) -> int | torch.Tensor:
+    def target(self, label: int | tuple[int, ...]):
         """What the loss takes: the class index, or a multi-hot float vector."""
         if not self.multilabel:
             return label
+        import torch  # here: resolving a dataset (before training) needs no torch, and starts faster
+
         hot = torch.zeros(self.num_classes)
         hot[list(label)] = 1.0
         return hot

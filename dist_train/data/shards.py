@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 
 from dist_train import atomic_file
 from dist_train.data.labels import class_counts, summed_counts
@@ -105,6 +104,8 @@ def write_split(
 
 def _write_shard(samples: list[RawSample], path: Path) -> tuple[int, str]:
     """Write the shard; its size in bytes and sha256."""
+    import webdataset as wds  # here: it imports torch, which resolving a dataset does not need
+
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as stream:
         # encoder=False: we hand over bytes already. mtime=0 makes the bytes reproducible; an
