@@ -333,8 +333,9 @@ def ddp_scaling(sizes: Sizes) -> tuple[float, float]:
         single.append(_launch("cpu.yaml", "ddp", sizes.ddp_steps)["images_per_sec"])
         return single[-1]
 
-    # Each launch warms up inside the worker; no extra untimed launches.
-    scaling = _ratio(two_processes, one_process, max(2, sizes.repeats // 2), warmup=False)
+    # Each launch warms up inside the worker; no extra untimed launches. (--quick: one pair, a
+    # check that the figure runs, at 7 s a launch.)
+    scaling = _ratio(two_processes, one_process, sizes.repeats // 2, warmup=False)
     return scaling, statistics.median(apart) / statistics.median(single)
 
 

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -103,14 +104,16 @@ def test_multilabel_digit_tags_train_under_two_process_ddp(tmp_path):
     print(f"\nmulti-label digit tags, 2 processes, 4 epochs: best {meta['metrics']}")
     assert meta["world_size"] == 2 and meta["task"] == "multilabel" and meta["metrics"]["val/map_macro"] > 0.97
     assert meta["class_counts"]["val"] == [178, 179, 143, 144, 108]  # images per tag
-    single = run_cli("eval", "--checkpoint", str(out / "best"), "--data", str(data), "--json")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # eval and predict side by side
+        evaluating = pool.submit(run_cli, "eval", "--checkpoint", str(out / "best"), "--data", str(data), "--json")
+        predicted = run_cli("predict", "--checkpoint", str(out / "best"), "--input", str(data / "val-000001.tar"),
+                            "--out", str(tmp_path / "predictions.csv"))
+        single = evaluating.result()
     assert single.returncode == 0, single.stderr[-3000:]
     evaluated = json.loads(single.stdout.strip().splitlines()[-1])
     for name, value in meta["metrics"].items():
         assert evaluated[name] == pytest.approx(value, abs=1e-6), name
     assert evaluated["val/per_label"]["confusion"] == meta["per_label"]["confusion"]
-    predicted = run_cli("predict", "--checkpoint", str(out / "best"), "--input", str(data / "val-000001.tar"),
-                        "--out", str(tmp_path / "predictions.csv"))
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
     assert len(rows) == 103 and list(rows[0]) == ["source", "labels", "predicted", "probabilities"]
