@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -80,10 +81,13 @@ def test_predict_with_the_onnx_file_gives_the_checkpoints_top_1(digits_dir, tmp_
     assert "largest difference from PyTorch's logits" in exported.stdout
     val_shards = [str(p) for p in sorted(digits_dir.glob("val-*.tar"))]
     rows = {}
-    for name, model in (("checkpoint", run / "best"), ("onnx", tmp_path / "d.onnx")):
-        done = run_cli("predict", "--checkpoint", str(model), "--input", *val_shards,
-                       "--out", str(tmp_path / f"{name}.csv"))
-        assert done.returncode == 0, done.stderr[-3000:]
+    models = {"checkpoint": run / "best", "onnx": tmp_path / "d.onnx"}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the two predictions side by side
+        done = dict(zip(models, pool.map(lambda name: run_cli(
+            "predict", "--checkpoint", str(models[name]), "--input", *val_shards,
+            "--out", str(tmp_path / f"{name}.csv")), models), strict=True))
+    for name in models:
+        assert done[name].returncode == 0, done[name].stderr[-3000:]
         with open(tmp_path / f"{name}.csv") as f:
             rows[name] = [(r["source"], r["predicted"]) for r in csv.DictReader(f)]
     assert len(rows["onnx"]) == 359 and rows["onnx"] == rows["checkpoint"]

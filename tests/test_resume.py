@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -344,8 +345,10 @@ def test_a_second_run_into_a_directory_in_use_is_refused(digits_dir, tmp_path):
         while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 2:
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        for resume in ("train.resume=auto", "train.resume=null"):
-            second = run_cli(*train_args(digits_dir, out, resume)[2:])
+        with ThreadPoolExecutor(max_workers=2) as pool:  # both attempts at once
+            seconds = list(pool.map(lambda resume: run_cli(*train_args(digits_dir, out, resume)[2:]),
+                                    ("train.resume=auto", "train.resume=null")))
+        for second in seconds:
             assert second.returncode == 2, second.stderr[-3000:]
             assert f"is in use by another run (process {first.pid})" in second.stderr.strip().splitlines()[-1]
         first.send_signal(signal.SIGTERM)
