@@ -23,7 +23,8 @@ from dist_train.atomic_file import replacing
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
 from dist_train.data import cache_if_remote
-from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, label_reader, make_eval_loader
+from dist_train.data.labels import label_reader
+from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make_eval_loader
 from dist_train.data.remote import is_remote
 from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sources import IMAGE_EXTENSIONS

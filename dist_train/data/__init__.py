@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_train.config import DataConfig
-from dist_train.data.labels import LabelReader, class_counts
+from dist_train.data.labels import LabelReader, class_counts, label_reader
 from dist_train.data.remote import is_remote
 from dist_train.data.resolve import Damage, ShardSet, resolve_shards
 from dist_train.data.shard_cache import ShardCache, cache_for
@@ -61,7 +61,7 @@ def resolve_datasets(cfg: DataConfig) -> Datasets:
     """Find and check the train and val shards; settle the number and names of classes."""
     skip = cfg.on_error == "skip"
     cache = cache_if_remote([cfg.train, cfg.val], cfg)
-    labels = LabelReader(cfg.num_classes, cfg.task == "multilabel", cfg.allow_empty_labels)
+    labels = label_reader(cfg, cfg.num_classes)
     train = resolve_shards(cfg.train, "train", cfg.num_classes, skip_damaged=skip, cache=cache, labels=labels)
     val = resolve_shards(cfg.val, "val", cfg.num_classes, skip_damaged=skip, cache=cache, labels=labels)
     check_task(train, cfg.task, "data.train")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dist_train.config import DataConfig
 from dist_train.errors import DataError
 
 LABEL_MEMBERS = ("cls", "json")  # where a sample's label may be; multiclass reads `.cls` only
@@ -90,6 +91,11 @@ class LabelReader:
     def _check_range(self, label: int, where: str) -> None:
         if label < 0 or (self.num_classes and label >= self.num_classes):
             raise DataError(f"{where}: label {label} is outside 0..{self.num_classes - 1} (data.num_classes)")
+
+
+def label_reader(cfg: DataConfig, num_classes: int) -> LabelReader:
+    """The reader of the config's task, for a dataset of `num_classes` classes (0: unknown yet)."""
+    return LabelReader(num_classes, cfg.task == "multilabel", cfg.allow_empty_labels)
 
 
 def class_counts(labels: list[int | tuple[int, ...]], num_classes: int = 0) -> tuple[int, ...]:

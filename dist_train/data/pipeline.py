@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_train import workers
 from dist_train.config import DataConfig
 from dist_train.data import plan, random_access
-from dist_train.data.labels import MAX_LABEL_BYTES, LabelReader
+from dist_train.data.labels import MAX_LABEL_BYTES, label_reader
 from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
@@ -334,10 +334,6 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
                 f"{piece.url}: expected samples {piece.start}..{piece.stop - 1}, the shard "
                 f"ended after {piece.start + yielded} (changed since it was indexed?)"
             )
-
-
-def label_reader(data_cfg: DataConfig, num_classes: int) -> LabelReader:
-    return LabelReader(num_classes, data_cfg.task == "multilabel", data_cfg.allow_empty_labels)
 
 
 class Collate:

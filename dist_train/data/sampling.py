@@ -62,6 +62,9 @@ class EpochSampler:
             raise DataError("every training sample has weight 0 (data.sampling_weights gives weight only to "
                             "classes the training set lacks)")
         self.share = mass / mass.sum()
+        # The samples of each class, grouped once: members of class c are by_class[first[c]:first[c + 1]].
+        self.by_class = np.argsort(self.labels, kind="stable")
+        self.first = np.concatenate([[0], np.cumsum(self.counts)])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -71,13 +74,13 @@ class EpochSampler:
         rng = np.random.default_rng(seed_of_epoch)
         exact = draws * self.share
         quota = np.floor(exact).astype(np.int64)
-        # Largest remainder, ties to the lower class: the quotas add up to `draws`.
-        quota[np.argsort(-(exact - quota), kind="stable")[: draws - quota.sum()]] += 1
-        counts = np.zeros(len(self.labels), dtype=np.int64)
-        for c in np.flatnonzero(quota):
-            members = np.flatnonzero(self.labels == c)
-            counts += np.bincount(members[rng.integers(0, len(members), size=quota[c])], minlength=len(counts))
-        return counts
+        # Largest remainder, ties to the lower class: the quotas add up to `draws` (a class of
+        # no weight never gets one).
+        remainder = np.where(self.share > 0, exact - quota, -1.0)
+        quota[np.argsort(-remainder, kind="stable")[: draws - quota.sum()]] += 1
+        chosen = [self.by_class[self.first[c] + rng.integers(0, self.counts[c], size=quota[c])]
+                  for c in np.flatnonzero(quota)]
+        return np.bincount(np.concatenate(chosen), minlength=len(self.labels))
 
 
 def epoch_sampler(cfg: DataConfig, train: ShardSet, num_classes: int, cache: ShardCache | None = None

@@ -16,7 +16,8 @@ import torch
 
 from dist_train.accelerator import make_accelerator
 from dist_train.config import DataConfig, TrainConfig
-from dist_train.data.pipeline import EvalStreamSpec, label_reader, make_eval_loader
+from dist_train.data.labels import label_reader
+from dist_train.data.pipeline import EvalStreamSpec, make_eval_loader
 from dist_train.data.resolve import resolve_shards
 from dist_train.engine import evaluate
 from dist_train.metrics import MultilabelValidationMetrics, ValidationMetrics
