@@ -26,12 +26,16 @@ from dist_train.tracking import is_better
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
-               mix=None, frozen=()) -> None:
+               mix=None, frozen=(), normalize=None) -> None:
     """One optimizer step over this rank's micro-batches of it. `frozen`: parameters that do not
-    train at this step (model.freeze): their gradients are dropped before clipping and the step."""
+    train at this step (model.freeze): their gradients are dropped before clipping and the step.
+    `normalize`: for uint8 batches (CUDA), what normalizes them on the device."""
     model.train()
     for micro, (images, labels) in enumerate(micro_batches):
-        images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+        images = images.to(accelerator.device, non_blocking=True)  # from pinned memory on CUDA
+        labels = labels.to(accelerator.device, non_blocking=True)
+        if normalize is not None:
+            images = normalize(images)
         if mix is not None:  # mixup / cutmix: images blended in pairs, labels become soft targets
             images, labels = mix(images, labels, micro)
         # Inside `accumulate`, DDP skips the gradient all-reduce (no_sync) and the optimizer
@@ -50,13 +54,17 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
         progress.batch_done(loss, len(labels))
 
 
-def evaluate(model, loader, metrics: ValidationMetrics, accelerator) -> tuple[dict[str, float], list | dict]:
+def evaluate(model, loader, metrics: ValidationMetrics, accelerator, normalize=None
+             ) -> tuple[dict[str, float], list | dict]:
     """Metrics over this rank's share of the validation set, synced across all ranks."""
     model.eval()
     metrics.reset()
     with torch.no_grad():
         for images, labels in loader:
-            images, labels = images.to(accelerator.device), labels.to(accelerator.device)
+            images = images.to(accelerator.device, non_blocking=True)
+            labels = labels.to(accelerator.device, non_blocking=True)
+            if normalize is not None:  # uint8 batches (CUDA)
+                images = normalize(images)
             with accelerator.autocast():
                 outputs = model(images)
             metrics.update(outputs, labels)
@@ -96,7 +104,7 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     for micro_batches in run.step_batches():
         train_step(state.model, micro_batches, run.criterion, state.optimizer, accelerator, run.progress,
                    cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None,
-                   run.frozen_at(state.step))
+                   run.frozen_at(state.step), run.device_normalize)
         state.step += 1
         state.schedule.after_optimizer_step()
         if state.ema:  # every rank alike, from identical weights: no collective
@@ -127,10 +135,10 @@ def validate(run: Run) -> None:
     share_main_buffers(state.model, accelerator)
     model = state.bare_model  # uncompiled: see train.compile
     # `confusion`: the confusion matrix, or with multi-label data the per-label scores.
-    values, confusion = evaluate(model, val_loader, run.metrics, accelerator)
+    values, confusion = evaluate(model, val_loader, run.metrics, accelerator, run.device_normalize)
     if state.ema:  # the moving average too, as val_ema/*; its confusion matrix if it is monitored
         ema_values, ema_confusion = evaluate(state.ema.module_with_buffers_of(model), val_loader, run.metrics,
-                                             accelerator)
+                                             accelerator, run.device_normalize)
         values |= {EMA_PREFIX + k.removeprefix("val/"): v for k, v in ema_values.items()}
         confusion = ema_confusion if monitor.startswith(EMA_PREFIX) else confusion
     state.schedule.after_validation(values)

@@ -12,7 +12,7 @@ import functools
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -30,7 +30,7 @@ from dist_train.config import ALL_EMA_METRIC_NAMES, ALL_METRIC_NAMES, EMA_PREFIX
 from dist_train.damage import damage_record, report_damage
 from dist_train.data import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
-from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, make_eval_loader
+from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_normalize, make_eval_loader
 from dist_train.data.sampling import epoch_sampler
 from dist_train.ema import WeightsEma
 from dist_train.layout import RunLayout, plan_layout
@@ -74,6 +74,7 @@ class Run:
     started: float
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
+    device_normalize: Callable | None = None  # CUDA: uint8 batches normalized on the GPU (data/pipeline.py)
     pretrained: dict[str, Any] | None = None  # what model.weights loaded, at this launch
 
     def step_batches(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
@@ -143,7 +144,8 @@ class Run:
                               num_classes=self.datasets.num_classes, rank=self.accelerator.process_index,
                               world_size=self.accelerator.num_processes,
                               keep_cached=tuple(s.url for s in self.datasets.train.shards if s.remote))
-        return make_eval_loader(spec, self.cfg.data, self.accelerator.device.type == "cuda")
+        cuda = self.accelerator.device.type == "cuda"
+        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, uint8=self.device_normalize is not None)
 
     def damage_since_last(self, val_loader) -> dict[str, int]:
         return damage_record(self.cfg.data.on_error, self.accelerator, self.datasets, self.train_loader.stream,
@@ -287,6 +289,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         accelerator.print(f"changed since the checkpoint, applied from step {state.step}: {'; '.join(changes)}")
     report_damage(accelerator, datasets)
     criterion = build_loss(cfg.loss, datasets.num_classes, lambda: train_class_counts(cfg.data, datasets))
+    normalize = device_normalize(cfg.data, accelerator.device)
     sampler = None
     if order.sampling != "uniform":  # what draws each epoch (data/sampling.py)
         sampler = epoch_sampler(cfg.data, datasets.train, datasets.num_classes,
@@ -298,7 +301,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
         sampler=sampler,
-    ), cfg.data, pin_memory=accelerator.device.type == "cuda")
+    ), cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=normalize is not None)
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,
         criterion=criterion.to(accelerator.device),
@@ -312,4 +315,5 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         pretrained=pretrained.as_meta() if pretrained else None,
         mixer=make_mixer(cfg.data, datasets.num_classes, order.seed, accelerator.process_index,
                          layout.grad_accum_steps),
+        device_normalize=normalize,
     )

@@ -5,7 +5,9 @@ shard (data/random_access.py): a function of (seed, epoch, position), resumable 
 Evaluation and prediction (`EvalStream`) stream each rank's share of the shards once, in
 order, through webdataset's tar reader (data/plan.py says which share). Batches are formed
 inside the DataLoader workers, so loaders use `batch_size=None`; a batch is turned into
-normalized float32 there too, once per batch (data/transforms.py).
+normalized float32 there too, once per batch (data/transforms.py), except for a CUDA device:
+there batches stay uint8 (a quarter of the bytes over PCIe) and the GPU normalizes them
+(`device_normalize`).
 
 The loader is deliberately not passed through `accelerator.prepare()`: for an iterable
 dataset accelerate would either broadcast rank 0's batches or make every rank read the whole
@@ -100,9 +102,10 @@ class SampleDecoder:
     """A raw sample (dict of member bytes) -> (uint8 image tensor, label[, source]), or a
     DataError that names the shard and the sample key. `collate` makes a batch of them."""
 
-    def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False):
+    def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False,
+                 uint8: bool = False):
         self.transform = build_transform(data_cfg, train=train)
-        self.collate = Collate(data_cfg)
+        self.collate = Collate(data_cfg, normalize=not uint8)
         self.mode = "L" if data_cfg.channels == 1 else "RGB"
         self.num_classes = num_classes
         self.labels = label_reader(data_cfg, num_classes)
@@ -338,14 +341,17 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
 
 class Collate:
     """Samples (uint8 image, label[, source]) -> (float32 images, labels[, sources]): int64 class
-    indexes, or (multilabel) float32 multi-hot rows."""
+    indexes, or (multilabel) float32 multi-hot rows. With `normalize=False` the images stay
+    uint8, for the device to normalize (`device_normalize`)."""
 
-    def __init__(self, data_cfg: DataConfig):
-        self.normalize = build_batch_normalize(data_cfg)
+    def __init__(self, data_cfg: DataConfig, normalize: bool = True):
+        self.normalize = build_batch_normalize(data_cfg) if normalize else None
         self.multilabel = data_cfg.task == "multilabel"
 
     def __call__(self, samples: list[tuple]) -> tuple:
-        images = self.normalize(torch.stack([s[0] for s in samples]))
+        images = torch.stack([s[0] for s in samples])
+        if self.normalize is not None:
+            images = self.normalize(images)
         if self.multilabel:
             labels = torch.stack([s[1] for s in samples])
         else:
@@ -355,9 +361,12 @@ class Collate:
         return images, labels
 
 
-def make_eval_loader(spec: EvalStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> DataLoader:
-    """Every sample of this rank's share once, in batches (the last may be smaller)."""
-    decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys)
+def make_eval_loader(spec: EvalStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
+                     uint8: bool = False) -> DataLoader:
+    """Every sample of this rank's share once, in batches (the last may be smaller). `pin_memory`:
+    batches in page-locked memory (for CUDA); `uint8`: images not normalized (the device does)."""
+    decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys,
+                           uint8=uint8)
     cache = cache_for(data_cfg) if any(shard.remote for shard in spec.shards.shards) else None
     return _loader(EvalStream(spec, decode, cache), data_cfg, pin_memory)
 
@@ -370,10 +379,10 @@ class TrainLoader:
         for images, labels in loader: ...
     """
 
-    def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False):
+    def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False, uint8: bool = False):
         remote_shards = any(shard.remote for shard in spec.shards.shards)
         cache = cache_for(data_cfg) if remote_shards else None
-        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes)
+        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, uint8=uint8)
         self.stream = TrainStream(spec, decode, cache, lag_steps=steps_in_flight(data_cfg.num_workers,
                                                                                  spec.grad_accum_steps))
         # Workers live across epochs (no start-up cost per epoch; their shard indexes stay).
@@ -415,9 +424,10 @@ class TrainLoader:
             yield batch
 
 
-def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False) -> TrainLoader:
+def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
+                      uint8: bool = False) -> TrainLoader:
     """This rank's training micro-batches, from `spec.epoch` and `spec.start_step` on."""
-    return TrainLoader(spec, data_cfg, pin_memory)
+    return TrainLoader(spec, data_cfg, pin_memory, uint8)
 
 
 def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, persistent: bool = False) -> DataLoader:
@@ -435,3 +445,12 @@ def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, pe
         generator=torch.Generator().manual_seed(0),
         **workers.loader_options(data_cfg.num_workers),
     )
+
+
+def device_normalize(data_cfg: DataConfig, device: torch.device):
+    """What the loop normalizes batches with on `device` (None: the DataLoader workers do).
+
+    On CUDA batches cross PCIe as uint8 (a quarter of float32's bytes), from pinned memory and
+    without blocking, and are normalized on the GPU with the workers' arithmetic
+    (`build_batch_normalize`); on the CPU the workers normalize, in parallel with the step."""
+    return build_batch_normalize(data_cfg) if device.type == "cuda" else None
