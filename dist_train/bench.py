@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_like_fit(model, batches: Iterable, steps: int, optimizer, schedule, accelerator, accum: int = 1,
-                   log_every_steps: int = 10, criterion=None) -> list[dict]:
+                   log_every_steps: int = 10, criterion=None, normalize=None) -> list[dict]:
     """What `fit` does per optimizer step, without validation and checkpoints: `train_step`
     over `accum` micro-batches, the schedule, progress, and a train record (a collective)
     every `log_every_steps`. Returns the records."""
@@ -140,7 +140,8 @@ def train_like_fit(model, batches: Iterable, steps: int, optimizer, schedule, ac
     micro_batches = iter(batches)
     records = []
     for step in range(1, steps + 1):
-        train_step(model, itertools.islice(micro_batches, accum), criterion, optimizer, accelerator, progress)
+        train_step(model, itertools.islice(micro_batches, accum), criterion, optimizer, accelerator, progress,
+                   normalize=normalize)
         schedule.after_optimizer_step()
         progress.step_done(schedule.lr)
         if step % log_every_steps == 0:

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = _command(sub, "train", cmd_train, "train a classifier from a config")
     train.add_argument("--config", help="experiment YAML (e.g. configs/digits_cpu.yaml)")
+    train.add_argument("--profile-startup", action="store_true",
+                       help="print how long each start-up phase took, up to the first optimizer step")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     shards = _command(sub, "make-shards", cmd_make_shards, "write webdataset shards + dataset.json")
@@ -167,19 +169,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     catch_stop_signals()  # a preemption notice during start-up must not kill the process
     dump_stacks_on_request()
-    from dist_train import workers
+    from dist_train import startup, workers
     from dist_train.config import load_config
 
+    if args.profile_startup:
+        startup.enable()
     cfg = load_config(args.config, args.overrides)
+    startup.mark("python and config")
     # Before this process imports torch: the fork server imports it at the same time.
     workers.start_helpers(fork_server=cfg.data.num_workers > 0)
+    startup.mark("helpers")
     from dist_train.data import resolve_datasets
 
     # Shards and labels checked before any process starts work, and before torch is imported:
     # bad data is reported in about a second.
     datasets = resolve_datasets(cfg.data)
+    startup.mark("datasets")
     from dist_train.engine import fit
 
+    startup.mark("imports")
     fit(cfg, datasets)
     return 0
 

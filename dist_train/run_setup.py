@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from dist_train import __version__, workers
+from dist_train import __version__, startup, workers
 from dist_train.accelerator import make_accelerator
 from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config
 from dist_train.config import ALL_EMA_METRIC_NAMES, ALL_METRIC_NAMES, EMA_PREFIX, Config, to_dict
@@ -89,8 +89,11 @@ class Run:
             self.train_loader.set_position(epoch, first)
             batches = iter(self.train_loader)
             self.progress.start_epoch(epoch, steps - first)  # timed from here: workers are up
-            for _ in range(first, steps):
+            for step in range(first, steps):
                 yield islice(batches, accum)
+                if step == first and epoch == start_epoch:  # the first optimizer step is done
+                    startup.mark("first step (workers, first batches)")
+                    startup.report(self.accelerator.print)
             if next(batches, None) is not None:  # also ends the loader's iteration cleanly
                 raise RuntimeError(f"the training loader gave more than {steps} steps in epoch {epoch}")
 
@@ -241,6 +244,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     datasets = datasets or resolve_datasets(cfg.data)
     workers.start_helpers(fork_server=cfg.data.num_workers > 0)  # already started by `dist-train train`
     accelerator = make_accelerator(cfg.train)
+    startup.mark("accelerator")
     out = Path(cfg.train.output_dir)
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
     # Refused before anything in the run directory changes; what applies is said below.
@@ -265,6 +269,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     # accelerate would step it once per process.
     schedule = Schedule(optimizer, cfg.sched, layout.steps_per_epoch, layout.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
+    startup.mark("model")
     state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
     if cfg.train.ema_decay:
         state.ema = WeightsEma(state.bare_model, cfg.train.ema_decay, cfg.train.ema_warmup)
@@ -275,6 +280,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         accelerator.wait_for_everyone()
     last_validation = _last_validation(out) if saved and accelerator.is_main_process else {}
     state.launches.started(state.step, asdict(layout))
+    startup.mark("resume" if saved else "run directory")
 
     accelerator.print(
         f"dist-train {__version__}: {layout.world_size} process(es) on {accelerator.device.type} "
@@ -302,12 +308,15 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
         sampler=sampler,
     ), cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=normalize is not None)
+    startup.mark("training loader")
+    tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
+    startup.mark("tracking")
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,
         criterion=criterion.to(accelerator.device),
         train_loader=train_loader,
         metrics=validation_metrics(cfg, datasets.num_classes, accelerator.device),
-        tracker=RunTracker(accelerator, cfg, out, datasets.class_names),
+        tracker=tracker,
         progress=TrainProgress(accelerator, show_bar=cfg.train.progress_bar),
         stop=StopRequest(accelerator),
         started=started,

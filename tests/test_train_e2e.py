@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,21 @@ METRICS = ("val/acc", "val/f1_macro", "val/precision_macro", "val/recall_macro",
 def digits_run(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "digits"
     result = run_cli(
-        "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
-        f"train.output_dir={out}", "train.epochs=6", "train.progress_bar=false",
+        "train", "--config", str(DIGITS_CONFIG), "--profile-startup", f"data.train={digits_dir}",
+        f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=6", "train.progress_bar=false",
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (out.parent / "stdout.txt").write_text(result.stdout)
     return out
+
+
+def test_profile_startup_names_each_phase_to_the_first_step(digits_run):
+    (line,) = [line for line in (digits_run.parent / "stdout.txt").read_text().splitlines() if line.startswith("start-up")]
+    phases = dict(re.findall(r"([a-z][a-z ,()]+?) (\d+\.\d\d) s", line.split(": ", 1)[1]))
+    assert list(phases) == ["python and config", "helpers", "datasets", "imports", "accelerator", "model",
+                            "run directory", "training loader", "tracking", "first step (workers, first batches)"]
+    total = float(re.match(r"start-up (\d+\.\d\d) s", line).group(1))
+    assert abs(sum(map(float, phases.values())) - total) < 0.02 and 0 < total < 120
 
 
 def test_digits_reaches_97_percent_and_writes_the_run_directory(digits_run):
