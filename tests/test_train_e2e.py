@@ -35,7 +35,8 @@ def digits_run(digits_dir, tmp_path_factory):
 
 
 def test_profile_startup_names_each_phase_to_the_first_step(digits_run):
-    (line,) = [line for line in (digits_run.parent / "stdout.txt").read_text().splitlines() if line.startswith("start-up")]
+    stdout = (digits_run.parent / "stdout.txt").read_text()
+    (line,) = [line for line in stdout.splitlines() if line.startswith("start-up")]
     phases = dict(re.findall(r"([a-z][a-z ,()]+?) (\d+\.\d\d) s", line.split(": ", 1)[1]))
     assert list(phases) == ["python and config", "helpers", "datasets", "imports", "accelerator", "model",
                             "run directory", "training loader", "tracking", "first step (workers, first batches)"]
