@@ -247,12 +247,16 @@ def metric_names(task: str) -> tuple[str, ...]:
 
 
 def ema_metric_names(task: str) -> tuple[str, ...]:
-    return tuple(EMA_PREFIX + name.removeprefix("val/") for name in metric_names(task))
+    return _of_ema(metric_names(task))
 
 
-EMA_METRIC_NAMES = ema_metric_names("multiclass")
+def _of_ema(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(EMA_PREFIX + name.removeprefix("val/") for name in names)
+
+
+EMA_METRIC_NAMES = _of_ema(METRIC_NAMES)
 ALL_METRIC_NAMES = tuple(dict.fromkeys(METRIC_NAMES + MULTILABEL_METRIC_NAMES))
-ALL_EMA_METRIC_NAMES = tuple(EMA_PREFIX + name.removeprefix("val/") for name in ALL_METRIC_NAMES)
+ALL_EMA_METRIC_NAMES = _of_ema(ALL_METRIC_NAMES)
 MULTILABEL_LOSSES = ("bce", "asl")
 
 

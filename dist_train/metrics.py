@@ -94,10 +94,11 @@ class MultilabelValidationMetrics:
 
     def __init__(self, num_labels: int, threshold: float = 0.5, device: torch.device | str = "cpu"):
         self.ranked = MetricCollection({
-            # thresholds=None: exact; every prediction kept (memory grows with the validation set).
+            # thresholds=None: exact; every prediction kept (memory grows with the validation set),
+            # once for both: they keep the same states (one compute group, the same on every rank).
             "ap": MultilabelAveragePrecision(num_labels, average=None, thresholds=None),
             "auroc": MultilabelAUROC(num_labels, average=None, thresholds=None),
-        }, compute_groups=False).to(device)
+        }, compute_groups=[["ap", "auroc"]]).to(device)
         self.counted = MetricCollection({
             "val/f1_micro": MultilabelF1Score(num_labels, threshold=threshold, average="micro"),
             "val/f1_macro": MultilabelF1Score(num_labels, threshold=threshold, average="macro"),
@@ -132,7 +133,7 @@ class MultilabelValidationMetrics:
     def _shape_empty_predictions(self) -> None:
         """A rank that validated nothing: empty prediction states of the others' shape and type
         (see ValidationMetrics._shape_empty_predictions)."""
-        for metric in self.ranked.values():
+        for metric in self.ranked.values(copy_state=False):  # no copy of the predictions kept
             if not metric.preds:
                 metric.preds.append(torch.empty(0, self.num_labels, device=metric.device))
                 metric.target.append(torch.empty(0, self.num_labels, dtype=torch.long, device=metric.device))

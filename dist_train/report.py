@@ -108,17 +108,22 @@ def per_class_scores(confusion: list[list[int]], class_names: list[str]) -> list
     scikit-learn's `zero_division=0`.
     """
     matrix = np.asarray(confusion, dtype=np.float64)
-    true_positive = np.diag(matrix)
-    predicted = matrix.sum(axis=0)
-    support = matrix.sum(axis=1)
+    precision, recall, f1 = _precision_recall_f1(np.diag(matrix), matrix.sum(axis=0), matrix.sum(axis=1))
+    return [
+        ClassScores(name, float(p), float(r), float(f), int(s))
+        for name, p, r, f, s in zip(class_names, precision, recall, f1, matrix.sum(axis=1), strict=True)
+    ]
+
+
+def _precision_recall_f1(true_positive, predicted, support) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 from counts (arrays or scalars); 0 where undefined
+    (scikit-learn's `zero_division=0`)."""
+    true_positive, predicted, support = (np.asarray(a, dtype=np.float64) for a in (true_positive, predicted, support))
     precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
     recall = np.divide(true_positive, support, out=np.zeros_like(true_positive), where=support > 0)
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
-    return [
-        ClassScores(name, float(p), float(r), float(f), int(s))
-        for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
-    ]
+    return precision, recall, f1
 
 
 def format_table(scores: list[ClassScores]) -> str:
@@ -146,14 +151,12 @@ class LabelScores(ClassScores):
 def per_label_scores(per_label: dict[str, list], label_names: list[str]) -> list[LabelScores]:
     """Per-label precision, recall, F1 (at the run's threshold), support (images with the label),
     average precision and AUROC, from a multi-label checkpoint's `per_label` record."""
-    scores = []
-    for name, ((_, fp), (fn, tp)), ap, auroc in zip(label_names, per_label["confusion"], per_label["ap"],
-                                                    per_label["auroc"], strict=True):
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        scores.append(LabelScores(name, precision, recall, f1, tp + fn, ap, auroc))
-    return scores
+    confusion = np.asarray(per_label["confusion"], dtype=np.float64)  # per label [[tn, fp], [fn, tp]]
+    true_positive, support = confusion[:, 1, 1], confusion[:, 1].sum(axis=1)
+    precision, recall, f1 = _precision_recall_f1(true_positive, confusion[:, :, 1].sum(axis=1), support)
+    return [LabelScores(name, float(p), float(r), float(f), int(n), ap, auroc)
+            for name, p, r, f, n, ap, auroc in zip(label_names, precision, recall, f1, support, per_label["ap"],
+                                                   per_label["auroc"], strict=True)]
 
 
 def format_label_table(scores: list[LabelScores], per_label: dict[str, list]) -> str:
@@ -163,12 +166,10 @@ def format_label_table(scores: list[LabelScores], per_label: dict[str, list]) ->
     lines = [header, ""]
     lines += [f"{s.name:>{width}} {s.precision:9.4f} {s.recall:9.4f} {s.f1:9.4f} {s.average_precision:9.4f} "
               f"{s.auroc:9.4f} {s.support:9d}" for s in scores]
-    matrix = np.asarray(per_label["confusion"]).sum(axis=0)
-    tp, fp, fn = matrix[1, 1], matrix[0, 1], matrix[1, 0]
-    p, r = (tp / (tp + fp) if tp + fp else 0.0), (tp / (tp + fn) if tp + fn else 0.0)
+    summed = np.asarray(per_label["confusion"]).sum(axis=0)  # micro: the labels' counts added up
+    p, r, f = _precision_recall_f1(summed[1, 1], summed[:, 1].sum(), summed[1].sum())
     total = sum(s.support for s in scores)
-    lines += ["", f"{'micro avg':>{width}} {p:9.4f} {r:9.4f} {2 * p * r / (p + r) if p + r else 0.0:9.4f} "
-              f"{'':9} {'':9} {total:9d}"]
+    lines += ["", f"{'micro avg':>{width}} {p:9.4f} {r:9.4f} {f:9.4f} {'':9} {'':9} {total:9d}"]
     means = [float(np.nanmean([getattr(s, k) for s in scores]))
              for k in ("precision", "recall", "f1", "average_precision", "auroc")]
     lines.append(f"{'macro avg':>{width}} " + " ".join(f"{m:9.4f}" for m in means) + f" {total:9d}")

@@ -110,6 +110,16 @@ def test_asymmetric_loss_follows_its_formula_and_is_bce_without_focusing():
     assert isinstance(build_loss(load_config(TAG_CONFIG).loss), AsymmetricLoss)
 
 
+@pytest.mark.parametrize("loss", [MultilabelBCE(), AsymmetricLoss(4.0, 1.0, 0.05)])
+def test_multilabel_losses_accumulate_like_one_batch(loss):
+    """A mean over samples: two micro-batches average to the whole batch (W x K x b)."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(12, 5, generator=generator) * 2
+    target = (torch.rand(12, 5, generator=generator) < 0.3).float()
+    assert torch.allclose((loss(logits[:6], target[:6]) + loss(logits[6:], target[6:])) / 2, loss(logits, target),
+                          atol=1e-6)
+
+
 def test_task_settings_are_checked():
     with pytest.raises(ConfigError, match=r"loss.name=cross_entropy does not fit data.task=multilabel"):
         load_config(TAG_CONFIG, ["loss.name=cross_entropy", "train.monitor=val/map_macro"])

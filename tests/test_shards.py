@@ -10,7 +10,8 @@ import webdataset as wds
 from PIL import Image
 
 from dist_train.data import sources
-from dist_train.data.resolve import count_samples, resolve_shards
+from dist_train.data.labels import LabelReader
+from dist_train.data.resolve import index_labels, resolve_shards
 from dist_train.data.shards import make_shards, split_stratified
 from dist_train.errors import DataError
 
@@ -28,7 +29,7 @@ def test_make_shards_is_deterministic_and_manifest_counts_match(tmp_path, digits
     assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 1797
     for split in manifest["splits"].values():
         for entry in split["shards"]:
-            assert count_samples(str(digits_dir / entry["file"]), 10) == entry["samples"]
+            assert index_labels(str(digits_dir / entry["file"]), LabelReader(10))[0] == entry["samples"]
     other = tmp_path / "other"
     make_shards(sources.digits(), other, val_fraction=0.2, seed=1, shard_size=256)
     assert digest(other) != digest(digits_dir)

@@ -332,11 +332,6 @@ def index_labels(path: str, labels: LabelReader, where: str = "") -> tuple[int, 
     return len(entries), class_counts(found, labels.num_classes)
 
 
-def count_samples(path: str, num_classes: int = 0, where: str = "") -> int:
-    """The samples of one local tar shard, its (single) labels checked against `num_classes`."""
-    return index_labels(path, LabelReader(num_classes), where)[0]
-
-
 def scan_shard(path: str, labels: LabelReader, expected: int = -1) -> tuple[Shard, list[Damage]]:
     """data.on_error=skip: the shard with its damaged samples left out, and what was left out.
 
@@ -374,6 +369,16 @@ def usable_index(shard: Shard, local_path: str = "") -> TarIndex:
             raise DataError(str(exc).replace(path, shard.url)) from None
     entries, _ = index_tar_until_damage(path)
     return [e for e in entries if e[0] not in shard.exclude]
+
+
+def shard_labels(shard: Shard, labels: LabelReader, local_path: str = "") -> list[int | tuple[int, ...]]:
+    """The label of each sample `usable_index` gives, in its order (`.cls` / `.json` members read
+    by offset, no image decoded). `local_path`: a remote shard's cached copy."""
+    problems, found = _sample_problems(local_path or shard.url, usable_index(shard, local_path), labels,
+                                       stop_at_first=True)
+    if problems:
+        raise DataError(f"{shard.url}: {problems[0][1]}")
+    return found
 
 
 def _sample_problems(path: str, entries: TarIndex, labels: LabelReader, stop_at_first: bool = False

@@ -19,7 +19,7 @@ as it lays out a uniform epoch (shards shuffled, partitions, shuffle windows), s
 epochs read shards just as sequentially, and W x K x b equivalence and exact resume hold.
 
 Sampling needs each training sample's label: read once per process from the shards' `.cls`
-members by offset (no image decoded).
+members by offset (no image decoded), by the code that checks labels at indexing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 
 from dist_train.config import DataConfig
 from dist_train.data.labels import LabelReader
-from dist_train.data.resolve import Shard, ShardSet, usable_index
+from dist_train.data.resolve import Shard, ShardSet, shard_labels
 from dist_train.data.shard_cache import ShardCache
 from dist_train.errors import DataError
 
@@ -95,30 +95,17 @@ def epoch_sampler(cfg: DataConfig, train: ShardSet, num_classes: int, cache: Sha
 
 
 def read_labels(shards: tuple[Shard, ...], labels: LabelReader, cache: ShardCache | None = None) -> np.ndarray:
-    """The label of every sample of these shards, in order, from their `.cls` members."""
+    """The label of every sample of these shards, in order, from their label members."""
     found: list[int] = []
     for shard in shards:
-        if shard.remote:
-            if cache is None:
-                raise DataError(f"{shard.url}: a remote shard, and no shard cache to read its labels from")
-            with cache.open_pinned(shard.as_remote_object()) as local:
-                found.extend(_shard_labels(shard, labels, local.name))
+        if not shard.remote:
+            read = shard_labels(shard, labels)
+        elif cache is None:
+            raise DataError(f"{shard.url}: a remote shard, and no shard cache to read its labels from")
         else:
-            found.extend(_shard_labels(shard, labels, shard.url))
+            with cache.open_pinned(shard.as_remote_object()) as local:
+                read = shard_labels(shard, labels, local.name)
+        if len(read) != shard.samples:
+            raise DataError(f"{shard.url}: {len(read)} samples, {shard.samples} when indexed (changed since?)")
+        found.extend(read)
     return np.asarray(found, dtype=np.int64)
-
-
-def _shard_labels(shard: Shard, labels: LabelReader, path: str) -> list[int]:
-    index = usable_index(shard, path if shard.remote else "")
-    found = []
-    with open(path, "rb") as f:
-        for key, members in index:
-            where = f"{shard.url}: sample {key!r}"
-            if "cls" not in members:
-                raise DataError(f"{where} {labels.missing()}")
-            offset, size = members["cls"]
-            f.seek(offset)
-            found.append(labels.read(f.read(min(size, 64)), "cls", where))
-    if len(found) != shard.samples:
-        raise DataError(f"{shard.url}: {len(found)} samples, {shard.samples} when indexed (changed since?)")
-    return found
