@@ -13,16 +13,19 @@ it all and the training state (train_state.py) holds what a resume restores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from dist_train.accelerator import share_main_buffers
 from dist_train.config import EMA_PREFIX, Config, TrainConfig
 from dist_train.data import Datasets
-from dist_train.metrics import ValidationMetrics
 from dist_train.progress import epoch_line
 from dist_train.run_setup import FitResult, Run, start_run
 from dist_train.tracking import is_better
+
+if TYPE_CHECKING:
+    from dist_train.metrics import ValidationMetrics
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -35,7 +35,6 @@ from dist_train.data.sampling import epoch_sampler
 from dist_train.ema import WeightsEma
 from dist_train.layout import RunLayout, plan_layout
 from dist_train.losses import build_loss
-from dist_train.metrics import ValidationMetrics, validation_metrics
 from dist_train.mixing import BatchMixer, make_mixer
 from dist_train.models import create_model
 from dist_train.optim import Schedule, build_optimizer, head_prefix
@@ -46,6 +45,9 @@ from dist_train.resume_config import check_resume_config
 from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
 from dist_train.tracking import RunTracker, read_metrics, truncate_metrics
 from dist_train.train_state import TrainState
+
+if TYPE_CHECKING:
+    from dist_train.metrics import ValidationMetrics
 
 TOP_DIR = "top"  # RUN/top/step-N: the train.keep_best best model checkpoints
 
@@ -67,7 +69,6 @@ class Run:
     state: TrainState
     criterion: nn.Module
     train_loader: TrainLoader
-    metrics: ValidationMetrics
     tracker: RunTracker
     progress: TrainProgress
     stop: StopRequest
@@ -76,6 +77,17 @@ class Run:
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
     device_normalize: Callable | None = None  # CUDA: uint8 batches normalized on the GPU (data/pipeline.py)
     pretrained: dict[str, Any] | None = None  # what model.weights loaded, at this launch
+    _metrics: ValidationMetrics | None = None
+
+    @property
+    def metrics(self) -> ValidationMetrics:
+        """The validation metrics, built at their first use: torchmetrics takes over a second
+        to import, which the first optimizer step need not wait for."""
+        if self._metrics is None:
+            from dist_train.metrics import validation_metrics
+
+            self._metrics = validation_metrics(self.cfg, self.datasets.num_classes, self.accelerator.device)
+        return self._metrics
 
     def step_batches(self) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor]]]:
         """This rank's micro-batches of each optimizer step left, epoch after epoch, from the
@@ -202,6 +214,7 @@ class Run:
     def stop_now(self) -> NoReturn:
         self.stop.leaving()
         unlock_run_dir(self.out)
+        self.tracker.close()
         self.accelerator.end_training()
         raise TrainingStopped(f"{self.stop.describe()} after step {self.state.step}, a resumable checkpoint "
                               f"saved; resume with train.resume=auto (train.output_dir={self.out})",
@@ -225,6 +238,7 @@ class Run:
             f"best {self.cfg.train.monitor} {best.value:.4f} at epoch {best.epoch}; "
             f"{time.perf_counter() - self.started:.1f}s; checkpoints in {self.out}/best and {self.out}/last"
         )
+        self.tracker.close()
         self.accelerator.end_training()  # also closes the wandb run
         return FitResult(best.metrics or {}, best.epoch, self.out)
 
@@ -315,7 +329,6 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,
         criterion=criterion.to(accelerator.device),
         train_loader=train_loader,
-        metrics=validation_metrics(cfg, datasets.num_classes, accelerator.device),
         tracker=tracker,
         progress=TrainProgress(accelerator, show_bar=cfg.train.progress_bar),
         stop=StopRequest(accelerator),

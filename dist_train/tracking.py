@@ -18,14 +18,18 @@ import math
 import netrc
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
 
 from dist_train import atomic_file
 from dist_train.config import Config, TrackingConfig, to_dict
 from dist_train.errors import DataError
+
+if TYPE_CHECKING:
+    from accelerate.tracking import WandBTracker
 
 WANDB_HOST = "api.wandb.ai"
 
@@ -43,25 +47,56 @@ class MetricsLog:
 
 
 class RunTracker:
-    """metrics.jsonl plus, when enabled, a wandb run fed through `accelerator.log`."""
+    """metrics.jsonl plus, when enabled, a wandb run fed through `accelerator.log`.
+
+    wandb starts beside training, on a thread of its own, not before the first step: importing
+    it and starting its service takes about a second. Records logged meanwhile wait in order
+    and are sent as soon as it is up; `close` (before `accelerator.end_training`) waits for it.
+    """
 
     def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, class_names: list[str]):
         self.accelerator = accelerator
         self.class_names = class_names
         self.metrics_log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-        self.wandb = cfg.tracking.wandb and accelerator.is_main_process and _start_wandb(accelerator, cfg, run_dir)
+        self.wandb = False  # a wandb run is up and receives the records
+        self._starting: Future | None = None
+        self._waiting: list[dict[str, Any]] = []  # records logged before wandb was up
+        if cfg.tracking.wandb and accelerator.is_main_process:
+            starter = ThreadPoolExecutor(1, thread_name_prefix="wandb-start")
+            self._starting = starter.submit(_start_wandb, cfg, run_dir)
+            starter.shutdown(wait=False)  # its one thread ends when wandb is up
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics_log.log(record)
-        if self.wandb:
-            values = {k: v for k, v in record.items() if isinstance(v, int | float) and k not in ("epoch", "step")}
-            values["epoch"] = record["epoch"]
-            if "val/confusion_matrix" in record:
-                values["val/confusion_matrix"] = _confusion_table(record["val/confusion_matrix"], self.class_names)
-            if "val/per_label" in record:  # multi-label: each label's average precision, as its own chart
-                values |= {f"val/ap/{name}": ap for name, ap in zip(self.class_names, record["val/per_label"]["ap"],
-                                                                     strict=True)}
-            self.accelerator.log(values, step=record["step"])
+        if self.wandb or self._starting is not None:
+            self._waiting.append(record)
+            self._send(wait=False)
+
+    def close(self) -> None:
+        """Send what waits for wandb, waiting for it to start if it has not yet."""
+        self._send(wait=True)
+
+    def _send(self, wait: bool) -> None:
+        if self._starting is not None:
+            if not wait and not self._starting.done():
+                return
+            tracker, self._starting = self._starting.result(), None
+            if tracker is not None:
+                self.accelerator.trackers.append(tracker)
+                self.wandb = True
+        for record in self._waiting if self.wandb else ():
+            self.accelerator.log(self._wandb_values(record), step=record["step"])
+        self._waiting.clear()
+
+    def _wandb_values(self, record: dict[str, Any]) -> dict[str, Any]:
+        values = {k: v for k, v in record.items() if isinstance(v, int | float) and k not in ("epoch", "step")}
+        values["epoch"] = record["epoch"]
+        if "val/confusion_matrix" in record:
+            values["val/confusion_matrix"] = _confusion_table(record["val/confusion_matrix"], self.class_names)
+        if "val/per_label" in record:  # multi-label: each label's average precision, as its own chart
+            values |= {f"val/ap/{name}": ap for name, ap in zip(self.class_names, record["val/per_label"]["ap"],
+                                                                 strict=True)}
+        return values
 
 
 def wandb_mode(cfg: TrackingConfig) -> str:
@@ -70,7 +105,7 @@ def wandb_mode(cfg: TrackingConfig) -> str:
     return "online" if _has_wandb_credentials() else "offline"
 
 
-def _start_wandb(accelerator: Accelerator, cfg: Config, run_dir: Path) -> bool:
+def _start_wandb(cfg: Config, run_dir: Path) -> WandBTracker | None:
     mode = wandb_mode(cfg.tracking)
     init = {
         "name": cfg.tracking.run_name or run_dir.resolve().name,
@@ -87,9 +122,8 @@ def _start_wandb(accelerator: Accelerator, cfg: Config, run_dir: Path) -> bool:
         tracker.store_init_configuration(to_dict(cfg))
     except Exception as exc:  # tracking must never stop training
         warnings.warn(f"wandb could not start ({mode}): {exc}; training continues without it", stacklevel=2)
-        return False
-    accelerator.trackers.append(tracker)
-    return True
+        return None
+    return tracker
 
 
 def _has_wandb_credentials() -> bool:
