@@ -16,6 +16,16 @@ Figures (targets for 2 CPU cores):
   no_sync_gain           step time, K=8 accumulation with no_sync / syncing each   <  1.0
   time_to_acc            seconds from command start to val acc >= 0.97 (digits)    <= 60
   peak_rss_mb            peak resident memory of any process of the digits run     <= 1500
+  startup_over_plain_s   seconds from command start to the first optimizer step,   <= 1.0
+                         `dist-train train` (configs/digits_cpu.yaml as shipped) minus
+                         a plain webdataset loop's (benchmarks/plain_loop.py), median
+                         of alternating rounds (printed beside it: both, `startup_s`
+                         and `plain_startup_s`)
+  tree_pss_vs_plain      peak PSS summed over the whole process tree while training  <= 1.2
+                         (workers, helpers and wandb's service included) / the plain
+                         loop's, the same workers (beside it: both, in MB)
+  throughput_vs_plain    steady training images/s (after the first epoch) / the     >= 1.1
+                         plain loop's, the same runs
   compile_speedup        train step with the model torch.compile'd / eager          >= 1.0
                          (train.compile; printed beside it: the compile's seconds)
   remote_vs_local        the shard loader from nginx (loopback), cold cache / local  >= 0.95
@@ -26,6 +36,7 @@ Figures (targets for 2 CPU cores):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -66,6 +77,9 @@ TARGETS = {
     "no_sync_gain": Target("<", 1.0),
     "time_to_acc": Target("<=", 60.0),
     "peak_rss_mb": Target("<=", 1500.0),
+    "startup_over_plain_s": Target("<=", 1.0),
+    "tree_pss_vs_plain": Target("<=", 1.2),
+    "throughput_vs_plain": Target(">=", 1.1),
     "compile_speedup": Target(">=", 1.0),
     "remote_vs_local": Target(">=", 0.95),
     "remote_rate_limited": Target(">=", 0.9),
@@ -82,12 +96,15 @@ class Sizes:
     train_epochs: int
     remote_epochs: int  # training epochs per measure of the remote figures (0.7 s each)
     remote_repeats: int  # their alternating repeats: at this size they move +-3% with 4
+    startup_rounds: int  # alternating start-ups of dist-train and the plain loop
+    versus_rounds: int  # alternating training runs of both, for throughput and memory
+    versus_epochs: int  # epochs of each such run
 
 
 FULL = Sizes(repeats=8, steps=30, loader_epochs=3, ddp_steps=40, accum_steps=15, train_epochs=10,
-             remote_epochs=4, remote_repeats=8)
+             remote_epochs=4, remote_repeats=8, startup_rounds=5, versus_rounds=3, versus_epochs=5)
 QUICK = Sizes(repeats=2, steps=4, loader_epochs=1, ddp_steps=6, accum_steps=1, train_epochs=3,
-              remote_epochs=1, remote_repeats=1)
+              remote_epochs=1, remote_repeats=1, startup_rounds=1, versus_rounds=1, versus_epochs=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         figures["ddp_scaling"], details["ddp_ceiling"] = ddp_scaling(sizes)
         figures["no_sync_gain"] = no_sync_gain(sizes)
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
+        details |= versus_plain_loop(shards, Path(tmp), sizes)
+        figures["startup_over_plain_s"] = details["startup_s"] - details["plain_startup_s"]
+        figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
+        figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
         figures["loop_overhead"] = loop_overhead(sizes)
         figures["compile_speedup"], details["compile_seconds"] = compile_speedup(sizes)
         (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
@@ -435,6 +456,133 @@ def digits_run(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float]:
     return reached, peak_kb / 1024
 
 
+# --- against a plain webdataset loop: start-up, memory, throughput -------------------------------
+
+
+PLAIN_LOOP = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_loop.py"
+
+
+def versus_plain_loop(shards: Path, tmp: Path, sizes: Sizes) -> dict[str, float]:
+    """`dist-train train` with the shipped digits config (tracking as shipped: wandb offline,
+    plots) beside benchmarks/plain_loop.py, the same data, model, batch and workers, each run
+    as its own command. Start-up: command start to the first optimizer step, alternating
+    rounds, medians. Then alternating training runs: the peak over the run of the PSS summed
+    over each command's process tree (proportional: a page shared by k processes counts 1/k,
+    so the tree's sum is what it really holds), and the steady images/s, the median of the
+    train records after the first epoch (each over 10 steps, training only, in both)."""
+    from dist_train.config import load_config
+
+    workers = load_config(REPO_CONFIG).data.num_workers
+    counter = itertools.count()
+
+    def ours(epochs: int, *extra: str) -> tuple[list[str], Path]:
+        out = tmp / f"ours-{next(counter)}"
+        return [sys.executable, "-m", "dist_train", "train", "--config", str(REPO_CONFIG), f"data.train={shards}",
+                f"data.val={shards}", f"train.output_dir={out}", f"train.epochs={epochs}", *extra], out
+
+    def plain(epochs: int) -> list[str]:
+        return [sys.executable, str(PLAIN_LOOP), "--data", str(shards), "--epochs", str(epochs),
+                "--workers", str(workers)]
+
+    startup: dict[str, list[float]] = {"ours": [], "plain": []}
+    for i in range(sizes.startup_rounds):
+        pair = [("ours", ours(1, "--profile-startup")[0], "start-up"), ("plain", plain(1), '"first_step"')]
+        for name, cmd, marker in pair if i % 2 == 0 else pair[::-1]:
+            startup[name].append(_seconds_to_line(cmd, marker))
+
+    steps_per_epoch = _train_samples(shards) // load_config(REPO_CONFIG).data.batch_size
+    pss: dict[str, list[float]] = {"ours": [], "plain": []}
+    rates: dict[str, list[float]] = {"ours": [], "plain": []}
+    for i in range(sizes.versus_rounds):
+        for name in ("ours", "plain") if i % 2 == 0 else ("plain", "ours"):
+            if name == "ours":
+                cmd, out = ours(sizes.versus_epochs)
+                peak_kb, _ = _run_sampling_pss(cmd)
+                records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            else:
+                peak_kb, stdout = _run_sampling_pss(plain(sizes.versus_epochs))
+                records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+            pss[name].append(peak_kb / 1024)
+            rates[name] += [r["images_per_sec"] for r in records
+                            if "images_per_sec" in r and r["step"] > steps_per_epoch]
+    return {"startup_s": statistics.median(startup["ours"]), "plain_startup_s": statistics.median(startup["plain"]),
+            "tree_pss_mb": statistics.median(pss["ours"]), "plain_tree_pss_mb": statistics.median(pss["plain"]),
+            "images_per_sec": statistics.median(rates["ours"]),
+            "plain_images_per_sec": statistics.median(rates["plain"])}
+
+
+def _seconds_to_line(cmd: list[str], marker: str) -> float:
+    """Seconds from starting `cmd` to the first line of its stdout holding `marker`; then the
+    command and every process it started are killed (the rest of the run is not needed)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with tempfile.TemporaryFile("w+") as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
+                                   start_new_session=True)
+        try:
+            for line in process.stdout:
+                if marker in line:
+                    return time.perf_counter() - start
+        finally:
+            _kill_tree(process)
+        errors.seek(0)
+        raise RuntimeError(f"{' '.join(cmd)} ended before printing {marker!r}:\n{errors.read()[-3000:]}")
+
+
+def _run_sampling_pss(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd` to its end; (the peak of its process tree's summed PSS in kB, its stdout)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(cmd, stdout=out, stderr=errors, text=True)
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, tree_pss_kb(process.pid))
+            time.sleep(0.1)
+        out.seek(0)
+        errors.seek(0)
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{errors.read()[-3000:]}")
+        return peak, out.read()
+
+
+def tree_pss_kb(pid: int) -> int:
+    """The PSS (proportional set size) of a process and all its descendants, summed, in kB
+    (Linux: /proc/PID/smaps_rollup). Unlike RSS, a page shared by k processes counts 1/k in
+    each, so the sum is the memory the tree holds."""
+    import psutil
+
+    total = 0
+    try:
+        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in processes:
+        try:
+            rollup = Path(f"/proc/{p.pid}/smaps_rollup").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        total += sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
+    return total
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    process.wait()
+    psutil.wait_procs(tree, timeout=10)
+
+
+def _train_samples(shards: Path) -> int:
+    manifest = json.loads((shards / "dataset.json").read_text())
+    return sum(s["samples"] for s in manifest["splits"]["train"]["shards"])
+
+
 def _val_accuracy(run: Path) -> float:
     path = run / "metrics.jsonl"
     if not path.is_file():
@@ -540,6 +688,9 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
           f"{details['loader_first_batch_ms']:.0f} ms; "
           f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here; "
           f"compile_speedup: the compile took {details['compile_seconds']:.1f} s; "
+          f"start-up {details['startup_s']:.2f} s, the plain loop's {details['plain_startup_s']:.2f} s; "
+          f"tree PSS {details['tree_pss_mb']:.0f} MB, the plain loop's {details['plain_tree_pss_mb']:.0f} MB; "
+          f"{details['images_per_sec']:.0f} images/s, the plain loop {details['plain_images_per_sec']:.0f}; "
           f"remote figures: {details['remote']})")
 
 

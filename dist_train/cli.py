@@ -176,8 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         startup.enable()
     cfg = load_config(args.config, args.overrides)
     startup.mark("python and config")
-    # Before this process imports torch: the fork server imports it at the same time.
-    workers.start_helpers(fork_server=cfg.data.num_workers > 0)
+    workers.start_helpers(fork_server=False)
     startup.mark("helpers")
     from dist_train.data import resolve_datasets
 
@@ -188,6 +187,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_train.engine import fit
 
     startup.mark("imports")
+    # Forked now, with everything imported and before any thread starts, the workers' fork
+    # server shares this process's memory (workers.py); else start_run starts one by exec.
+    if cfg.data.num_workers > 0 and workers.fork_server_from_here():
+        startup.mark("fork server")
     fit(cfg, datasets)
     return 0
 

@@ -8,27 +8,34 @@ worker that hangs hangs its rank, and the other ranks wait on it in the next col
 Python 3.12 warns about every fork of a process with threads; 3.14 makes the fork server
 the default on Linux.
 
-So workers start from a fork server: one small process per training process, started by
-exec (so it has no threads), that imports the input pipeline once (worker_server.py) and
-forks a worker on request. A worker's first batch then comes about as soon as one forked from
-the training process would (benchmarks/RESULTS.md), not after the seconds a fresh interpreter
-spends importing torch. What a worker needs travels to it pickled: the dataset
-object, including the shard indexes read so far (data/pipeline.py), and the shared counters
-and events, made with this context.
+So workers start from a fork server: one small process per training process that forks a
+worker on request. `dist-train train` forks it from the training process itself once that
+has imported everything and before it starts any thread (`fork_server_from_here`): the
+server, and every worker forked from it, then share the training process's memory (torch,
+torchvision and the pipeline, imported once per node-rank, not twice) and its start costs
+nothing. Where the training process already has threads at that point (a remote dataset's
+client may start some), or outside `dist-train train`, the server is started by exec (so it
+has no threads) and imports the input pipeline itself (worker_server.py). Either way a
+worker's first batch comes about as soon as one forked from the training process would
+(benchmarks/RESULTS.md). What a worker needs travels to it pickled: the dataset object,
+including the shard indexes read so far (data/pipeline.py), and the shared counters and
+events, made with this context.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
-from multiprocessing import forkserver, resource_tracker
+from multiprocessing import connection, forkserver, resource_tracker, util
 from multiprocessing.context import BaseContext
 
-from dist_train.preemption import SIGNALS, stop_signals_in_workers
+from dist_train.preemption import SIGNALS, dump_stacks_on_request, stop_signals_in_workers
 
 SERVER_MODULE = "dist_train.worker_server"
 
@@ -56,6 +63,75 @@ def start_helpers(fork_server: bool = True) -> None:
             forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def fork_server_from_here() -> bool:
+    """Start the fork server by forking this process, if no server runs yet and Python runs no
+    thread but the main one here. Returns whether it did; if not, `start_helpers` starts one
+    by exec. (Native threads that libraries start on import, such as OpenBLAS's pool that
+    numpy starts, are idle and reset themselves at a fork, as they do for DataLoader workers
+    forked the usual way; the threads that hold locks in use, gloo's, wandb's, a remote
+    client's, are Python's or start later, with the accelerator.)
+
+    This is multiprocessing's `ForkServer.ensure_running` with `fork` in place of the exec:
+    the same listening socket, the same pipe that tells the server its clients are gone, the
+    same loop (`forkserver.main`), so the workers' start and the DataLoader's protocol are
+    multiprocessing's own.
+    """
+    server = forkserver._forkserver
+    if server._forkserver_pid is not None or threading.active_count() > 1:
+        return False
+    start_helpers(fork_server=False)  # the resource tracker: its descriptor is inherited, as by an exec'd server
+    with socket.socket(socket.AF_UNIX) as listener:
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()
+        # Frozen before the fork, the imported objects are never scanned by either process's
+        # collector: neither writes to (and so copies) the pages they share. (No collection
+        # first: it would take 0.15 s of the start-up, for the few cycles imports leave.)
+        gc.freeze()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)  # until the server ignores them
+        pid = os.fork()
+        if pid == 0:  # the server: never returns into the training process's code
+            code = 0
+            try:
+                os.close(alive_w)
+                prepare_server()
+                forkserver.main(listener.fileno(), alive_r, [])
+            except SystemExit:  # its clients are gone
+                pass
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        os.close(alive_r)
+    server._forkserver_address, server._forkserver_alive_fd, server._forkserver_pid = address, alive_w, pid
+    return True
+
+
+def prepare_server() -> None:
+    """Set a fork server up before it forks any worker; the workers inherit its signals
+    (preemption.py):
+    - the stop signals are ignored (and unblocked: the server may start with them blocked,
+      `start_helpers`). Under Slurm every process of the job step receives SIGUSR1 or SIGTERM;
+      the server must outlive it (it ends when its training process does), and a worker
+      ignores it too until its `worker_init_fn` sets the worker's own handlers;
+    - SIGUSR2 prints the stacks, as in the training process.
+    Last it freezes what is imported (`gc.freeze`): the collector of a worker then never scans
+    those objects, which a worker's first full collection did before its first batch (the
+    delay: benchmarks/RESULTS.md), nor touches their memory, which would copy pages the
+    workers could share with the server.
+    """
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    dump_stacks_on_request()
+    gc.collect()
+    gc.freeze()
 
 
 def loader_options(num_workers: int) -> dict:

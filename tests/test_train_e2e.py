@@ -38,8 +38,9 @@ def test_profile_startup_names_each_phase_to_the_first_step(digits_run):
     stdout = (digits_run.parent / "stdout.txt").read_text()
     (line,) = [line for line in stdout.splitlines() if line.startswith("start-up")]
     phases = dict(re.findall(r"([a-z][a-z ,()]+?) (\d+\.\d\d) s", line.split(": ", 1)[1]))
-    assert list(phases) == ["python and config", "helpers", "datasets", "imports", "accelerator", "model",
-                            "run directory", "training loader", "tracking", "first step (workers, first batches)"]
+    assert list(phases) == ["python and config", "helpers", "datasets", "imports", "fork server", "accelerator",
+                            "model", "run directory", "training loader", "tracking",
+                            "first step (workers, first batches)"]
     total = float(re.match(r"start-up (\d+\.\d\d) s", line).group(1))
     assert abs(sum(map(float, phases.values())) - total) < 0.02 and 0 < total < 120
 

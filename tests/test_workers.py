@@ -78,6 +78,8 @@ from dist_train.preemption import catch_stop_signals
 from tests.test_workers import WhoAmI
 
 catch_stop_signals()
+if sys.argv[1] == "forked":
+    assert workers.fork_server_from_here()
 workers.start_helpers()
 loader = DataLoader(WhoAmI(), batch_size=None, persistent_workers=True, **workers.loader_options(1))
 [seen] = list(loader)
@@ -86,17 +88,22 @@ time.sleep(600)
 """
 
 
-def _start_training_process() -> tuple[subprocess.Popen, dict[str, int]]:
-    process = subprocess.Popen([sys.executable, "-c", TRAINING_PROCESS], stdout=subprocess.PIPE, text=True, cwd=REPO)
+def _start_training_process(server: str) -> tuple[subprocess.Popen, dict[str, int]]:
+    process = subprocess.Popen([sys.executable, "-c", TRAINING_PROCESS, server], stdout=subprocess.PIPE, text=True,
+                               cwd=REPO)
     pids = json.loads(process.stdout.readline())
     [tracker] = [p.pid for p in psutil.Process(process.pid).children()
                  if "resource_tracker" in " ".join(p.cmdline())]
     return process, {**pids, "tracker": tracker}
 
 
+SERVERS = ["forked", "exec"]  # forked from the training process (`dist-train train`), or started by exec
+
+
+@pytest.mark.parametrize("server", SERVERS)
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_helpers_and_workers_outlive_the_stop_signals_that_slurm_sends_to_every_process(sig):
-    process, pids = _start_training_process()
+def test_helpers_and_workers_outlive_the_stop_signals_that_slurm_sends_to_every_process(sig, server):
+    process, pids = _start_training_process(server)
     try:
         for pid in pids.values():
             os.kill(pid, sig)
@@ -108,9 +115,36 @@ def test_helpers_and_workers_outlive_the_stop_signals_that_slurm_sends_to_every_
         process.wait()
 
 
-def test_workers_and_server_end_with_a_training_process_killed_outright():
-    process, pids = _start_training_process()
+@pytest.mark.parametrize("server", SERVERS)
+def test_workers_and_server_end_with_a_training_process_killed_outright(server):
+    process, pids = _start_training_process(server)
     process.kill()  # what the OOM killer does: no exit handler runs
     process.wait()
     for pid in pids.values():
         assert_ends(pid)
+
+
+def test_a_forked_server_shares_the_training_process_memory_and_its_workers_too():
+    process, pids = _start_training_process("forked")
+    try:
+        server = psutil.Process(pids["server"])
+        assert server.ppid() == process.pid
+        # torch, torchvision and the pipeline are the training process's pages, not copies:
+        # what the server and its worker hold of their own is a small part of what they use.
+        for pid in (pids["server"], pids["worker"]):
+            memory = psutil.Process(pid).memory_full_info()
+            assert memory.uss < 0.2 * memory.rss, (pid, memory)
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_no_server_is_forked_from_a_process_running_a_thread():
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait, daemon=True)
+    thread.start()
+    try:
+        assert not workers.fork_server_from_here()  # a thread may hold a lock the fork would copy
+    finally:
+        release.set()
+        thread.join()
