@@ -21,6 +21,8 @@ Figures (targets for 2 CPU cores):
                          a plain webdataset loop's (benchmarks/plain_loop.py), median
                          of alternating rounds (printed beside it: both, `startup_s`
                          and `plain_startup_s`)
+  ddp_startup_over_plain_s  the same under 2-process CPU DDP: `accelerate launch`    <= 1.5
+                         (launch/cpu-ddp.yaml) minus the plain loop under torchrun
   tree_pss_vs_plain      peak PSS summed over the whole process tree while training  <= 1.2
                          (workers, helpers and wandb's service included) / the plain
                          loop's, the same workers (beside it: both, in MB)
@@ -78,6 +80,7 @@ TARGETS = {
     "time_to_acc": Target("<=", 60.0),
     "peak_rss_mb": Target("<=", 1500.0),
     "startup_over_plain_s": Target("<=", 1.0),
+    "ddp_startup_over_plain_s": Target("<=", 1.5),
     "tree_pss_vs_plain": Target("<=", 1.2),
     "throughput_vs_plain": Target(">=", 1.1),
     "compile_speedup": Target(">=", 1.0),
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
         details |= versus_plain_loop(shards, Path(tmp), sizes)
         figures["startup_over_plain_s"] = details["startup_s"] - details["plain_startup_s"]
+        figures["ddp_startup_over_plain_s"] = details["ddp_startup_s"] - details["plain_ddp_startup_s"]
         figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
         figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
         figures["loop_overhead"] = loop_overhead(sizes)
@@ -484,28 +488,45 @@ def versus_plain_loop(shards: Path, tmp: Path, sizes: Sizes) -> dict[str, float]
         return [sys.executable, str(PLAIN_LOOP), "--data", str(shards), "--epochs", str(epochs),
                 "--workers", str(workers)]
 
-    startup: dict[str, list[float]] = {"ours": [], "plain": []}
+    def ours_ddp() -> list[str]:
+        port = str(29600 + os.getpid() % 300)
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu-ddp.yaml"),
+                "--main_process_port", port, "-m", "dist_train", *ours(1, "--profile-startup")[0][3:]]
+
+    def plain_ddp() -> list[str]:
+        port = str(29300 + os.getpid() % 300)
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                *plain(1)[1:]]
+
+    startup: dict[str, list[float]] = {"ours": [], "plain": [], "ours_ddp": [], "plain_ddp": []}
     for i in range(sizes.startup_rounds):
-        pair = [("ours", ours(1, "--profile-startup")[0], "start-up"), ("plain", plain(1), '"first_step"')]
-        for name, cmd, marker in pair if i % 2 == 0 else pair[::-1]:
+        rounds = [("ours", ours(1, "--profile-startup")[0], "start-up"), ("plain", plain(1), '"first_step"'),
+                  ("ours_ddp", ours_ddp(), "start-up"), ("plain_ddp", plain_ddp(), '"first_step"')]
+        for name, cmd, marker in rounds if i % 2 == 0 else rounds[::-1]:
             startup[name].append(_seconds_to_line(cmd, marker))
 
     steps_per_epoch = _train_samples(shards) // load_config(REPO_CONFIG).data.batch_size
     pss: dict[str, list[float]] = {"ours": [], "plain": []}
     rates: dict[str, list[float]] = {"ours": [], "plain": []}
+    last_epoch = sizes.versus_epochs - 1
     for i in range(sizes.versus_rounds):
         for name in ("ours", "plain") if i % 2 == 0 else ("plain", "ours"):
             if name == "ours":
                 cmd, out = ours(sizes.versus_epochs)
-                peak_kb, _ = _run_sampling_pss(cmd)
-                records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                log = out / "metrics.jsonl"
+                peak_kb = _peak_training_pss_kb(cmd, log, "val/loss", last_epoch)
+                records = [json.loads(line) for line in log.read_text().splitlines()]
             else:
-                peak_kb, stdout = _run_sampling_pss(plain(sizes.versus_epochs))
-                records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+                stdout = tmp / f"plain-{next(counter)}.jsonl"
+                peak_kb = _peak_training_pss_kb(plain(sizes.versus_epochs), stdout, "val_acc", last_epoch,
+                                                stdout_to_log=True)
+                records = [json.loads(line) for line in stdout.read_text().splitlines() if line.startswith("{")]
             pss[name].append(peak_kb / 1024)
             rates[name] += [r["images_per_sec"] for r in records
                             if "images_per_sec" in r and r["step"] > steps_per_epoch]
     return {"startup_s": statistics.median(startup["ours"]), "plain_startup_s": statistics.median(startup["plain"]),
+            "ddp_startup_s": statistics.median(startup["ours_ddp"]),
+            "plain_ddp_startup_s": statistics.median(startup["plain_ddp"]),
             "tree_pss_mb": statistics.median(pss["ours"]), "plain_tree_pss_mb": statistics.median(pss["plain"]),
             "images_per_sec": statistics.median(rates["ours"]),
             "plain_images_per_sec": statistics.median(rates["plain"])}
@@ -529,19 +550,34 @@ def _seconds_to_line(cmd: list[str], marker: str) -> float:
         raise RuntimeError(f"{' '.join(cmd)} ended before printing {marker!r}:\n{errors.read()[-3000:]}")
 
 
-def _run_sampling_pss(cmd: list[str]) -> tuple[int, str]:
-    """Run `cmd` to its end; (the peak of its process tree's summed PSS in kB, its stdout)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errors:
+def _peak_training_pss_kb(cmd: list[str], log: Path, key: str, last_epoch: int, stdout_to_log: bool = False) -> int:
+    """Run `cmd` to its end; the peak of its process tree's summed PSS in kB while it trains,
+    until its JSON-lines `log` (its stdout, with `stdout_to_log`) holds the last epoch's
+    validation (a record with `key`): what a run does after training, its report, is not
+    training."""
+    with tempfile.TemporaryFile("w+") as errors, open(log if stdout_to_log else os.devnull, "w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=errors, text=True)
         peak = 0
-        while process.poll() is None:
+        while process.poll() is None and not _has_record(log, last_epoch, key):
             peak = max(peak, tree_pss_kb(process.pid))
             time.sleep(0.1)
-        out.seek(0)
-        errors.seek(0)
+        process.wait()
         if process.returncode != 0:
+            errors.seek(0)
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{errors.read()[-3000:]}")
-        return peak, out.read()
+    return peak
+
+
+def _has_record(path: Path, epoch: int, key: str) -> bool:
+    """Whether the JSON lines of `path` hold a record of this epoch with `key`."""
+    if not path.is_file():
+        return False
+    for line in path.read_text().splitlines():
+        if line.startswith("{") and line.endswith("}"):
+            record = json.loads(line)
+            if key in record and record.get("epoch") == epoch:
+                return True
+    return False
 
 
 def tree_pss_kb(pid: int) -> int:
@@ -688,7 +724,8 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
           f"{details['loader_first_batch_ms']:.0f} ms; "
           f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here; "
           f"compile_speedup: the compile took {details['compile_seconds']:.1f} s; "
-          f"start-up {details['startup_s']:.2f} s, the plain loop's {details['plain_startup_s']:.2f} s; "
+          f"start-up {details['startup_s']:.2f} s, the plain loop's {details['plain_startup_s']:.2f} s "
+          f"(2-process DDP: {details['ddp_startup_s']:.2f} s and {details['plain_ddp_startup_s']:.2f} s); "
           f"tree PSS {details['tree_pss_mb']:.0f} MB, the plain loop's {details['plain_tree_pss_mb']:.0f} MB; "
           f"{details['images_per_sec']:.0f} images/s, the plain loop {details['plain_images_per_sec']:.0f}; "
           f"remote figures: {details['remote']})")

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
+import psutil
 import pytest
 
-from dist_train.bench import TARGETS
+from dist_train.bench import TARGETS, tree_pss_kb
 
 from .conftest import run_cli
 
@@ -21,8 +24,13 @@ def test_bench_quick_reports_every_figure(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     figures = json.loads(out.read_text())
     for name in TARGETS:
-        assert math.isfinite(figures[name]) and figures[name] > 0, name
+        # A difference of seconds (startup_over_plain_s) may be below zero; ratios may not.
+        assert math.isfinite(figures[name]) and (figures[name] > 0 or name.endswith("_s")), name
         assert name in result.stdout
+    # Each figure against the plain webdataset loop, with both sides printed beside it.
+    for side in ("startup_s", "tree_pss_mb", "images_per_sec"):
+        assert figures[side] > 0 and figures[f"plain_{side}"] > 0, side
+    assert "the plain loop's" in result.stdout
     assert figures["best_workers"] in (0, 2)
     # The loaders are timed started; what starting one costs is printed beside them.
     assert math.isfinite(figures["loader_first_batch_ms"]) and figures["loader_first_batch_ms"] > 0
@@ -32,3 +40,31 @@ def test_bench_quick_reports_every_figure(tmp_path):
     assert "2 processes that do not communicate reach" in result.stdout
     assert {"torch", "accelerate", "cores", "date"} <= set(figures["machine"])
     assert figures["compile_seconds"] > 0 and "the compile took" in result.stdout
+
+
+# A parent holding 200 MB and a forked child sharing them, both waiting.
+SHARING_TREE = """
+import os, sys, time
+block = bytearray(200 << 20)
+block[::4096] = b"x" * len(block[::4096])  # touched: resident
+if os.fork() == 0:
+    time.sleep(600)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_tree_pss_counts_a_page_shared_by_a_parent_and_its_child_once():
+    process = subprocess.Popen([sys.executable, "-c", SHARING_TREE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        rss_mb = sum(p.memory_info().rss for p in tree) / 2**20
+        pss_mb = tree_pss_kb(process.pid) / 1024
+        assert len(tree) == 2 and rss_mb > 400  # RSS counts the shared 200 MB in each process
+        assert 200 < pss_mb < 260, pss_mb  # PSS counts them once (plus two small interpreters)
+    finally:
+        for p in psutil.Process(process.pid).children(recursive=True):
+            p.kill()
+        process.kill()
+        process.wait()
