@@ -11,10 +11,15 @@ Figures (targets for 2 CPU cores):
                          (both loaders started, untimed, as a run starts them once;
                          printed beside them: a new shard loader's first batch, in ms)
   ddp_scaling            2-process CPU DDP / 1 process, 1 thread each              >= 1.7
+  ddp_scaling_vs_normal  the same DDP / 1 process launched normally (torch's        >= 1.2
+                         threads on every core): what a second process gains a user
                          (printed beside it: the same 2 processes without DDP / 1 process,
                          what this machine allows)
   no_sync_gain           step time, K=8 accumulation with no_sync / syncing each   <  1.0
-  time_to_acc            seconds from command start to val acc >= 0.97 (digits)    <= 60
+  time_to_acc            seconds from command start to val acc >= 0.97 (digits,     <= 60
+                         10 epochs, tracking off)
+  time_to_acc_shipped    the same with configs/digits_cpu.yaml as users run it       <= 30
+                         (15-epoch schedule, wandb and plots on)
   peak_rss_mb            peak resident memory of any process of the digits run     <= 1500
   startup_over_plain_s   seconds from command start to the first optimizer step,   <= 1.0
                          `dist-train train` (configs/digits_cpu.yaml as shipped) minus
@@ -28,6 +33,11 @@ Figures (targets for 2 CPU cores):
                          loop's, the same workers (beside it: both, in MB)
   throughput_vs_plain    steady training images/s (after the first epoch) / the     >= 1.1
                          plain loop's, the same runs
+  index_build_s          the training index of 1.28M samples (synthetic shards, no   <= 5.0
+                         images): built on the node and held by 2 DataLoader workers
+                         (dist_train/bench_index.py; --quick: 128k samples)
+  index_worker_mb        what a worker holds of its own, plus its share of the       <= 50
+                         mapped index, after looking up spans all over it
   compile_speedup        train step with the model torch.compile'd / eager          >= 1.0
                          (train.compile; printed beside it: the compile's seconds)
   remote_vs_local        the shard loader from nginx (loopback), cold cache / local  >= 0.95
@@ -56,6 +66,7 @@ import numpy as np
 import torch
 
 from dist_train import atomic_file
+from dist_train.bench_index import index_figures
 from dist_train.bench_remote import remote_figures
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cpu.yaml"
@@ -76,13 +87,17 @@ TARGETS = {
     "loader_vs_decode": Target(">=", 0.9),
     "loader_vs_imagefolder": Target(">=", 1.0),
     "ddp_scaling": Target(">=", 1.7),
+    "ddp_scaling_vs_normal": Target(">=", 1.2),
     "no_sync_gain": Target("<", 1.0),
     "time_to_acc": Target("<=", 60.0),
+    "time_to_acc_shipped": Target("<=", 30.0),
     "peak_rss_mb": Target("<=", 1500.0),
     "startup_over_plain_s": Target("<=", 1.0),
     "ddp_startup_over_plain_s": Target("<=", 1.5),
     "tree_pss_vs_plain": Target("<=", 1.2),
     "throughput_vs_plain": Target(">=", 1.1),
+    "index_build_s": Target("<=", 5.0),
+    "index_worker_mb": Target("<=", 50.0),
     "compile_speedup": Target(">=", 1.0),
     "remote_vs_local": Target(">=", 0.95),
     "remote_rate_limited": Target(">=", 0.9),
@@ -102,12 +117,15 @@ class Sizes:
     startup_rounds: int  # alternating start-ups of dist-train and the plain loop
     versus_rounds: int  # alternating training runs of both, for throughput and memory
     versus_epochs: int  # epochs of each such run
+    index_samples: int  # of the synthetic dataset of the index figures
 
 
 FULL = Sizes(repeats=8, steps=30, loader_epochs=3, ddp_steps=40, accum_steps=15, train_epochs=10,
-             remote_epochs=4, remote_repeats=8, startup_rounds=5, versus_rounds=3, versus_epochs=5)
+             remote_epochs=4, remote_repeats=8, startup_rounds=5, versus_rounds=3, versus_epochs=5,
+             index_samples=1_280_000)
 QUICK = Sizes(repeats=2, steps=4, loader_epochs=1, ddp_steps=6, accum_steps=1, train_epochs=3,
-              remote_epochs=1, remote_repeats=1, startup_rounds=1, versus_rounds=1, versus_epochs=2)
+              remote_epochs=1, remote_repeats=1, startup_rounds=1, versus_rounds=1, versus_epochs=2,
+              index_samples=128_000)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--worker", choices=["ddp", "accum"], help=argparse.SUPPRESS)  # inside accelerate launch
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
+    parser.add_argument("--all-threads", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return _launched_worker(args.worker, args.steps)
+        return _launched_worker(args.worker, args.steps, one_thread=not args.all_threads)
     sizes = QUICK if args.quick else FULL
     figures: dict[str, float] = {}
     details: dict[str, object] = {}
@@ -126,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         shards = _digits_shards(Path(tmp))
         # The launched (multi-process) figures first: nothing of this process (DataLoader
         # workers, threads) may compete with them for the 2 cores.
-        figures["ddp_scaling"], details["ddp_ceiling"] = ddp_scaling(sizes)
+        figures["ddp_scaling"], details["ddp_ceiling"], figures["ddp_scaling_vs_normal"] = ddp_scaling(sizes)
         figures["no_sync_gain"] = no_sync_gain(sizes)
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
+        figures["time_to_acc_shipped"] = shipped_time_to_acc(shards, Path(tmp))
         details |= versus_plain_loop(shards, Path(tmp), sizes)
         figures["startup_over_plain_s"] = details["startup_s"] - details["plain_startup_s"]
         figures["ddp_startup_over_plain_s"] = details["ddp_startup_s"] - details["plain_ddp_startup_s"]
         figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
         figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
+        details |= index_figures(Path(tmp), sizes.index_samples)
+        figures["index_build_s"], figures["index_worker_mb"] = details["index_build_s"], details["index_worker_mb"]
         figures["loop_overhead"] = loop_overhead(sizes)
         figures["compile_speedup"], details["compile_seconds"] = compile_speedup(sizes)
         (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
@@ -341,28 +363,34 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
 # --- ddp_scaling and no_sync_gain (real accelerate launch) ------------------------------------
 
 
-def ddp_scaling(sizes: Sizes) -> tuple[float, float]:
-    """(2-process DDP / 1 process, the same 2 processes without DDP / 1 process).
+def ddp_scaling(sizes: Sizes) -> tuple[float, float, float]:
+    """(2-process DDP / 1 process of 1 thread, the same 2 processes without DDP / 1 process
+    of 1 thread, 2-process DDP / 1 normal process).
 
     The second is this machine's ceiling for the first: the two processes train the same epochs
     on their own, without communicating, inside the same launches (interleaved with the DDP
     epochs), so what the machine gives a second process is measured beside what DDP makes of it.
+    The third is what a user gains from a second process: the 1-process run is launched as a
+    user launches it, with torch's threads on every core, not held to one.
     """
-    apart, single = [], []
+    two, apart, single, normal = [], [], [], []
 
     def two_processes() -> float:
         result = _launch("cpu-ddp.yaml", "ddp", sizes.ddp_steps)
         apart.append(result["apart_images_per_sec"])
-        return result["images_per_sec"]
+        two.append(result["images_per_sec"])
+        return two[-1]
 
     def one_process() -> float:
         single.append(_launch("cpu.yaml", "ddp", sizes.ddp_steps)["images_per_sec"])
+        normal.append(_launch("cpu.yaml", "ddp", sizes.ddp_steps, one_thread=False)["images_per_sec"])
         return single[-1]
 
     # Each launch warms up inside the worker; no extra untimed launches. (--quick: one pair, a
     # check that the figure runs, at 7 s a launch.)
     scaling = _ratio(two_processes, one_process, sizes.repeats // 2, warmup=False)
-    return scaling, statistics.median(apart) / statistics.median(single)
+    return (scaling, statistics.median(apart) / statistics.median(single),
+            statistics.median(two) / statistics.median(normal))
 
 
 def no_sync_gain(sizes: Sizes) -> float:
@@ -370,24 +398,28 @@ def no_sync_gain(sizes: Sizes) -> float:
     return result["no_sync_step_s"] / result["sync_each_step_s"]
 
 
-def _launch(config: str, worker: str, steps: int) -> dict:
+def _launch(config: str, worker: str, steps: int, one_thread: bool = True) -> dict:
+    """Run `_launched_worker` under accelerate launch; `one_thread`: each process held to one
+    thread (else as a plain launch leaves it: torch's threads on every core, for one process)."""
     port = str(29600 + os.getpid() % 300)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / config),
            "--main_process_port", port, "-m", "dist_train.bench", "--worker", worker, "--steps", str(steps)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd += [] if one_thread else ["--all-threads"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else dict(os.environ)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def _launched_worker(kind: str, steps: int) -> int:
+def _launched_worker(kind: str, steps: int, one_thread: bool = True) -> int:
     from dist_train.accelerator import make_accelerator
     from dist_train.config import SchedConfig, TrainConfig
     from dist_train.models import SmallCNN
     from dist_train.optim import Schedule
 
-    torch.set_num_threads(1)
+    if one_thread:
+        torch.set_num_threads(1)
     accum = 8 if kind == "accum" else 1
     accelerator = make_accelerator(TrainConfig(cpu=True, grad_accum_steps=accum))
     batch = 64 if kind == "ddp" else 16
@@ -458,6 +490,29 @@ def digits_run(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float]:
     if reached != reached and _val_accuracy(out) >= 0.97:
         reached = time.perf_counter() - start
     return reached, peak_kb / 1024
+
+
+def shipped_time_to_acc(shards: Path, tmp: Path) -> float:
+    """Seconds from command start to val accuracy >= 0.97 with configs/digits_cpu.yaml as
+    shipped (its 15-epoch schedule, wandb and plots on; only the data and run directory
+    given), as a user runs it; the run is stopped once there."""
+    out = tmp / "shipped"
+    cmd = [sys.executable, "-m", "dist_train", "train", "--config", str(REPO_CONFIG), f"data.train={shards}",
+           f"data.val={shards}", f"train.output_dir={out}"]
+    with tempfile.TemporaryFile("w+") as errors:
+        start = time.perf_counter()
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors, text=True, start_new_session=True)
+        try:
+            while process.poll() is None:
+                if _val_accuracy(out) >= 0.97:
+                    return time.perf_counter() - start
+                time.sleep(0.05)
+        finally:
+            _kill_tree(process)
+        if process.returncode != 0:
+            errors.seek(0)
+            raise RuntimeError(f"digits run failed:\n{errors.read()[-3000:]}")
+    return time.perf_counter() - start if _val_accuracy(out) >= 0.97 else float("nan")
 
 
 # --- against a plain webdataset loop: start-up, memory, throughput -------------------------------
@@ -728,6 +783,8 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
           f"(2-process DDP: {details['ddp_startup_s']:.2f} s and {details['plain_ddp_startup_s']:.2f} s); "
           f"tree PSS {details['tree_pss_mb']:.0f} MB, the plain loop's {details['plain_tree_pss_mb']:.0f} MB; "
           f"{details['images_per_sec']:.0f} images/s, the plain loop {details['plain_images_per_sec']:.0f}; "
+          f"index of {details['index_samples']} samples: built in {details['index_build_only_s']:.2f} s, "
+          f"a {details['index_file_mb']:.0f} MB file; "
           f"remote figures: {details['remote']})")
 
 

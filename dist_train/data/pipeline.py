@@ -30,12 +30,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dist_train import workers
 from dist_train.config import DataConfig
-from dist_train.data import plan, random_access
+from dist_train.data import plan
 from dist_train.data.labels import MAX_LABEL_BYTES, label_reader
 from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
 from dist_train.data.resolve import Shard, ShardSet
+from dist_train.data.sample_index import node_index
 from dist_train.data.sampling import EpochSampler
 from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
 from dist_train.data.sources import IMAGE_EXTENSIONS
@@ -245,23 +246,16 @@ class TrainStream(IterableDataset):
         # (epoch, start step), shared with worker processes that outlive an epoch.
         self.position = workers.context().Array("q", [spec.epoch, spec.start_step])
         self.skipped = SkipCounter(decode)
-
-    def __getstate__(self) -> dict:
-        # Sent to a starting worker: with it the indexes of its shards read so far, which
-        # spares the worker reading the same tar headers again.
-        urls = [shard.url for shard in self.spec.shards.shards]
-        return {**self.__dict__, "indexes": random_access.indexes_read(urls)}
-
-    def __setstate__(self, state: dict) -> None:
-        random_access.adopt(state.pop("indexes"))
-        self.__dict__.update(state)
+        # Where every sample of the local shards lies: built once per node, mapped by every
+        # process and worker of the node (a path when pickled to a worker).
+        self.index = node_index(spec.shards.shards)
 
     def __iter__(self) -> Iterator:
         worker, num_workers = _this_worker()
         s = replace(self.spec, epoch=self.position[0], start_step=self.position[1])
         order = s.epoch_order(s.epoch)
         node_plan = s.node_plan(order, self.cache) if self.cache is not None else None
-        reader = ShardReader(self.cache)
+        reader = ShardReader(self.cache, index=self.index)
         try:
             micro_batches = range(s.start_step * s.grad_accum_steps, order.steps * s.grad_accum_steps)
             for j in micro_batches[worker::num_workers]:
@@ -385,9 +379,8 @@ class TrainLoader:
         decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, uint8=uint8)
         self.stream = TrainStream(spec, decode, cache, lag_steps=steps_in_flight(data_cfg.num_workers,
                                                                                  spec.grad_accum_steps))
-        # Workers live across epochs (no start-up cost per epoch; their shard indexes stay).
+        # Workers live across epochs (no start-up cost per epoch).
         self.loader = _loader(self.stream, data_cfg, pin_memory, persistent=True)
-        self._workers_started = False
         # The node's first process fetches remote shards ahead of its ranks' reads.
         self.prefetcher = (Prefetcher(cache, horizon=PREFETCH_SPANS * self.stream.lag_steps)
                            if cache and spec.rank == spec.node_ranks.start else None)
@@ -404,14 +397,8 @@ class TrainLoader:
             check_room(node_plan, self.stream.cache, self.stream.lag_steps)
             if self.prefetcher:
                 self.prefetcher.follow(node_plan, start_step)
-        # Index the shards this rank reads in the main process while that helps: workers
-        # started afterwards receive the indexes, and without workers the main process reads.
-        # Persistent workers index later epochs' new shards themselves, once.
-        if self.loader.num_workers == 0 or not self._workers_started:
-            random_access.preload(order.shards_for_rank(s.rank, s.world_size, s.grad_accum_steps, s.batch_size))
 
     def __iter__(self) -> Iterator:
-        self._workers_started = True
         if self.prefetcher is None:
             return iter(self.loader)
         return self._telling_prefetcher(iter(self.loader))

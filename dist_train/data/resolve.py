@@ -30,7 +30,7 @@ from dist_train.data.labels import MAX_LABEL_BYTES, LabelReader, class_counts, s
 from dist_train.data.shard_cache import RemoteObject, ShardCache
 from dist_train.data.shards import MANIFEST_NAME
 from dist_train.data.sources import IMAGE_EXTENSIONS
-from dist_train.data.tar_index import TarIndex, index_tar, index_tar_until_damage
+from dist_train.data.tar_index import Spans, TarIndex, index_tar, index_tar_spans, index_tar_until_damage
 from dist_train.errors import ConfigError, DataError
 
 
@@ -48,6 +48,10 @@ class Shard:
     sha256: str = ""
     # Samples per class (multi-label: per label), from a manifest or from indexing; () unknown.
     class_counts: tuple[int, ...] = ()
+    # Local shards of a manifest: the file of its split's sample spans (make-shards writes it)
+    # and this shard's first row there (data/sample_index.py); "" where none was written.
+    spans_file: str = ""
+    spans_row: int = 0
 
     @property
     def remote(self) -> bool:
@@ -171,6 +175,9 @@ def _manifest_problem(manifest: dict, inside) -> str | None:
         entries = split.get("shards") if isinstance(split, dict) else None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             return f"split {name!r} has no list of shards"
+        spans = split.get("spans", "x")
+        if not isinstance(spans, str) or not spans or not inside(spans):
+            return f"split {name!r}: spans file {str(spans)[:100]!r} is not a file inside the dataset's directory"
         for entry in entries:
             file, samples = entry.get("file"), entry.get("samples")
             if not isinstance(file, str) or not file or not inside(file):
@@ -298,12 +305,15 @@ def _from_manifest(directory: Path, split: str, skip_damaged: bool) -> tuple[lis
     manifest = read_manifest(directory)
     if split not in manifest["splits"]:
         raise DataError(f"{directory / MANIFEST_NAME}: has no {split!r} split")
-    shards = []
+    shards, row = [], 0
+    spans = manifest["splits"][split].get("spans")
     for entry in manifest["splits"][split]["shards"]:
         path = directory / entry["file"]
         if not path.is_file() and not skip_damaged:
             raise DataError(f"missing shard file: {path} (listed in {MANIFEST_NAME})")
-        shards.append(_from_entry(str(path), entry))
+        where = {"spans_file": str(directory / spans), "spans_row": row} if spans else {}
+        shards.append(_from_entry(str(path), entry, **where))
+        row += int(entry["samples"])
     return shards, manifest
 
 
@@ -341,7 +351,7 @@ def scan_shard(path: str, labels: LabelReader, expected: int = -1) -> tuple[Shar
     if not Path(path).is_file():
         return Shard(path, 0), [Damage(path, "missing shard file", max(expected, 0))]
     try:
-        entries, cut = index_tar_until_damage(path)
+        entries, _, cut = index_tar_until_damage(path)
         problems, found = _sample_problems(path, entries, labels)
     except DataError as exc:  # not a tar at all, or unreadable
         return Shard(path, 0), [Damage(path, str(exc).removeprefix(f"{path}: "), max(expected, 0))]
@@ -358,23 +368,24 @@ def scan_shard(path: str, labels: LabelReader, expected: int = -1) -> tuple[Shar
                  class_counts=class_counts(found, labels.num_classes)), damage
 
 
-def usable_index(shard: Shard, local_path: str = "") -> TarIndex:
-    """The index readers use: the shard's samples less those `scan_shard` left out.
-    `local_path`: where the shard's bytes are (a remote shard's cached copy)."""
+def usable_index(shard: Shard, local_path: str = "") -> tuple[TarIndex, Spans]:
+    """The index readers use, and each sample's span: the shard's samples less those
+    `scan_shard` left out. `local_path`: where the shard's bytes are (a remote shard's cached copy)."""
     path = local_path or shard.url
     if not shard.damaged:
         try:
-            return index_tar(path)
+            return index_tar_spans(path)
         except DataError as exc:
             raise DataError(str(exc).replace(path, shard.url)) from None
-    entries, _ = index_tar_until_damage(path)
-    return [e for e in entries if e[0] not in shard.exclude]
+    entries, spans, _ = index_tar_until_damage(path)
+    kept = [i for i, (key, _) in enumerate(entries) if key not in shard.exclude]
+    return [entries[i] for i in kept], [spans[i] for i in kept]
 
 
 def shard_labels(shard: Shard, labels: LabelReader, local_path: str = "") -> list[int | tuple[int, ...]]:
     """The label of each sample `usable_index` gives, in its order (`.cls` / `.json` members read
     by offset, no image decoded). `local_path`: a remote shard's cached copy."""
-    problems, found = _sample_problems(local_path or shard.url, usable_index(shard, local_path), labels,
+    problems, found = _sample_problems(local_path or shard.url, usable_index(shard, local_path)[0], labels,
                                        stop_at_first=True)
     if problems:
         raise DataError(f"{shard.url}: {problems[0][1]}")

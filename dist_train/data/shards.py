@@ -4,6 +4,7 @@ Layout of the output directory:
 
     train-000000.tar ...   one `<key>.<png|jpg>` and one `<key>.cls` member per sample
     val-000000.tar ...     (`.cls`: "3", or for multi-label data "3,7")
+    train.spans.npy ...    each sample's byte span in its shard, in shard order (an int64 array)
     dataset.json           class names, the task, and sample and class counts per shard and split
 
 The split is stratified by class and, like the order inside the shards, a function of the seed
@@ -30,7 +31,8 @@ from dist_train.data.sources import LabeledImages, RawSample
 from dist_train.errors import DataError
 
 MANIFEST_NAME = "dataset.json"
-MANIFEST_VERSION = 2  # 2: class_counts per shard and split, and the task
+MANIFEST_VERSION = 2  # 2: class_counts per shard and split, and the task (and, optional, spans)
+SPANS_SUFFIX = ".spans.npy"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class SplitSummary:
     #   "class_counts": [25, 27, ...]}, ...]: bytes and sha256 check a copy fetched from a server
     # (data/shard_cache.py); class_counts are samples per class (multi-label: per label).
     shards: list[dict]
+    spans: str  # the file of its samples' byte spans in their shards (data/sample_index.py)
 
     @property
     def samples(self) -> int:
@@ -92,14 +95,22 @@ def label_text(label: int | tuple[int, ...]) -> str:
 def write_split(
     samples: list[RawSample], out_dir: Path, split: str, shard_size: int, num_classes: int = 0
 ) -> SplitSummary:
-    shards = []
+    from dist_train.data.tar_index import index_tar_spans
+
+    shards, spans = [], []
     for start in range(0, len(samples), shard_size):
         name = f"{split}-{len(shards):06d}.tar"
         chunk = samples[start : start + shard_size]
         size, sha256 = _write_shard(chunk, out_dir / name)
         shards.append({"file": name, "samples": len(chunk), "bytes": size, "sha256": sha256,
                        "class_counts": list(class_counts([s.label for s in chunk], num_classes))})
-    return SplitSummary(split, shards)
+        spans += index_tar_spans(str(out_dir / name))[1]
+    # Where each sample lies in its shard, for readers that read samples directly (training):
+    # written now, it spares every node reading all the tar headers again before training.
+    spans_file = f"{split}{SPANS_SUFFIX}"
+    with atomic_file.replacing(out_dir / spans_file) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(spans, dtype=np.int64).reshape(-1, 2), allow_pickle=False)
+    return SplitSummary(split, shards, spans_file)
 
 
 def _write_shard(samples: list[RawSample], path: Path) -> tuple[int, str]:
@@ -164,7 +175,8 @@ def make_shards(
         "task": "multilabel" if source.multilabel else "multiclass",
         "classes": source.class_names,
         "num_classes": num_classes,
-        "splits": {s.name: {"samples": s.samples, "class_counts": s.class_counts(num_classes), "shards": s.shards}
+        "splits": {s.name: {"samples": s.samples, "class_counts": s.class_counts(num_classes), "spans": s.spans,
+                            "shards": s.shards}
                    for s in splits},
     }
     # Compact lists (class counts) on one line: the manifest stays readable at 1,000 classes.

@@ -11,11 +11,13 @@ reader loop (tests/test_tar_fuzz.py). A sample is webdataset's: the members that
 
 from __future__ import annotations
 
+import io
 import os
 
 from dist_train.errors import DataError
 
 TarIndex = list[tuple[str, dict[str, tuple[int, int]]]]  # [(key, {ext: (offset, size)})] in file order
+Spans = list[tuple[int, int]]  # per sample of a TarIndex: [start, end) of its headers and data
 TAR_BLOCK = 512
 MAX_EXTENDED_HEADER = 1 << 20  # pax records or a GNU long name, in bytes
 REGULAR = (b"0", b"\0", b"7")  # regular files (7: contiguous, read as regular by every reader)
@@ -26,86 +28,122 @@ NOT_SAMPLES = (b"1", b"2", b"3", b"4", b"5", b"6", b"g", b"K")
 def index_tar(path: str) -> TarIndex:
     """Each sample's key and members (offset and size of the data) of a local tar shard; a
     truncated or corrupt archive raises DataError."""
-    entries, damage = index_tar_until_damage(path)
+    return index_tar_spans(path)[0]
+
+
+def index_tar_spans(path: str) -> tuple[TarIndex, Spans]:
+    """`index_tar`, and each sample's span: the bytes from its first header (extended headers
+    included) to the end of its last member's data, which `read_sample` reads back."""
+    entries, spans, damage = index_tar_until_damage(path)
     if damage:
         raise DataError(f"{path}: unreadable tar shard ({damage.reason})")
-    return entries
+    return entries, spans
 
 
-def index_tar_until_damage(path: str) -> tuple[TarIndex, TarDamage | None]:
-    """`index_tar` of the samples before a truncation or corrupt header, and the damage
+def index_tar_until_damage(path: str) -> tuple[TarIndex, Spans, TarDamage | None]:
+    """`index_tar_spans` of the samples before a truncation or corrupt header, and the damage
     (None for an intact archive)."""
     try:
-        return _index_headers(path), None
+        with open(path, "rb") as f:
+            return *_index_headers(f, os.fstat(f.fileno()).st_size), None
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable tar shard ({exc})") from None
     except TarDamage as cut:
-        return cut.entries, cut
+        return cut.entries, cut.spans, cut
+
+
+def read_sample(blob: bytes, where: str) -> tuple[str, dict[str, bytes]]:
+    """(key, {ext: data}) of the one sample a span of a tar holds (`index_tar_spans`), its
+    headers checked as indexing checks them; `where` names the span in errors."""
+    try:
+        entries, _ = _index_headers(io.BytesIO(blob), len(blob))
+    except TarDamage as cut:
+        raise DataError(f"{where}: unreadable sample ({cut.reason}; changed since it was indexed?)") from None
+    if len(entries) != 1:
+        raise DataError(f"{where}: holds {len(entries)} samples, not one (changed since it was indexed?)")
+    key, members = entries[0]
+    return key, {ext: blob[offset:offset + size] for ext, (offset, size) in members.items()}
 
 
 class TarDamage(Exception):
-    """Where an archive stops being readable: the entries before it, why, and how many
-    samples without an entry the damage is known to have cut (the one being read)."""
+    """Where an archive stops being readable: the entries (and their spans) before it, why,
+    and how many samples without an entry the damage is known to have cut (the one being read)."""
 
-    def __init__(self, entries: TarIndex, reason: str, lost: int = 0):
+    def __init__(self, entries: TarIndex, reason: str, lost: int = 0, spans: Spans | None = None):
         super().__init__(reason)
-        self.entries, self.reason, self.lost = entries, reason, lost
+        self.entries, self.reason, self.lost, self.spans = entries, reason, lost, spans or []
 
 
-def _index_headers(path: str) -> TarIndex:
+def _index_headers(f, end: int) -> tuple[TarIndex, Spans]:
+    """Index the archive `f` of `end` bytes (a file, or a sample's span in memory)."""
     entries: TarIndex = []
+    spans: Spans = []
+
+    def damage(reason: str, lost: int = 0) -> TarDamage:
+        return TarDamage(entries, reason, lost, spans)
+
+    pos = 0
+    first_header = 0  # where the next member's headers begin (its extended headers, or its own)
+    extended = False  # an extended header was read for the next member
+    override: dict[str, str] = {}  # from a pax or long-name header, for the next member
     try:
-        with open(path, "rb") as f:
-            end = os.fstat(f.fileno()).st_size
-            pos = 0
-            override: dict[str, str] = {}  # from a pax or long-name header, for the next member
-            while pos + TAR_BLOCK <= end:
-                f.seek(pos)
-                header = f.read(TAR_BLOCK)
-                if header[0] == 0:  # end-of-archive blocks, then only zeros up to the file's end
-                    if not _zeros_to_end(f, pos):
-                        raise TarDamage(entries, f"a zeroed block at byte {pos}, with data after it")
-                    break
-                if _tar_checksum(header) != _tar_number(header[148:156]):
-                    raise TarDamage(entries, f"bad header checksum at byte {pos}")
-                kind = header[156:157]
-                size = _tar_number(header[124:136])
-                if size < 0:  # "-0000001000": the next header would be this one, or one before
-                    raise TarDamage(entries, f"negative member size at byte {pos}")
-                data = pos + TAR_BLOCK
-                if kind in (b"x", b"L"):
-                    if data + size > end:
-                        raise TarDamage(entries, f"truncated: the extended header at byte {pos} ends past the file")
-                    if size > MAX_EXTENDED_HEADER:  # names and pax records are short; this is no header
-                        raise TarDamage(entries, f"an extended header of {size} bytes at byte {pos}")
-                    f.seek(data)
-                    extra = f.read(size)
-                    override = _pax_records(extra) if kind == b"x" else {"path": extra.split(b"\0", 1)[0].decode()}
-                elif kind in NOT_SAMPLES:
-                    override = {}  # skipped, as webdataset skips them: only regular files are members
-                elif kind not in REGULAR:
-                    raise TarDamage(entries, f"member type {kind.decode('latin-1')!r} at byte {pos} is not supported")
-                else:
-                    size = int(override.get("size", size))
-                    if size < 0:
-                        raise TarDamage(entries, f"negative member size at byte {pos} (pax header)")
-                    name = override.get("path") or _ustar_name(header)
-                    override = {}
-                    key, ext = split_member_name(name)
-                    if data + size > end:
-                        # A sample whose first member is cut has no entry: count it anyway.
-                        lost = 1 if key is not None and (not entries or entries[-1][0] != key) else 0
-                        raise TarDamage(entries, f"truncated: member {name!r} ends past the file", lost)
-                    if key is not None:
-                        if not entries or entries[-1][0] != key:
-                            entries.append((key, {}))
-                        entries[-1][1][ext.lower()] = (data, size)
+        while pos + TAR_BLOCK <= end:
+            f.seek(pos)
+            header = f.read(TAR_BLOCK)
+            if header[0] == 0:  # end-of-archive blocks, then only zeros up to the file's end
+                if not _zeros_to_end(f, pos):
+                    raise damage(f"a zeroed block at byte {pos}, with data after it")
+                break
+            if _tar_checksum(header) != _tar_number(header[148:156]):
+                raise damage(f"bad header checksum at byte {pos}")
+            kind = header[156:157]
+            size = _tar_number(header[124:136])
+            if size < 0:  # "-0000001000": the next header would be this one, or one before
+                raise damage(f"negative member size at byte {pos}")
+            data = pos + TAR_BLOCK
+            if not extended:
+                first_header = pos
+            if kind in (b"x", b"L"):
                 if data + size > end:
-                    raise TarDamage(entries, "truncated: a header's data ends past the file")
-                pos = data + (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
-    except OSError as exc:
-        raise DataError(f"{path}: unreadable tar shard ({exc})") from None
+                    raise damage(f"truncated: the extended header at byte {pos} ends past the file")
+                if size > MAX_EXTENDED_HEADER:  # names and pax records are short; this is no header
+                    raise damage(f"an extended header of {size} bytes at byte {pos}")
+                f.seek(data)
+                extra = f.read(size)
+                override = _pax_records(extra) if kind == b"x" else {"path": extra.split(b"\0", 1)[0].decode()}
+                extended = True
+            elif kind in NOT_SAMPLES:
+                override, extended = {}, False  # skipped, as webdataset skips them: only regular files are members
+            elif kind not in REGULAR:
+                raise damage(f"member type {kind.decode('latin-1')!r} at byte {pos} is not supported")
+            else:
+                size = int(override.get("size", size))
+                if size < 0:
+                    raise damage(f"negative member size at byte {pos} (pax header)")
+                name = override.get("path") or _ustar_name(header)
+                override, extended = {}, False
+                key, ext = split_member_name(name)
+                if data + size > end:
+                    # A sample whose first member is cut has no entry: count it anyway.
+                    lost = 1 if key is not None and (not entries or entries[-1][0] != key) else 0
+                    raise damage(f"truncated: member {name!r} ends past the file", lost)
+                if key is not None:
+                    if not entries or entries[-1][0] != key:
+                        entries.append((key, {}))
+                        spans.append((first_header, first_header))
+                    entries[-1][1][ext.lower()] = (data, size)
+                    spans[-1] = (spans[-1][0], data + _padded(size))
+            if data + size > end:
+                raise damage("truncated: a header's data ends past the file")
+            pos = data + _padded(size)
     except ValueError:
-        raise TarDamage(entries, f"malformed header at byte {pos}") from None
-    return entries
+        raise damage(f"malformed header at byte {pos}") from None
+    return entries, spans
+
+
+def _padded(size: int) -> int:
+    """Bytes a member's data takes: tar pads it to whole blocks."""
+    return (size + TAR_BLOCK - 1) // TAR_BLOCK * TAR_BLOCK
 
 
 def _zeros_to_end(f, pos: int) -> bool:
