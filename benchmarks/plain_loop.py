@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -51,13 +52,15 @@ def main() -> None:
                          v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.25], [0.35])])
     train_urls = sorted(glob.glob(f"{args.data}/train-*.tar"))
     val_urls = sorted(glob.glob(f"{args.data}/val-*.tar"))
-    train_samples = sum(s["samples"] for s in json.load(open(f"{args.data}/dataset.json"))["splits"]["train"]["shards"])
+    manifest = json.loads(Path(args.data, "dataset.json").read_text())
+    train_samples = sum(s["samples"] for s in manifest["splits"]["train"]["shards"])
     steps_per_epoch = train_samples // (args.batch_size * world)
 
     train_set = (wds.WebDataset(train_urls, shardshuffle=len(train_urls), nodesplitter=wds.split_by_node)
                  .shuffle(1000).decode("pill").to_tuple("png", "cls").map_tuple(train_tf, int)
                  .batched(args.batch_size, partial=False))
-    train_loader = wds.WebLoader(train_set, batch_size=None, num_workers=args.workers).repeat().with_epoch(steps_per_epoch)
+    train_loader = (wds.WebLoader(train_set, batch_size=None, num_workers=args.workers)
+                    .repeat().with_epoch(steps_per_epoch))
     val_set = (wds.WebDataset(val_urls, shardshuffle=False, nodesplitter=wds.split_by_node)
                .decode("pill").to_tuple("png", "cls").map_tuple(val_tf, int).batched(256))
     val_loader = wds.WebLoader(val_set, batch_size=None, num_workers=args.workers)
@@ -89,7 +92,8 @@ def main() -> None:
                 loss.item()  # as a loop that logs its loss waits for it
                 now = time.perf_counter()
                 if rank == 0:
-                    print(json.dumps({"step": step, "images_per_sec": window_images / (now - window_start)}), flush=True)
+                    rate = window_images / (now - window_start)
+                    print(json.dumps({"step": step, "images_per_sec": rate}), flush=True)
                 window_start, window_images = now, 0
         model.eval()
         correct = seen = 0
