@@ -6,7 +6,7 @@ Runs dist-train's own pieces (shard writer, streaming pipeline, accelerator set-
   - model images/s: the same step on one batch already on the device (the ceiling),
   - peak device memory.
 
-    python benchmarks/gpu_check.py                                  # a GPU machine: the real check
+    python benchmarks/gpu_check.py [--channels-last] [--decode-on-device]   # a GPU machine: the real check
     python benchmarks/gpu_check.py --steps 2 --warmup 1 --batch-size 2 --image-size 32 --workers 0
                                                                     # a smoke test anywhere (CPU)
 """
@@ -45,6 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     parser.add_argument("--workers", type=int, default=max(0, min(14, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--channels-last", action="store_true", help="NHWC model (model.channels_last)")
+    parser.add_argument("--decode-on-device", action="store_true",
+                        help="JPEG decoded and augmented on the device (data.decode_on_device)")
     parser.add_argument("--data", help="shard directory to reuse (written there if missing)")
     parser.add_argument("--json", help="also write the figures to this file")
     return parser.parse_args()
@@ -58,6 +60,7 @@ def main() -> None:
     cfg.data.image_size = args.image_size
     cfg.data.num_workers = args.workers
     cfg.data.augment = "standard"
+    cfg.data.decode_on_device = args.decode_on_device
     cfg.train.mixed_precision = args.precision
     accelerator = make_accelerator(cfg.train)
     device = accelerator.device
@@ -74,8 +77,9 @@ def main() -> None:
         criterion = torch.nn.CrossEntropyLoss()
         order = OrderSpec(seed=0, global_batch=args.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
         spec = TrainStreamSpec(shards, order, epoch=0, num_classes=100, batch_size=args.batch_size)
-        normalize = device_normalize(cfg.data, device)  # CUDA: uint8 batches, normalized on the GPU
-        loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda", uint8=normalize is not None)
+        normalize = device_normalize(cfg.data, device)  # CUDA: uint8 batches (or JPEG bytes), finished on the GPU
+        loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda", uint8=normalize is not None,
+                                   encoded=args.decode_on_device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         records = train_like_fit(model, loader, args.warmup + args.steps, optimizer, schedule, accelerator,
@@ -96,6 +100,7 @@ def main() -> None:
         "image_size": args.image_size,
         "workers": args.workers,
         "channels_last": args.channels_last,
+        "decode_on_device": args.decode_on_device,
         "pipeline_images_per_sec": pipeline_rate,
         "model_images_per_sec": model_rate,
         "pipeline_over_model": pipeline_rate / model_rate,

@@ -72,6 +72,10 @@ class DataConfig:
     max_skipped: int = 100
     # An image declaring more pixels is damaged data (a decompression bomb), never decoded.
     max_image_pixels: int = 89_478_485  # PIL's own default limit
+    # JPEG decoded, and the transforms applied, on the training device (nvjpeg on a GPU) rather
+    # than in the DataLoader workers: for large images, where CPU decoding starves the GPU.
+    # JPEG images only; the same crops and flips, pixels not bit-for-bit the CPU decoder's.
+    decode_on_device: bool = False
     # Remote shards (https://, http://, s3://) are fetched ahead of use into this node-local
     # directory ("": dist-train-shards-<uid> in the system's temporary directory), shared by
     # the node's processes and never holding more than cache_limit ("20GB", "512MiB", bytes).

@@ -34,6 +34,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     metrics = validation_metrics(cfg, num_classes, accelerator.device)
     model = loaded.model.to(accelerator.device)
     normalize = device_normalize(cfg.data, accelerator.device)  # CUDA: uint8 batches, normalized there
-    loader = make_eval_loader(spec, cfg.data, pin_memory=normalize is not None, uint8=normalize is not None)
+    loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=normalize is not None,
+                              encoded=cfg.data.decode_on_device)
     values, confusion = evaluate(model, loader, metrics, accelerator, normalize)
     return values, confusion, shards.samples

@@ -44,6 +44,7 @@ APPLIED_ON_RESUME: dict[str, str] = {
     "data.on_error": "damaged samples left out from here on change the order from here on",
     "data.max_skipped": "",
     "data.max_image_pixels": "",
+    "data.decode_on_device": "images decoded by another decoder: the same crops, pixels rounded apart",
     "model.channels_last": "",
     "tracking.": "",
 }

@@ -75,7 +75,8 @@ class Run:
     started: float
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
-    device_normalize: Callable | None = None  # CUDA: uint8 batches normalized on the GPU (data/pipeline.py)
+    # CUDA: uint8 batches normalized on the GPU; data.decode_on_device: JPEG decoded there (data/pipeline.py)
+    device_normalize: Callable | None = None
     pretrained: dict[str, Any] | None = None  # what model.weights loaded, at this launch
     _metrics: ValidationMetrics | None = None
 
@@ -160,7 +161,8 @@ class Run:
                               world_size=self.accelerator.num_processes,
                               keep_cached=tuple(s.url for s in self.datasets.train.shards if s.remote))
         cuda = self.accelerator.device.type == "cuda"
-        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, uint8=self.device_normalize is not None)
+        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, uint8=self.device_normalize is not None,
+                                encoded=self.cfg.data.decode_on_device)
 
     def damage_since_last(self, val_loader) -> dict[str, int]:
         return damage_record(self.cfg.data.on_error, self.accelerator, self.datasets, self.train_loader.stream,
@@ -321,7 +323,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
         sampler=sampler,
-    ), cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=normalize is not None)
+    ), cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=normalize is not None,
+        encoded=cfg.data.decode_on_device)
     startup.mark("training loader")
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
     startup.mark("tracking")

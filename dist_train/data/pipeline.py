@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dist_train import workers
 from dist_train.config import DataConfig
 from dist_train.data import plan
+from dist_train.data.device_decode import DeviceStage, EncodedImages, encoded_jpeg
 from dist_train.data.labels import MAX_LABEL_BYTES, label_reader
 from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
@@ -104,9 +105,11 @@ class SampleDecoder:
     DataError that names the shard and the sample key. `collate` makes a batch of them."""
 
     def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False,
-                 uint8: bool = False):
+                 uint8: bool = False, encoded: bool = False):
         self.transform = build_transform(data_cfg, train=train)
-        self.collate = Collate(data_cfg, normalize=not uint8)
+        # encoded (data.decode_on_device): JPEG bytes and their transforms' seed, for the device
+        self.encoded = encoded
+        self.collate = Collate(data_cfg, normalize=not uint8 and not encoded, encoded_for=train if encoded else None)
         self.mode = "L" if data_cfg.channels == 1 else "RGB"
         self.num_classes = num_classes
         self.labels = label_reader(data_cfg, num_classes)
@@ -124,8 +127,15 @@ class SampleDecoder:
         if member is None:
             raise DataError(f"{where} {self.labels.missing()}")
         label = self.labels.read(sample[member][:MAX_LABEL_BYTES], member, where)
-        image = decode_image(io.BytesIO(sample[image_key]), self.mode, self.max_pixels, f"{where}: .{image_key}")
-        prepared = (self.transform(image), self.labels.target(label))
+        if self.encoded:
+            check_jpeg_header(sample[image_key], self.max_pixels, f"{where}: .{image_key}")
+            # The seed TrainStream set for this sample: the device draws its transforms from it.
+            image = (encoded_jpeg(sample[image_key], f"{where}: .{image_key}"),
+                     torch.default_generator.initial_seed())
+            prepared = (image, self.labels.target(label))
+        else:
+            image = decode_image(io.BytesIO(sample[image_key]), self.mode, self.max_pixels, f"{where}: .{image_key}")
+            prepared = (self.transform(image), self.labels.target(label))
         if self.with_keys:
             prepared += (f"{sample['__url__']}#{sample['__key__']}",)
         return prepared
@@ -164,6 +174,18 @@ def decode_image(source, mode: str, max_pixels: int, where: str) -> Image.Image:
         raise DataError(f"{where} is not a decodable image (not a JPEG, PNG or WebP file)") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{where} is not a decodable image ({' '.join(str(exc).split())[:200]})") from None
+
+
+def check_jpeg_header(data: bytes, max_pixels: int, where: str) -> None:
+    """A JPEG's header read (nothing decoded): a DataError naming it if it is no JPEG or
+    declares more than `max_pixels`, as `decode_image` would refuse it."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+            width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise DataError(f"{where} is not a JPEG image: data.decode_on_device decodes JPEG only") from None
+    if width * height > max_pixels:
+        raise DataError(f"{where}: {width} x {height} pixels, more than data.max_image_pixels={max_pixels}")
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
@@ -338,12 +360,16 @@ class Collate:
     indexes, or (multilabel) float32 multi-hot rows. With `normalize=False` the images stay
     uint8, for the device to normalize (`device_normalize`)."""
 
-    def __init__(self, data_cfg: DataConfig, normalize: bool = True):
+    def __init__(self, data_cfg: DataConfig, normalize: bool = True, encoded_for: bool | None = None):
         self.normalize = build_batch_normalize(data_cfg) if normalize else None
         self.multilabel = data_cfg.task == "multilabel"
+        self.encoded_for = encoded_for  # encoded images of training (True) or evaluation samples
 
     def __call__(self, samples: list[tuple]) -> tuple:
-        images = torch.stack([s[0] for s in samples])
+        if self.encoded_for is not None:
+            images = EncodedImages([s[0][0] for s in samples], [s[0][1] for s in samples], self.encoded_for)
+        else:
+            images = torch.stack([s[0] for s in samples])
         if self.normalize is not None:
             images = self.normalize(images)
         if self.multilabel:
@@ -356,11 +382,12 @@ class Collate:
 
 
 def make_eval_loader(spec: EvalStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
-                     uint8: bool = False) -> DataLoader:
+                     uint8: bool = False, encoded: bool = False) -> DataLoader:
     """Every sample of this rank's share once, in batches (the last may be smaller). `pin_memory`:
-    batches in page-locked memory (for CUDA); `uint8`: images not normalized (the device does)."""
+    batches in page-locked memory (for CUDA); `uint8`: images not normalized (the device does);
+    `encoded`: images not decoded either (data.decode_on_device: the device does)."""
     decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys,
-                           uint8=uint8)
+                           uint8=uint8, encoded=encoded)
     cache = cache_for(data_cfg) if any(shard.remote for shard in spec.shards.shards) else None
     return _loader(EvalStream(spec, decode, cache), data_cfg, pin_memory)
 
@@ -373,10 +400,11 @@ class TrainLoader:
         for images, labels in loader: ...
     """
 
-    def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False, uint8: bool = False):
+    def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False, uint8: bool = False,
+                 encoded: bool = False):
         remote_shards = any(shard.remote for shard in spec.shards.shards)
         cache = cache_for(data_cfg) if remote_shards else None
-        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, uint8=uint8)
+        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, uint8=uint8, encoded=encoded)
         self.stream = TrainStream(spec, decode, cache, lag_steps=steps_in_flight(data_cfg.num_workers,
                                                                                  spec.grad_accum_steps))
         # Workers live across epochs (no start-up cost per epoch).
@@ -412,9 +440,9 @@ class TrainLoader:
 
 
 def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
-                      uint8: bool = False) -> TrainLoader:
+                      uint8: bool = False, encoded: bool = False) -> TrainLoader:
     """This rank's training micro-batches, from `spec.epoch` and `spec.start_step` on."""
-    return TrainLoader(spec, data_cfg, pin_memory, uint8)
+    return TrainLoader(spec, data_cfg, pin_memory, uint8, encoded)
 
 
 def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, persistent: bool = False) -> DataLoader:
@@ -435,9 +463,11 @@ def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, pe
 
 
 def device_normalize(data_cfg: DataConfig, device: torch.device):
-    """What the loop normalizes batches with on `device` (None: the DataLoader workers do).
+    """What the loop finishes batches with on `device` (None: the DataLoader workers do it all).
 
     On CUDA batches cross PCIe as uint8 (a quarter of float32's bytes), from pinned memory and
     without blocking, and are normalized on the GPU with the workers' arithmetic
-    (`build_batch_normalize`); on the CPU the workers normalize, in parallel with the step."""
-    return build_batch_normalize(data_cfg) if device.type == "cuda" else None
+    (`build_batch_normalize`); on the CPU the workers normalize, in parallel with the step.
+    With data.decode_on_device the batches are JPEG bytes, decoded and transformed there too
+    (data/device_decode.py)."""
+    return DeviceStage(data_cfg, device) if device.type == "cuda" or data_cfg.decode_on_device else None
