@@ -8,7 +8,8 @@ gloo). Same data, model, batch, augmentation and workers as `configs/digits_cpu.
 
 Prints JSON lines on stdout (rank 0): {"event": "first_step", "time": unix seconds} after the
 first optimizer step, {"step": N, "images_per_sec": R} every 10 steps (the rate since the
-previous line, training only), {"epoch": E, "val_acc": A} after each epoch's validation.
+previous line, training only), {"epoch": E, "train_images_per_sec": R} at each epoch's end (from
+its start: the workers' start included) and {"epoch": E, "val_acc": A} after its validation.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     for epoch in range(args.epochs):
         model.train()
         window_start, window_images = time.perf_counter(), 0
+        epoch_start, epoch_images = window_start, 0
         for images, labels in train_loader:
             optimizer.zero_grad()
             loss = criterion(model(images), labels)
@@ -86,6 +88,7 @@ def main() -> None:
             schedule.step()
             step += 1
             window_images += len(labels) * world
+            epoch_images += len(labels) * world
             if step == 1 and rank == 0:
                 print(json.dumps({"event": "first_step", "time": time.time()}), flush=True)
             if step % LOG_EVERY == 0:
@@ -95,6 +98,10 @@ def main() -> None:
                     rate = window_images / (now - window_start)
                     print(json.dumps({"step": step, "images_per_sec": rate}), flush=True)
                 window_start, window_images = now, 0
+        loss.item()
+        if rank == 0:
+            rate = epoch_images / (time.perf_counter() - epoch_start)
+            print(json.dumps({"epoch": epoch, "train_images_per_sec": rate}), flush=True)
         model.eval()
         correct = seen = 0
         with torch.no_grad():

@@ -11,8 +11,9 @@ Figures (targets for 2 CPU cores):
                          (both loaders started, untimed, as a run starts them once;
                          printed beside them: a new shard loader's first batch, in ms)
   ddp_scaling            2-process CPU DDP / 1 process, 1 thread each              >= 1.7
-  ddp_scaling_vs_normal  the same DDP / 1 process launched normally (torch's        >= 1.2
-                         threads on every core): what a second process gains a user
+                         (printed beside it: the same DDP / 1 process launched
+                         normally, torch's threads on every core: what a second
+                         process gains a user)
                          (printed beside it: the same 2 processes without DDP / 1 process,
                          what this machine allows)
   no_sync_gain           step time, K=8 accumulation with no_sync / syncing each   <  1.0
@@ -48,7 +49,6 @@ Figures (targets for 2 CPU cores):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -68,9 +68,8 @@ import torch
 from dist_train import atomic_file
 from dist_train.bench_index import index_figures
 from dist_train.bench_remote import remote_figures
-
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cpu.yaml"
-LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+from dist_train.bench_versus import LAUNCH, REPO_CONFIG, kill_tree
+from dist_train.bench_versus import measure as measure_versus_plain_loop
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,6 @@ TARGETS = {
     "loader_vs_decode": Target(">=", 0.9),
     "loader_vs_imagefolder": Target(">=", 1.0),
     "ddp_scaling": Target(">=", 1.7),
-    "ddp_scaling_vs_normal": Target(">=", 1.2),
     "no_sync_gain": Target("<", 1.0),
     "time_to_acc": Target("<=", 60.0),
     "time_to_acc_shipped": Target("<=", 30.0),
@@ -114,21 +112,18 @@ class Sizes:
     train_epochs: int
     remote_epochs: int  # training epochs per measure of the remote figures (0.7 s each)
     remote_repeats: int  # their alternating repeats: at this size they move +-3% with 4
-    startup_rounds: int  # alternating start-ups of dist-train and the plain loop
-    versus_rounds: int  # alternating training runs of both, for throughput and memory
-    versus_epochs: int  # epochs of each such run
     index_samples: int  # of the synthetic dataset of the index figures
 
 
 FULL = Sizes(repeats=8, steps=30, loader_epochs=3, ddp_steps=40, accum_steps=15, train_epochs=10,
-             remote_epochs=4, remote_repeats=8, startup_rounds=5, versus_rounds=3, versus_epochs=5,
-             index_samples=1_280_000)
+             remote_epochs=4, remote_repeats=8, index_samples=1_280_000)
 QUICK = Sizes(repeats=2, steps=4, loader_epochs=1, ddp_steps=6, accum_steps=1, train_epochs=3,
-              remote_epochs=1, remote_repeats=1, startup_rounds=1, versus_rounds=1, versus_epochs=2,
-              index_samples=128_000)
+              remote_epochs=1, remote_repeats=1, index_samples=128_000)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) -> int:
+    """`versus`: the figures against the plain loop, measured before this process imported
+    torch (`dist-train bench` does, bench_versus.py says why); None: measured here."""
     parser = argparse.ArgumentParser(prog="dist-train bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every figure runs")
     parser.add_argument("--json", help="write the figures here")
@@ -140,20 +135,19 @@ def main(argv: list[str] | None = None) -> int:
         return _launched_worker(args.worker, args.steps, one_thread=not args.all_threads)
     sizes = QUICK if args.quick else FULL
     figures: dict[str, float] = {}
-    details: dict[str, object] = {}
+    details: dict[str, object] = dict(versus or measure_versus_plain_loop(args.quick))
+    figures["startup_over_plain_s"] = details["startup_s"] - details["plain_startup_s"]
+    figures["ddp_startup_over_plain_s"] = details["ddp_startup_s"] - details["plain_ddp_startup_s"]
+    figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
+    figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
     with tempfile.TemporaryDirectory() as tmp:
         shards = _digits_shards(Path(tmp))
         # The launched (multi-process) figures first: nothing of this process (DataLoader
         # workers, threads) may compete with them for the 2 cores.
-        figures["ddp_scaling"], details["ddp_ceiling"], figures["ddp_scaling_vs_normal"] = ddp_scaling(sizes)
+        figures["ddp_scaling"], details["ddp_ceiling"], details["ddp_vs_normal"] = ddp_scaling(sizes)
         figures["no_sync_gain"] = no_sync_gain(sizes)
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
         figures["time_to_acc_shipped"] = shipped_time_to_acc(shards, Path(tmp))
-        details |= versus_plain_loop(shards, Path(tmp), sizes)
-        figures["startup_over_plain_s"] = details["startup_s"] - details["plain_startup_s"]
-        figures["ddp_startup_over_plain_s"] = details["ddp_startup_s"] - details["plain_ddp_startup_s"]
-        figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
-        figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
         details |= index_figures(Path(tmp), sizes.index_samples)
         figures["index_build_s"], figures["index_worker_mb"] = details["index_build_s"], details["index_worker_mb"]
         figures["loop_overhead"] = loop_overhead(sizes)
@@ -508,170 +502,11 @@ def shipped_time_to_acc(shards: Path, tmp: Path) -> float:
                     return time.perf_counter() - start
                 time.sleep(0.05)
         finally:
-            _kill_tree(process)
+            kill_tree(process)
         if process.returncode != 0:
             errors.seek(0)
             raise RuntimeError(f"digits run failed:\n{errors.read()[-3000:]}")
     return time.perf_counter() - start if _val_accuracy(out) >= 0.97 else float("nan")
-
-
-# --- against a plain webdataset loop: start-up, memory, throughput -------------------------------
-
-
-PLAIN_LOOP = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_loop.py"
-
-
-def versus_plain_loop(shards: Path, tmp: Path, sizes: Sizes) -> dict[str, float]:
-    """`dist-train train` with the shipped digits config (tracking as shipped: wandb offline,
-    plots) beside benchmarks/plain_loop.py, the same data, model, batch and workers, each run
-    as its own command. Start-up: command start to the first optimizer step, alternating
-    rounds, medians. Then alternating training runs: the peak over the run of the PSS summed
-    over each command's process tree (proportional: a page shared by k processes counts 1/k,
-    so the tree's sum is what it really holds), and the steady images/s, the median of the
-    train records after the first epoch (each over 10 steps, training only, in both)."""
-    from dist_train.config import load_config
-
-    workers = load_config(REPO_CONFIG).data.num_workers
-    counter = itertools.count()
-
-    def ours(epochs: int, *extra: str) -> tuple[list[str], Path]:
-        out = tmp / f"ours-{next(counter)}"
-        return [sys.executable, "-m", "dist_train", "train", "--config", str(REPO_CONFIG), f"data.train={shards}",
-                f"data.val={shards}", f"train.output_dir={out}", f"train.epochs={epochs}", *extra], out
-
-    def plain(epochs: int) -> list[str]:
-        return [sys.executable, str(PLAIN_LOOP), "--data", str(shards), "--epochs", str(epochs),
-                "--workers", str(workers)]
-
-    def ours_ddp() -> list[str]:
-        port = str(29600 + os.getpid() % 300)
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "cpu-ddp.yaml"),
-                "--main_process_port", port, "-m", "dist_train", *ours(1, "--profile-startup")[0][3:]]
-
-    def plain_ddp() -> list[str]:
-        port = str(29300 + os.getpid() % 300)
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                *plain(1)[1:]]
-
-    startup: dict[str, list[float]] = {"ours": [], "plain": [], "ours_ddp": [], "plain_ddp": []}
-    for i in range(sizes.startup_rounds):
-        rounds = [("ours", ours(1, "--profile-startup")[0], "start-up"), ("plain", plain(1), '"first_step"'),
-                  ("ours_ddp", ours_ddp(), "start-up"), ("plain_ddp", plain_ddp(), '"first_step"')]
-        for name, cmd, marker in rounds if i % 2 == 0 else rounds[::-1]:
-            startup[name].append(_seconds_to_line(cmd, marker))
-
-    steps_per_epoch = _train_samples(shards) // load_config(REPO_CONFIG).data.batch_size
-    pss: dict[str, list[float]] = {"ours": [], "plain": []}
-    rates: dict[str, list[float]] = {"ours": [], "plain": []}
-    last_epoch = sizes.versus_epochs - 1
-    for i in range(sizes.versus_rounds):
-        for name in ("ours", "plain") if i % 2 == 0 else ("plain", "ours"):
-            if name == "ours":
-                cmd, out = ours(sizes.versus_epochs)
-                log = out / "metrics.jsonl"
-                peak_kb = _peak_training_pss_kb(cmd, log, "val/loss", last_epoch)
-                records = [json.loads(line) for line in log.read_text().splitlines()]
-            else:
-                stdout = tmp / f"plain-{next(counter)}.jsonl"
-                peak_kb = _peak_training_pss_kb(plain(sizes.versus_epochs), stdout, "val_acc", last_epoch,
-                                                stdout_to_log=True)
-                records = [json.loads(line) for line in stdout.read_text().splitlines() if line.startswith("{")]
-            pss[name].append(peak_kb / 1024)
-            rates[name] += [r["images_per_sec"] for r in records
-                            if "images_per_sec" in r and r["step"] > steps_per_epoch]
-    return {"startup_s": statistics.median(startup["ours"]), "plain_startup_s": statistics.median(startup["plain"]),
-            "ddp_startup_s": statistics.median(startup["ours_ddp"]),
-            "plain_ddp_startup_s": statistics.median(startup["plain_ddp"]),
-            "tree_pss_mb": statistics.median(pss["ours"]), "plain_tree_pss_mb": statistics.median(pss["plain"]),
-            "images_per_sec": statistics.median(rates["ours"]),
-            "plain_images_per_sec": statistics.median(rates["plain"])}
-
-
-def _seconds_to_line(cmd: list[str], marker: str) -> float:
-    """Seconds from starting `cmd` to the first line of its stdout holding `marker`; then the
-    command and every process it started are killed (the rest of the run is not needed)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with tempfile.TemporaryFile("w+") as errors:
-        start = time.perf_counter()
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True, env=env,
-                                   start_new_session=True)
-        try:
-            for line in process.stdout:
-                if marker in line:
-                    return time.perf_counter() - start
-        finally:
-            _kill_tree(process)
-        errors.seek(0)
-        raise RuntimeError(f"{' '.join(cmd)} ended before printing {marker!r}:\n{errors.read()[-3000:]}")
-
-
-def _peak_training_pss_kb(cmd: list[str], log: Path, key: str, last_epoch: int, stdout_to_log: bool = False) -> int:
-    """Run `cmd` to its end; the peak of its process tree's summed PSS in kB while it trains,
-    until its JSON-lines `log` (its stdout, with `stdout_to_log`) holds the last epoch's
-    validation (a record with `key`): what a run does after training, its report, is not
-    training."""
-    with tempfile.TemporaryFile("w+") as errors, open(log if stdout_to_log else os.devnull, "w") as out:
-        process = subprocess.Popen(cmd, stdout=out, stderr=errors, text=True)
-        peak = 0
-        while process.poll() is None and not _has_record(log, last_epoch, key):
-            peak = max(peak, tree_pss_kb(process.pid))
-            time.sleep(0.1)
-        process.wait()
-        if process.returncode != 0:
-            errors.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{errors.read()[-3000:]}")
-    return peak
-
-
-def _has_record(path: Path, epoch: int, key: str) -> bool:
-    """Whether the JSON lines of `path` hold a record of this epoch with `key`."""
-    if not path.is_file():
-        return False
-    for line in path.read_text().splitlines():
-        if line.startswith("{") and line.endswith("}"):
-            record = json.loads(line)
-            if key in record and record.get("epoch") == epoch:
-                return True
-    return False
-
-
-def tree_pss_kb(pid: int) -> int:
-    """The PSS (proportional set size) of a process and all its descendants, summed, in kB
-    (Linux: /proc/PID/smaps_rollup). Unlike RSS, a page shared by k processes counts 1/k in
-    each, so the sum is the memory the tree holds."""
-    import psutil
-
-    total = 0
-    try:
-        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in processes:
-        try:
-            rollup = Path(f"/proc/{p.pid}/smaps_rollup").read_text()
-        except OSError:  # ended meanwhile
-            continue
-        total += sum(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:"))
-    return total
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    import psutil
-
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    for p in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    process.wait()
-    psutil.wait_procs(tree, timeout=10)
-
-
-def _train_samples(shards: Path) -> int:
-    manifest = json.loads((shards / "dataset.json").read_text())
-    return sum(s["samples"] for s in manifest["splits"]["train"]["shards"])
 
 
 def _val_accuracy(run: Path) -> float:
@@ -777,7 +612,8 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
     print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried, "
           f"loaders started before timing: a new one's first batch comes after "
           f"{details['loader_first_batch_ms']:.0f} ms; "
-          f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here; "
+          f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here, "
+          f"and DDP against 1 process with torch's threads on every core is {details['ddp_vs_normal']:.3f}; "
           f"compile_speedup: the compile took {details['compile_seconds']:.1f} s; "
           f"start-up {details['startup_s']:.2f} s, the plain loop's {details['plain_startup_s']:.2f} s "
           f"(2-process DDP: {details['ddp_startup_s']:.2f} s and {details['plain_ddp_startup_s']:.2f} s); "

@@ -248,9 +248,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from dist_train import bench_versus
+
+    # Before this process imports torch: memory figures of other processes depend on it.
+    versus = bench_versus.measure(args.quick)
     from dist_train.bench import main as bench_main
 
-    return bench_main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else [])])
+    return bench_main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else [])], versus)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

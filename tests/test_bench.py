@@ -11,7 +11,8 @@ import sys
 import psutil
 import pytest
 
-from dist_train.bench import TARGETS, tree_pss_kb
+from dist_train.bench import TARGETS
+from dist_train.bench_versus import tree_pss_kb
 
 from .conftest import run_cli
 
@@ -38,6 +39,7 @@ def test_bench_quick_reports_every_figure(tmp_path):
     # ddp_scaling's ceiling: the same 2 processes without DDP, measured in the same launches.
     assert math.isfinite(figures["ddp_ceiling"]) and figures["ddp_ceiling"] > 0
     assert "2 processes that do not communicate reach" in result.stdout
+    assert math.isfinite(figures["ddp_vs_normal"]) and "threads on every core is" in result.stdout
     assert {"torch", "accelerate", "cores", "date"} <= set(figures["machine"])
     assert figures["compile_seconds"] > 0 and "the compile took" in result.stdout
 
