@@ -1,7 +1,7 @@
 """`dist-train bench`: what the framework costs and how it scales, each figure a ratio measured
 side by side in the same run (alternating repeats, medians), printed with its target.
 
-    dist-train bench                     # about 5 minutes on 2 CPU cores (up to 10 on a loaded host)
+    dist-train bench                     # about 10 minutes on 2 CPU cores
     dist-train bench --quick --json b.json   # seconds per figure: a smoke test (CI)
 
 Figures (targets for 2 CPU cores):
@@ -11,11 +11,10 @@ Figures (targets for 2 CPU cores):
                          (both loaders started, untimed, as a run starts them once;
                          printed beside them: a new shard loader's first batch, in ms)
   ddp_scaling            2-process CPU DDP / 1 process, 1 thread each              >= 1.7
-                         (printed beside it: the same DDP / 1 process launched
-                         normally, torch's threads on every core: what a second
-                         process gains a user)
                          (printed beside it: the same 2 processes without DDP / 1 process,
-                         what this machine allows)
+                         what this machine allows; and the same DDP / 1 process launched
+                         normally, torch's threads on every core: what a second process
+                         gains a user)
   no_sync_gain           step time, K=8 accumulation with no_sync / syncing each   <  1.0
   time_to_acc            seconds from command start to val acc >= 0.97 (digits,     <= 60
                          10 epochs, tracking off)
@@ -32,8 +31,9 @@ Figures (targets for 2 CPU cores):
   tree_pss_vs_plain      peak PSS summed over the whole process tree while training  <= 1.2
                          (workers, helpers and wandb's service included) / the plain
                          loop's, the same workers (beside it: both, in MB)
-  throughput_vs_plain    steady training images/s (after the first epoch) / the     >= 1.1
-                         plain loop's, the same runs
+  throughput_vs_plain    steady training images/s (whole epochs after the first) /  >= 1.1
+                         the plain loop's, the same runs (bench_versus.py: these four
+                         are measured before this process imports torch)
   index_build_s          the training index of 1.28M samples (synthetic shards, no   <= 5.0
                          images): built on the node and held by 2 DataLoader workers
                          (dist_train/bench_index.py; --quick: 128k samples)
