@@ -68,7 +68,7 @@ import torch
 from dist_train import atomic_file
 from dist_train.bench_index import index_figures
 from dist_train.bench_remote import remote_figures
-from dist_train.bench_versus import LAUNCH, REPO_CONFIG, kill_tree
+from dist_train.bench_versus import LAUNCH, REPO_CONFIG, kill_tree, process_tree
 from dist_train.bench_versus import measure as measure_versus_plain_loop
 
 
@@ -519,14 +519,8 @@ def _val_accuracy(run: Path) -> float:
 
 def _peak_rss_kb(pid: int) -> int:
     """The largest VmHWM (peak resident set) among a process and its descendants (Linux)."""
-    import psutil
-
     peak = 0
-    try:
-        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in processes:
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):

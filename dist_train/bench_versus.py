@@ -151,18 +151,22 @@ def _has_record(path: Path, epoch: int, key: str) -> bool:
     return False
 
 
+def process_tree(pid: int) -> list:
+    """A process and all its descendants (psutil.Process), or [] if it has ended."""
+    import psutil
+
+    try:
+        return [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def tree_pss_kb(pid: int) -> int:
     """The PSS (proportional set size) of a process and all its descendants, summed, in kB
     (Linux: /proc/PID/smaps_rollup). Unlike RSS, a page shared by k processes counts 1/k in
     each, so the sum is the memory the tree holds."""
-    import psutil
-
     total = 0
-    try:
-        processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in processes:
+    for p in process_tree(pid):
         try:
             rollup = Path(f"/proc/{p.pid}/smaps_rollup").read_text()
         except OSError:  # ended meanwhile
@@ -174,10 +178,7 @@ def tree_pss_kb(pid: int) -> int:
 def kill_tree(process: subprocess.Popen) -> None:
     import psutil
 
-    try:
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
+    tree = process_tree(process.pid)
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
