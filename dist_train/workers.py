@@ -17,8 +17,8 @@ nothing. Where the training process already has threads at that point (a remote 
 client may start some), or outside `dist-train train`, the server is started by exec (so it
 has no threads) and imports the input pipeline itself (worker_server.py). Either way a
 worker's first batch comes about as soon as one forked from the training process would
-(benchmarks/RESULTS.md). What a worker needs travels to it pickled: the dataset object,
-including the shard indexes read so far (data/pipeline.py), and the shared counters and
+(benchmarks/RESULTS.md). What a worker needs travels to it pickled: the dataset object (with
+the path of the node's training index, data/sample_index.py), and the shared counters and
 events, made with this context.
 """
 
@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import threading
+import traceback
 from collections.abc import Callable
 from multiprocessing import connection, forkserver, resource_tracker, util
 from multiprocessing.context import BaseContext
@@ -104,6 +105,7 @@ def fork_server_from_here() -> bool:
             except SystemExit:  # its clients are gone
                 pass
             except BaseException:
+                traceback.print_exc()  # the DataLoader then reports its workers' failure to start
                 code = 1
             finally:
                 os._exit(code)

@@ -1,13 +1,15 @@
 """The input pipeline: tar shards -> decoded, transformed images -> batches, per rank and worker.
 
 Training (`TrainStream`) reads samples in the order of data/order.py, each directly from its
-shard (data/random_access.py): a function of (seed, epoch, position), resumable at any step.
+shard by its byte span in the node's index (data/random_access.py, data/sample_index.py): a
+function of (seed, epoch, position), resumable at any step.
 Evaluation and prediction (`EvalStream`) stream each rank's share of the shards once, in
 order, through webdataset's tar reader (data/plan.py says which share). Batches are formed
 inside the DataLoader workers, so loaders use `batch_size=None`; a batch is turned into
 normalized float32 there too, once per batch (data/transforms.py), except for a CUDA device:
 there batches stay uint8 (a quarter of the bytes over PCIe) and the GPU normalizes them
-(`device_normalize`).
+(`device_normalize`); with data.decode_on_device they leave the workers as JPEG bytes, decoded
+and augmented on the device (data/device_decode.py).
 
 The loader is deliberately not passed through `accelerator.prepare()`: for an iterable
 dataset accelerate would either broadcast rank 0's batches or make every rank read the whole
