@@ -50,6 +50,7 @@ def index_figures(tmp: Path, samples: int, num_workers: int = 2) -> dict[str, fl
 
     dataset = _synthetic_dataset(tmp / "index-dataset", samples)
     shards = resolve_shards(str(dataset), "train", 1000).shards
+    before = os.environ.get("DIST_TRAIN_INDEX_DIR")
     os.environ["DIST_TRAIN_INDEX_DIR"] = str(tmp / "index-cache")  # built here, not found from an earlier bench
     try:
         workers.start_helpers()
@@ -60,7 +61,10 @@ def index_figures(tmp: Path, samples: int, num_workers: int = 2) -> dict[str, fl
         per_worker = list(loader)
         shared = time.perf_counter() - start
     finally:
-        del os.environ["DIST_TRAIN_INDEX_DIR"]
+        if before is None:
+            del os.environ["DIST_TRAIN_INDEX_DIR"]
+        else:
+            os.environ["DIST_TRAIN_INDEX_DIR"] = before
     return {"index_samples": samples, "index_build_s": shared, "index_build_only_s": built,
             "index_worker_mb": max(per_worker), "index_file_mb": os.path.getsize(index.path) / 2**20}
 

@@ -18,6 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits_cpu.yaml"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def node_index_dir(tmp_path_factory) -> Path:
+    """The training indexes of the suite's datasets (data/sample_index.py) in its own directory,
+    for every process the tests start too, not left in the machine's temporary directory."""
+    directory = tmp_path_factory.mktemp("node-index")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DIST_TRAIN_INDEX_DIR", str(directory))
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The digits dataset as make-shards writes it: 6 train shards, 2 val shards."""

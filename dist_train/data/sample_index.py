@@ -95,7 +95,8 @@ def _identity(shards: Sequence[Shard]) -> str:
             stat = os.stat(s.url)
         except OSError as exc:
             raise DataError(f"{s.url}: unreadable shard ({exc})") from None
-        described.append([s.url, stat.st_size, stat.st_mtime_ns, s.samples, sorted(s.exclude), s.truncated])
+        described.append([os.path.abspath(s.url), stat.st_size, stat.st_mtime_ns, s.samples, sorted(s.exclude),
+                          s.truncated])
     return hashlib.blake2b(json.dumps([FORMAT, described]).encode(), digest_size=12).hexdigest()
 
 
