@@ -44,6 +44,9 @@ Figures (targets for 2 CPU cores):
   remote_vs_local        the shard loader from nginx (loopback), cold cache / local  >= 0.95
   remote_rate_limited    the same, nginx limited to 1.25x the loader's bytes/s       >= 0.9
                          (dist_train/bench_remote.py)
+On a CUDA machine it also prints the input pipeline's images/s over the model's alone
+(benchmarks/gpu_check.py: ResNet-50 bf16 channels_last, 224 px JPEG shards; target >= 0.95),
+with JPEG decoded by the workers and on the GPU (data.decode_on_device).
 """
 
 from __future__ import annotations
@@ -68,8 +71,10 @@ import torch
 from dist_train import atomic_file
 from dist_train.bench_index import index_figures
 from dist_train.bench_remote import remote_figures
-from dist_train.bench_versus import LAUNCH, REPO_CONFIG, kill_tree, process_tree
+from dist_train.bench_versus import LAUNCH, REPO, REPO_CONFIG, kill_tree, process_tree
 from dist_train.bench_versus import measure as measure_versus_plain_loop
+
+GPU_CHECK = REPO / "benchmarks" / "gpu_check.py"
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,7 @@ def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) 
          details["loader_first_batch_ms"]) = loaders(shards, Path(tmp), sizes)
         figures["remote_vs_local"], figures["remote_rate_limited"], details["remote"] = remote_figures(
             Path(tmp), REPO_CONFIG, sizes.remote_epochs, sizes.remote_repeats, details["best_workers"])
+    details["gpu"] = gpu_figures(args.quick) if torch.cuda.is_available() else "pending (no GPU here)"
     figures = {name: figures[name] for name in TARGETS}  # table order
     report = {**figures, **details, "machine": _machine(), "quick": args.quick}
     _print_table(figures, details)
@@ -530,6 +536,26 @@ def _peak_rss_kb(pid: int) -> int:
     return peak
 
 
+# --- on a GPU: the input pipeline against the model alone (benchmarks/gpu_check.py) ----------
+
+
+def gpu_figures(quick: bool) -> dict[str, float]:
+    """ResNet-50 bf16 channels_last on 224 px JPEG shards: the pipeline's images/s over the
+    model's alone, with JPEG decoded by the workers and on the GPU (data.decode_on_device)."""
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("cpu_decode", []), ("gpu_decode", ["--decode-on-device"])):
+            out = Path(tmp) / f"{name}.json"
+            sizes = ["--steps", "3", "--warmup", "2"] if quick else []
+            subprocess.run([sys.executable, str(GPU_CHECK), "--channels-last", "--data", str(Path(tmp) / "shards"),
+                            "--json", str(out), *sizes, *extra], check=True, capture_output=True, timeout=1200)
+            result = json.loads(out.read_text())
+            figures[f"{name}_ratio"] = round(result["pipeline_over_model"], 3)
+            figures[f"{name}_images_per_sec"] = round(result["pipeline_images_per_sec"])
+        figures["model_images_per_sec"] = round(result["model_images_per_sec"])
+    return figures
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -615,7 +641,7 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
           f"{details['images_per_sec']:.0f} images/s, the plain loop {details['plain_images_per_sec']:.0f}; "
           f"index of {details['index_samples']} samples: built in {details['index_build_only_s']:.2f} s, "
           f"a {details['index_file_mb']:.0f} MB file; "
-          f"remote figures: {details['remote']})")
+          f"remote figures: {details['remote']}; GPU, pipeline / model alone: {details['gpu']})")
 
 
 if __name__ == "__main__":

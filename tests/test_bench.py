@@ -32,6 +32,8 @@ def test_bench_quick_reports_every_figure(tmp_path):
     for side in ("startup_s", "tree_pss_mb", "images_per_sec"):
         assert figures[side] > 0 and figures[f"plain_{side}"] > 0, side
     assert "the plain loop's" in result.stdout
+    # The GPU figure (benchmarks/gpu_check.py twice) where there is one; said pending here.
+    assert figures["gpu"] == "pending (no GPU here)" and "model alone: pending" in result.stdout
     assert figures["best_workers"] in (0, 2)
     # The loaders are timed started; what starting one costs is printed beside them.
     assert math.isfinite(figures["loader_first_batch_ms"]) and figures["loader_first_batch_ms"] > 0
