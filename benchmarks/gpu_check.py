@@ -28,7 +28,7 @@ from dist_train.bench import train_like_fit
 from dist_train.config import Config
 from dist_train.data import sources
 from dist_train.data.order import OrderSpec
-from dist_train.data.pipeline import TrainStreamSpec, device_normalize, make_train_loader
+from dist_train.data.pipeline import TrainStreamSpec, device_stage, make_train_loader
 from dist_train.data.resolve import resolve_shards
 from dist_train.data.shards import make_shards
 from dist_train.models import create_model
@@ -77,13 +77,13 @@ def main() -> None:
         criterion = torch.nn.CrossEntropyLoss()
         order = OrderSpec(seed=0, global_batch=args.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
         spec = TrainStreamSpec(shards, order, epoch=0, num_classes=100, batch_size=args.batch_size)
-        normalize = device_normalize(cfg.data, device)  # CUDA: uint8 batches (or JPEG bytes), finished on the GPU
-        loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda", uint8=normalize is not None,
+        stage = device_stage(cfg.data, device)  # CUDA: uint8 batches (or JPEG bytes), finished on the GPU
+        loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda", uint8=stage is not None,
                                    encoded=args.decode_on_device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         records = train_like_fit(model, loader, args.warmup + args.steps, optimizer, schedule, accelerator,
-                                 log_every_steps=window, criterion=criterion, normalize=normalize)
+                                 log_every_steps=window, criterion=criterion, on_device=stage)
         if device.type == "cuda":
             torch.cuda.synchronize()
         timed = [r["images_per_sec"] for r in records if r["step"] > args.warmup] or \

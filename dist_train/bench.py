@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) 
 
 
 def train_like_fit(model, batches: Iterable, steps: int, optimizer, schedule, accelerator, accum: int = 1,
-                   log_every_steps: int = 10, criterion=None, normalize=None) -> list[dict]:
+                   log_every_steps: int = 10, criterion=None, on_device=None) -> list[dict]:
     """What `fit` does per optimizer step, without validation and checkpoints: `train_step`
     over `accum` micro-batches, the schedule, progress, and a train record (a collective)
     every `log_every_steps`. Returns the records."""
@@ -188,7 +188,7 @@ def train_like_fit(model, batches: Iterable, steps: int, optimizer, schedule, ac
     records = []
     for step in range(1, steps + 1):
         train_step(model, itertools.islice(micro_batches, accum), criterion, optimizer, accelerator, progress,
-                   normalize=normalize)
+                   on_device=on_device)
         schedule.after_optimizer_step()
         progress.step_done(schedule.lr)
         if step % log_every_steps == 0:

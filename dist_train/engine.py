@@ -29,16 +29,17 @@ if TYPE_CHECKING:
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
-               mix=None, frozen=(), normalize=None) -> None:
+               mix=None, frozen=(), on_device=None) -> None:
     """One optimizer step over this rank's micro-batches of it. `frozen`: parameters that do not
     train at this step (model.freeze): their gradients are dropped before clipping and the step.
-    `normalize`: for uint8 batches (CUDA), what normalizes them on the device."""
+    `on_device`: what finishes a batch on the device (CUDA's uint8 batches normalized there;
+    data.decode_on_device's JPEG bytes decoded and augmented there: data/pipeline.py)."""
     model.train()
     for micro, (images, labels) in enumerate(micro_batches):
         images = images.to(accelerator.device, non_blocking=True)  # from pinned memory on CUDA
         labels = labels.to(accelerator.device, non_blocking=True)
-        if normalize is not None:
-            images = normalize(images)
+        if on_device is not None:
+            images = on_device(images)
         if mix is not None:  # mixup / cutmix: images blended in pairs, labels become soft targets
             images, labels = mix(images, labels, micro)
         # Inside `accumulate`, DDP skips the gradient all-reduce (no_sync) and the optimizer
@@ -57,7 +58,7 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
         progress.batch_done(loss, len(labels))
 
 
-def evaluate(model, loader, metrics: ValidationMetrics, accelerator, normalize=None
+def evaluate(model, loader, metrics: ValidationMetrics, accelerator, on_device=None
              ) -> tuple[dict[str, float], list | dict]:
     """Metrics over this rank's share of the validation set, synced across all ranks."""
     model.eval()
@@ -66,8 +67,8 @@ def evaluate(model, loader, metrics: ValidationMetrics, accelerator, normalize=N
         for images, labels in loader:
             images = images.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
-            if normalize is not None:  # uint8 batches (CUDA)
-                images = normalize(images)
+            if on_device is not None:  # see train_step
+                images = on_device(images)
             with accelerator.autocast():
                 outputs = model(images)
             metrics.update(outputs, labels)
@@ -107,7 +108,7 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     for micro_batches in run.step_batches():
         train_step(state.model, micro_batches, run.criterion, state.optimizer, accelerator, run.progress,
                    cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None,
-                   run.frozen_at(state.step), run.device_normalize)
+                   run.frozen_at(state.step), run.device_stage)
         state.step += 1
         state.schedule.after_optimizer_step()
         if state.ema:  # every rank alike, from identical weights: no collective
@@ -138,10 +139,10 @@ def validate(run: Run) -> None:
     share_main_buffers(state.model, accelerator)
     model = state.bare_model  # uncompiled: see train.compile
     # `confusion`: the confusion matrix, or with multi-label data the per-label scores.
-    values, confusion = evaluate(model, val_loader, run.metrics, accelerator, run.device_normalize)
+    values, confusion = evaluate(model, val_loader, run.metrics, accelerator, run.device_stage)
     if state.ema:  # the moving average too, as val_ema/*; its confusion matrix if it is monitored
         ema_values, ema_confusion = evaluate(state.ema.module_with_buffers_of(model), val_loader, run.metrics,
-                                             accelerator, run.device_normalize)
+                                             accelerator, run.device_stage)
         values |= {EMA_PREFIX + k.removeprefix("val/"): v for k, v in ema_values.items()}
         confusion = ema_confusion if monitor.startswith(EMA_PREFIX) else confusion
     state.schedule.after_validation(values)

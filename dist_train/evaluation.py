@@ -8,7 +8,7 @@ from pathlib import Path
 from dist_train.accelerator import make_accelerator
 from dist_train.data import cache_if_remote, check_task
 from dist_train.data.labels import label_reader
-from dist_train.data.pipeline import EvalStreamSpec, device_normalize, make_eval_loader
+from dist_train.data.pipeline import EvalStreamSpec, device_stage, make_eval_loader
 from dist_train.data.resolve import resolve_shards
 from dist_train.engine import evaluate
 from dist_train.metrics import validation_metrics
@@ -33,8 +33,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     metrics = validation_metrics(cfg, num_classes, accelerator.device)
     model = loaded.model.to(accelerator.device)
-    normalize = device_normalize(cfg.data, accelerator.device)  # CUDA: uint8 batches, normalized there
-    loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=normalize is not None,
+    stage = device_stage(cfg.data, accelerator.device)  # CUDA: uint8 batches, finished there
+    loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=stage is not None,
                               encoded=cfg.data.decode_on_device)
-    values, confusion = evaluate(model, loader, metrics, accelerator, normalize)
+    values, confusion = evaluate(model, loader, metrics, accelerator, stage)
     return values, confusion, shards.samples

@@ -30,7 +30,7 @@ from dist_train.config import ALL_EMA_METRIC_NAMES, ALL_METRIC_NAMES, EMA_PREFIX
 from dist_train.damage import damage_record, report_damage
 from dist_train.data import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
-from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_normalize, make_eval_loader
+from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_stage, make_eval_loader
 from dist_train.data.sampling import epoch_sampler
 from dist_train.ema import WeightsEma
 from dist_train.layout import RunLayout, plan_layout
@@ -75,8 +75,9 @@ class Run:
     started: float
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
-    # CUDA: uint8 batches normalized on the GPU; data.decode_on_device: JPEG decoded there (data/pipeline.py)
-    device_normalize: Callable | None = None
+    # What finishes batches on the device: CUDA's uint8 ones normalized, data.decode_on_device's
+    # JPEG bytes decoded and augmented (data/pipeline.py); None: the workers did it all.
+    device_stage: Callable | None = None
     pretrained: dict[str, Any] | None = None  # what model.weights loaded, at this launch
     _metrics: ValidationMetrics | None = None
 
@@ -161,7 +162,7 @@ class Run:
                               world_size=self.accelerator.num_processes,
                               keep_cached=tuple(s.url for s in self.datasets.train.shards if s.remote))
         cuda = self.accelerator.device.type == "cuda"
-        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, uint8=self.device_normalize is not None,
+        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, uint8=self.device_stage is not None,
                                 encoded=self.cfg.data.decode_on_device)
 
     def damage_since_last(self, val_loader) -> dict[str, int]:
@@ -311,7 +312,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         accelerator.print(f"changed since the checkpoint, applied from step {state.step}: {'; '.join(changes)}")
     report_damage(accelerator, datasets)
     criterion = build_loss(cfg.loss, datasets.num_classes, lambda: train_class_counts(cfg.data, datasets))
-    normalize = device_normalize(cfg.data, accelerator.device)
+    stage = device_stage(cfg.data, accelerator.device)
     sampler = None
     if order.sampling != "uniform":  # what draws each epoch (data/sampling.py)
         sampler = epoch_sampler(cfg.data, datasets.train, datasets.num_classes,
@@ -323,7 +324,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
         sampler=sampler,
-    ), cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=normalize is not None,
+    ), cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=stage is not None,
         encoded=cfg.data.decode_on_device)
     startup.mark("training loader")
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
@@ -340,5 +341,5 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         pretrained=pretrained.as_meta() if pretrained else None,
         mixer=make_mixer(cfg.data, datasets.num_classes, order.seed, accelerator.process_index,
                          layout.grad_accum_steps),
-        device_normalize=normalize,
+        device_stage=stage,
     )

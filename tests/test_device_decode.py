@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 
 from dist_train.config import load_config
 from dist_train.data.order import EpochOrder, OrderSpec
-from dist_train.data.pipeline import TrainStreamSpec, device_normalize, make_train_loader
+from dist_train.data.pipeline import TrainStreamSpec, device_stage, make_train_loader
 from dist_train.data.resolve import resolve_shards
 from dist_train.errors import DataError
 
@@ -38,7 +38,8 @@ def jpeg_shards(tmp_path_factory):
     return f"{out}/part-{{000000..000001}}.tar"
 
 
-def _batches(shards: str, workers: int, encoded: bool, overrides: tuple[str, ...] = ()) -> list[torch.Tensor]:
+def _batches(shards: str, workers: int, encoded: bool, overrides: tuple[str, ...] = (), start_step: int = 0
+             ) -> list[torch.Tensor]:
     cfg = load_config(REPO / "configs" / "digits_cpu.yaml",
                       ["data.channels=3", "data.image_size=24", "data.augment=standard", "data.mean=[0.5]",
                        "data.std=[0.25]", f"data.num_workers={workers}", f"data.decode_on_device={encoded}",
@@ -46,13 +47,13 @@ def _batches(shards: str, workers: int, encoded: bool, overrides: tuple[str, ...
     train = resolve_shards(shards, "train", 10)
     order = OrderSpec(seed=3, global_batch=16, partitions=1, window=64)
     spec = TrainStreamSpec(train, order, epoch=1, num_classes=10, batch_size=16)
-    stage = device_normalize(cfg.data, torch.device("cpu"))
+    stage = device_stage(cfg.data, torch.device("cpu"))
     loader = make_train_loader(spec, cfg.data, uint8=stage is not None, encoded=encoded)
-    loader.set_position(1)
+    loader.set_position(1, start_step)
     out = []
     for images, labels in loader:
         out.append((stage(images) if stage else images, labels))
-    assert len(out) == EpochOrder(train.shards, order, 1).steps
+    assert len(out) == EpochOrder(train.shards, order, 1).steps - start_step
     return out
 
 
@@ -71,6 +72,13 @@ def test_device_decoding_draws_the_workers_crops_whatever_the_workers(jpeg_shard
     with_workers = _batches(jpeg_shards, 2, encoded=True)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(on_device, with_workers,
                                                                                    strict=True))
+
+
+def test_device_decoding_resumes_mid_epoch_bitwise(jpeg_shards):
+    """A run resumed at step 3 decodes the same batches on the device as one never stopped."""
+    whole = _batches(jpeg_shards, 0, encoded=True)
+    resumed = _batches(jpeg_shards, 2, encoded=True, start_step=3)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[3:], resumed, strict=True))
 
 
 def test_device_decoding_names_an_image_that_is_no_jpeg(digits_dir):

@@ -16,7 +16,7 @@ from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import (
     EvalStreamSpec,
     TrainStreamSpec,
-    device_normalize,
+    device_stage,
     make_eval_loader,
     make_train_loader,
 )
@@ -35,9 +35,9 @@ def _train_batches(digits_dir, uint8: bool) -> list:
     return list(make_train_loader(spec, CFG, uint8=uint8))[:6]
 
 
-def test_device_normalize_is_for_cuda_only():
-    assert device_normalize(CFG, torch.device("cpu")) is None
-    assert device_normalize(CFG, torch.device("cuda")) is not None  # built without a GPU
+def test_device_stage_is_for_cuda_only():
+    assert device_stage(CFG, torch.device("cpu")) is None
+    assert device_stage(CFG, torch.device("cuda")) is not None  # built without a GPU
 
 
 def test_uint8_batches_normalized_after_the_copy_equal_normalized_ones_bitwise(digits_dir):
@@ -65,7 +65,7 @@ def test_training_on_uint8_batches_normalized_in_the_step_is_bitwise_the_same(di
         micro_batches = iter(batches)
         for _ in range(3):  # 3 steps of 2 micro-batches
             train_step(model, [next(micro_batches), next(micro_batches)], torch.nn.CrossEntropyLoss(), optimizer,
-                       accelerator, progress, normalize=normalize)
+                       accelerator, progress, on_device=normalize)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
                                                   strict=True))
 

@@ -17,17 +17,17 @@ torchvision's GPU JPEG decoder here, and the one place to change when it goes.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 from dist_train.config import DataConfig
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
-
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @dataclass
@@ -49,10 +49,17 @@ class EncodedImages:
         return EncodedImages([d.pin_memory() for d in self.data], self.seeds, self.train)
 
 
-def encoded_jpeg(data: bytes, where: str) -> torch.Tensor:
-    """A JPEG file's bytes as a uint8 tensor, or a DataError naming the sample."""
-    if not data.startswith(JPEG_MAGIC):
-        raise DataError(f"{where} is not a JPEG image: data.decode_on_device decodes JPEG only")
+def encoded_jpeg(data: bytes, max_pixels: int, where: str) -> torch.Tensor:
+    """A JPEG file's bytes as a uint8 tensor, its header read (nothing decoded), or a DataError
+    naming the sample: no JPEG, or more than `max_pixels` declared, as the workers' decoder
+    (data/pipeline.py `decode_image`) would refuse it."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+            width, height = img.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise DataError(f"{where} is not a JPEG image: data.decode_on_device decodes JPEG only") from None
+    if width * height > max_pixels:
+        raise DataError(f"{where}: {width} x {height} pixels, more than data.max_image_pixels={max_pixels}")
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 

@@ -8,7 +8,7 @@ order, through webdataset's tar reader (data/plan.py says which share). Batches 
 inside the DataLoader workers, so loaders use `batch_size=None`; a batch is turned into
 normalized float32 there too, once per batch (data/transforms.py), except for a CUDA device:
 there batches stay uint8 (a quarter of the bytes over PCIe) and the GPU normalizes them
-(`device_normalize`); with data.decode_on_device they leave the workers as JPEG bytes, decoded
+(`device_stage`); with data.decode_on_device they leave the workers as JPEG bytes, decoded
 and augmented on the device (data/device_decode.py).
 
 The loader is deliberately not passed through `accelerator.prepare()`: for an iterable
@@ -130,9 +130,8 @@ class SampleDecoder:
             raise DataError(f"{where} {self.labels.missing()}")
         label = self.labels.read(sample[member][:MAX_LABEL_BYTES], member, where)
         if self.encoded:
-            check_jpeg_header(sample[image_key], self.max_pixels, f"{where}: .{image_key}")
             # The seed TrainStream set for this sample: the device draws its transforms from it.
-            image = (encoded_jpeg(sample[image_key], f"{where}: .{image_key}"),
+            image = (encoded_jpeg(sample[image_key], self.max_pixels, f"{where}: .{image_key}"),
                      torch.default_generator.initial_seed())
             prepared = (image, self.labels.target(label))
         else:
@@ -176,18 +175,6 @@ def decode_image(source, mode: str, max_pixels: int, where: str) -> Image.Image:
         raise DataError(f"{where} is not a decodable image (not a JPEG, PNG or WebP file)") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"{where} is not a decodable image ({' '.join(str(exc).split())[:200]})") from None
-
-
-def check_jpeg_header(data: bytes, max_pixels: int, where: str) -> None:
-    """A JPEG's header read (nothing decoded): a DataError naming it if it is no JPEG or
-    declares more than `max_pixels`, as `decode_image` would refuse it."""
-    try:
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
-            width, height = img.size
-    except (OSError, ValueError, Image.DecompressionBombError):
-        raise DataError(f"{where} is not a JPEG image: data.decode_on_device decodes JPEG only") from None
-    if width * height > max_pixels:
-        raise DataError(f"{where}: {width} x {height} pixels, more than data.max_image_pixels={max_pixels}")
 
 
 def _eight_bit(img: Image.Image) -> Image.Image:
@@ -360,7 +347,7 @@ def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None =
 class Collate:
     """Samples (uint8 image, label[, source]) -> (float32 images, labels[, sources]): int64 class
     indexes, or (multilabel) float32 multi-hot rows. With `normalize=False` the images stay
-    uint8, for the device to normalize (`device_normalize`)."""
+    uint8, for the device to normalize (`device_stage`)."""
 
     def __init__(self, data_cfg: DataConfig, normalize: bool = True, encoded_for: bool | None = None):
         self.normalize = build_batch_normalize(data_cfg) if normalize else None
@@ -464,7 +451,7 @@ def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, pe
     )
 
 
-def device_normalize(data_cfg: DataConfig, device: torch.device):
+def device_stage(data_cfg: DataConfig, device: torch.device):
     """What the loop finishes batches with on `device` (None: the DataLoader workers do it all).
 
     On CUDA batches cross PCIe as uint8 (a quarter of float32's bytes), from pinned memory and

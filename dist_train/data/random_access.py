@@ -16,8 +16,8 @@ from collections import OrderedDict
 import numpy as np
 
 from dist_train.data import remote
-from dist_train.data.resolve import Shard, usable_index
-from dist_train.data.sample_index import SampleIndex
+from dist_train.data.resolve import Shard
+from dist_train.data.sample_index import SampleIndex, header_spans
 from dist_train.data.shard_cache import NextUse, ShardCache
 from dist_train.data.tar_index import read_sample
 from dist_train.errors import DataError
@@ -49,7 +49,7 @@ class ShardReader:
         if span is None:
             spans = _SPANS.get(url)
             if spans is None:
-                _SPANS[url] = spans = np.asarray(usable_index(shard, local_path=f.name)[1], np.int64).reshape(-1, 2)
+                _SPANS[url] = spans = header_spans(shard, local_path=f.name)
             if index >= len(spans):
                 raise DataError(f"{url}: has {len(spans)} samples, sample {index} was asked for "
                                 "(changed since it was indexed?)")

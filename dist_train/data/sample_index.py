@@ -119,11 +119,17 @@ def _shard_spans(shard: Shard) -> np.ndarray:
     written = _written_spans(shard) if shard.spans_file and not shard.damaged else None
     if written is not None:
         return written
-    _, spans = usable_index(shard)
+    spans = header_spans(shard)
     if len(spans) != shard.samples:
         raise DataError(f"{shard.url}: has {len(spans)} samples, the dataset says {shard.samples} "
                         "(changed since it was written?)")
-    return np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    return spans
+
+
+def header_spans(shard: Shard, local_path: str = "") -> np.ndarray:
+    """The spans of the shard's usable samples, from its tar headers, as an (N, 2) array.
+    `local_path`: where its bytes are (a remote shard's cached copy)."""
+    return np.asarray(usable_index(shard, local_path)[1], dtype=np.int64).reshape(-1, 2)
 
 
 def _written_spans(shard: Shard) -> np.ndarray | None:

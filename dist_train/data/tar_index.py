@@ -97,7 +97,7 @@ class TarDamage(Exception):
 
 
 def _index_headers(f, end: int) -> tuple[TarIndex, Spans]:
-    """Index the archive `f` of `end` bytes (a file, or a sample's span in memory)."""
+    """Index the archive `f` of `end` bytes."""
     entries: TarIndex = []
     spans: Spans = []
 
