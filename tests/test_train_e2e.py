@@ -42,7 +42,10 @@ def test_profile_startup_names_each_phase_to_the_first_step(digits_run):
                             "model", "run directory", "training loader", "tracking",
                             "first step (workers, first batches)"]
     total = float(re.match(r"start-up (\d+\.\d\d) s", line).group(1))
-    assert abs(sum(map(float, phases.values())) - total) < 0.02 and 0 < total < 120
+    # The phases add up to the total before each is printed to 0.01 s: at most 0.005 s of
+    # rounding in each printed figure.
+    rounding = 0.005 * (len(phases) + 1) + 1e-9
+    assert abs(sum(map(float, phases.values())) - total) <= rounding and 0 < total < 120
 
 
 def test_digits_reaches_97_percent_and_writes_the_run_directory(digits_run):
