@@ -34,7 +34,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     metrics = validation_metrics(cfg, num_classes, accelerator.device)
     model = loaded.model.to(accelerator.device)
     stage = device_stage(cfg.data, accelerator.device)  # CUDA: uint8 batches, finished there
-    loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=stage is not None,
-                              encoded=cfg.data.decode_on_device)
+    loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda",
+                              for_device=stage is not None)
     values, confusion = evaluate(model, loader, metrics, accelerator, stage)
     return values, confusion, shards.samples

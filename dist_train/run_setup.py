@@ -162,8 +162,7 @@ class Run:
                               world_size=self.accelerator.num_processes,
                               keep_cached=tuple(s.url for s in self.datasets.train.shards if s.remote))
         cuda = self.accelerator.device.type == "cuda"
-        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, uint8=self.device_stage is not None,
-                                encoded=self.cfg.data.decode_on_device)
+        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, for_device=self.device_stage is not None)
 
     def damage_since_last(self, val_loader) -> dict[str, int]:
         return damage_record(self.cfg.data.on_error, self.accelerator, self.datasets, self.train_loader.stream,
@@ -324,8 +323,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
         sampler=sampler,
-    ), cfg.data, pin_memory=accelerator.device.type == "cuda", uint8=stage is not None,
-        encoded=cfg.data.decode_on_device)
+    ), cfg.data, pin_memory=accelerator.device.type == "cuda", for_device=stage is not None)
     startup.mark("training loader")
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
     startup.mark("tracking")

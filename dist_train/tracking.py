@@ -84,8 +84,9 @@ class RunTracker:
             if tracker is not None:
                 self.accelerator.trackers.append(tracker)
                 self.wandb = True
-        for record in self._waiting if self.wandb else ():
-            self.accelerator.log(self._wandb_values(record), step=record["step"])
+        if self.wandb:
+            for record in self._waiting:
+                self.accelerator.log(self._wandb_values(record), step=record["step"])
         self._waiting.clear()
 
     def _wandb_values(self, record: dict[str, Any]) -> dict[str, Any]:

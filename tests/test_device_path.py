@@ -32,7 +32,7 @@ CFG = DataConfig(num_workers=0, image_size=8, channels=1, mean=[0.3], std=[0.3],
 def _train_batches(digits_dir, uint8: bool) -> list:
     shards = resolve_shards(str(digits_dir), "train", 10)
     spec = TrainStreamSpec(shards, OrderSpec(0, 32, 1, 100), epoch=0, num_classes=10, batch_size=32)
-    return list(make_train_loader(spec, CFG, uint8=uint8))[:6]
+    return list(make_train_loader(spec, CFG, for_device=uint8))[:6]
 
 
 def test_device_stage_is_for_cuda_only():
@@ -48,7 +48,7 @@ def test_uint8_batches_normalized_after_the_copy_equal_normalized_ones_bitwise(d
         assert torch.equal(normalize(u.to("cpu", non_blocking=True)), x) and torch.equal(v, y)
     shards = resolve_shards(str(digits_dir), "val", 10)
     spec = EvalStreamSpec(shards, batch_size=50, num_classes=10)
-    for (x, y), (u, v) in zip(make_eval_loader(spec, CFG), make_eval_loader(spec, CFG, uint8=True), strict=True):
+    for (x, y), (u, v) in zip(make_eval_loader(spec, CFG), make_eval_loader(spec, CFG, for_device=True), strict=True):
         assert torch.equal(normalize(u), x) and torch.equal(v, y)
 
 

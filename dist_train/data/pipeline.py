@@ -107,11 +107,12 @@ class SampleDecoder:
     DataError that names the shard and the sample key. `collate` makes a batch of them."""
 
     def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False,
-                 uint8: bool = False, encoded: bool = False):
+                 for_device: bool = False):
         self.transform = build_transform(data_cfg, train=train)
-        # encoded (data.decode_on_device): JPEG bytes and their transforms' seed, for the device
-        self.encoded = encoded
-        self.collate = Collate(data_cfg, normalize=not uint8 and not encoded, encoded_for=train if encoded else None)
+        # for_device: the device finishes the batches (`device_stage`): the images stay uint8,
+        # or (data.decode_on_device) JPEG bytes and their transforms' seed
+        self.encoded = for_device and data_cfg.decode_on_device
+        self.collate = Collate(data_cfg, normalize=not for_device, encoded_for=train if self.encoded else None)
         self.mode = "L" if data_cfg.channels == 1 else "RGB"
         self.num_classes = num_classes
         self.labels = label_reader(data_cfg, num_classes)
@@ -371,12 +372,12 @@ class Collate:
 
 
 def make_eval_loader(spec: EvalStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
-                     uint8: bool = False, encoded: bool = False) -> DataLoader:
+                     for_device: bool = False) -> DataLoader:
     """Every sample of this rank's share once, in batches (the last may be smaller). `pin_memory`:
-    batches in page-locked memory (for CUDA); `uint8`: images not normalized (the device does);
-    `encoded`: images not decoded either (data.decode_on_device: the device does)."""
+    batches in page-locked memory (for CUDA); `for_device`: batches for a `device_stage` to
+    finish: images not normalized, and with data.decode_on_device not decoded either."""
     decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys,
-                           uint8=uint8, encoded=encoded)
+                           for_device=for_device)
     cache = cache_for(data_cfg) if any(shard.remote for shard in spec.shards.shards) else None
     return _loader(EvalStream(spec, decode, cache), data_cfg, pin_memory)
 
@@ -389,11 +390,11 @@ class TrainLoader:
         for images, labels in loader: ...
     """
 
-    def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False, uint8: bool = False,
-                 encoded: bool = False):
+    def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
+                 for_device: bool = False):
         remote_shards = any(shard.remote for shard in spec.shards.shards)
         cache = cache_for(data_cfg) if remote_shards else None
-        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, uint8=uint8, encoded=encoded)
+        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, for_device=for_device)
         self.stream = TrainStream(spec, decode, cache, lag_steps=steps_in_flight(data_cfg.num_workers,
                                                                                  spec.grad_accum_steps))
         # Workers live across epochs (no start-up cost per epoch).
@@ -429,9 +430,10 @@ class TrainLoader:
 
 
 def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
-                      uint8: bool = False, encoded: bool = False) -> TrainLoader:
-    """This rank's training micro-batches, from `spec.epoch` and `spec.start_step` on."""
-    return TrainLoader(spec, data_cfg, pin_memory, uint8, encoded)
+                      for_device: bool = False) -> TrainLoader:
+    """This rank's training micro-batches, from `spec.epoch` and `spec.start_step` on
+    (`pin_memory`, `for_device`: as for `make_eval_loader`)."""
+    return TrainLoader(spec, data_cfg, pin_memory, for_device)
 
 
 def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, persistent: bool = False) -> DataLoader:

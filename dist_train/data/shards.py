@@ -28,6 +28,7 @@ import numpy as np
 from dist_train import atomic_file
 from dist_train.data.labels import class_counts, summed_counts
 from dist_train.data.sources import LabeledImages, RawSample
+from dist_train.data.tar_index import index_tar_spans
 from dist_train.errors import DataError
 
 MANIFEST_NAME = "dataset.json"
@@ -95,8 +96,6 @@ def label_text(label: int | tuple[int, ...]) -> str:
 def write_split(
     samples: list[RawSample], out_dir: Path, split: str, shard_size: int, num_classes: int = 0
 ) -> SplitSummary:
-    from dist_train.data.tar_index import index_tar_spans
-
     shards, spans = [], []
     for start in range(0, len(samples), shard_size):
         name = f"{split}-{len(shards):06d}.tar"
