@@ -23,16 +23,16 @@ from pathlib import Path
 
 import torch
 
-from dist_train.accelerator import make_accelerator
-from dist_train.bench import train_like_fit
+from benchmarks.bench import train_like_fit
 from dist_train.config import Config
 from dist_train.data import sources
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import TrainStreamSpec, device_stage, make_train_loader
 from dist_train.data.resolve import resolve_shards
-from dist_train.data.shards import make_shards
-from dist_train.models import create_model
-from dist_train.optim import Schedule, build_optimizer
+from dist_train.data.shard_writer import make_shards
+from dist_train.recipe.models import create_model
+from dist_train.recipe.optim import Schedule, build_optimizer
+from dist_train.runtime.accelerator import make_accelerator
 
 
 def parse_args() -> argparse.Namespace:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import webdataset as wds
 from torchvision.transforms import v2
 
-from dist_train.models import SmallCNN
+from dist_train.recipe.models import SmallCNN
 
 LOG_EVERY = 10
 

@@ -17,6 +17,7 @@ one-line error naming the culprit and exit code 2, before any training starts.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -25,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dist_train import __version__
+from dist_train.commands.slurm import add_submit_arguments, add_train_arguments, cmd_node, cmd_run_dir, cmd_submit
 from dist_train.errors import UserInputError
-from dist_train.slurm import add_submit_arguments, add_train_arguments, cmd_node, cmd_run_dir, cmd_submit
 
 EXIT_USER_ERROR = 2
 EXIT_PEER_FAILED = 1
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dist_train.preemption import EXIT_INTERRUPTED, InterruptedTwice, TrainingStopped
+    from dist_train.runtime.preemption import EXIT_INTERRUPTED, InterruptedTwice, TrainingStopped
 
     try:
         return args.handler(args) or 0
@@ -165,39 +166,40 @@ def _command(sub, name: str, handler: Callable, help_text: str) -> argparse.Argu
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from dist_train.preemption import catch_stop_signals, dump_stacks_on_request
+    from dist_train.runtime.preemption import catch_stop_signals, dump_stacks_on_request
 
     catch_stop_signals()  # a preemption notice during start-up must not kill the process
     dump_stacks_on_request()
-    from dist_train import startup, workers
     from dist_train.config import load_config
+    from dist_train.data import workers
+    from dist_train.runtime import startup_clock
 
     if args.profile_startup:
-        startup.enable()
+        startup_clock.enable()
     cfg = load_config(args.config, args.overrides)
-    startup.mark("python and config")
+    startup_clock.mark("python and config")
     workers.start_helpers(fork_server=False)
-    startup.mark("helpers")
-    from dist_train.data import resolve_datasets
+    startup_clock.mark("helpers")
+    from dist_train.data.datasets import resolve_datasets
 
     # Shards and labels checked before any process starts work, and before torch is imported:
     # bad data is reported in about a second.
     datasets = resolve_datasets(cfg.data)
-    startup.mark("datasets")
-    from dist_train.engine import fit
+    startup_clock.mark("datasets")
+    from dist_train.training.engine import fit
 
-    startup.mark("imports")
+    startup_clock.mark("imports")
     # Forked now, with everything imported and before any thread starts, the workers' fork
     # server shares this process's memory (workers.py); else start_run starts one by exec.
     if cfg.data.num_workers > 0 and workers.fork_server_from_here():
-        startup.mark("fork server")
+        startup_clock.mark("fork server")
     fit(cfg, datasets)
     return 0
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
     from dist_train.data import remote, sources
-    from dist_train.data.shards import make_shards
+    from dist_train.data.shard_writer import make_shards
     from dist_train.errors import DataError
 
     if args.source in ("imagefolder", "csv") and not args.root:
@@ -232,7 +234,7 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    from dist_train.evaluation import evaluate_checkpoint
+    from dist_train.commands.evaluate import evaluate_checkpoint
 
     values, confusion, samples = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size)
     if not PartialState().is_main_process:
@@ -248,17 +250,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dist_train import bench_versus
-
+    # The benchmarks prove the product and are not part of it: they live beside the package in
+    # a checkout (benchmarks/), never in a wheel.
+    checkout = PACKAGE_DIR.parent
+    if not (checkout / "benchmarks" / "bench.py").is_file():
+        raise UserInputError(f"dist-train bench needs a checkout of the repository: benchmarks/ is not beside "
+                             f"the installed package ({PACKAGE_DIR}); clone it and run `make install` there")
+    sys.path.insert(0, str(checkout))
+    bench_versus = importlib.import_module("benchmarks.bench_versus")
     # Before this process imports torch: memory figures of other processes depend on it.
     versus = bench_versus.measure(args.quick)
-    from dist_train.bench import main as bench_main
-
-    return bench_main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else [])], versus)
+    bench = importlib.import_module("benchmarks.bench")
+    return bench.main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else [])], versus)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from dist_train.report import load_run, write_report
+    from dist_train.training.report import load_run, write_report
 
     print(write_report(args.run_dir))
     print(f"\nwrote {', '.join(load_run(args.run_dir).plot_names)} and summary.md in {args.run_dir}")
@@ -266,7 +273,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dist_train.export import SAMPLE_BATCHES, export_model
+    from dist_train.commands.export import SAMPLE_BATCHES, export_model
 
     done = export_model(args.checkpoint, args.format, args.out)
     print(f"wrote {done.path} ({args.format}) and {done.sidecar}; largest difference from PyTorch's logits "
@@ -275,7 +282,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dist_train.predict import load_for_inference, write_predictions
+    from dist_train.commands.predict import load_for_inference, write_predictions
 
     loaded = load_for_inference(args.checkpoint)
     rows = write_predictions(loaded, args.input, args.out, top_k=args.top_k, batch_size=args.batch_size)

@@ -50,7 +50,7 @@ class DataConfig:
     # randaugment, trivialaugment, autoaugment: standard, then that torchvision policy
     augment: Literal["none", "light", "standard", "randaugment", "trivialaugment", "autoaugment"] = "standard"
     random_erasing: float = 0.0  # probability of erasing a random rectangle of a training image
-    # Mixup / CutMix of training micro-batches (dist_train/mixing.py): Beta(alpha, alpha) mixing
+    # Mixup / CutMix of training micro-batches (dist_train/recipe/mixing.py): Beta(alpha, alpha) mixing
     # ratios, 0 turns one off; the probability a micro-batch is mixed; with both on, the
     # probability of CutMix rather than Mixup.
     mixup_alpha: float = 0.0
@@ -86,7 +86,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "resnet18"  # any torchvision classification model, or "small_cnn"
-    # Start from these weights instead of random ones (dist_train/pretrained.py): a .safetensors
+    # Start from these weights instead of random ones (dist_train/recipe/pretrained.py): a .safetensors
     # or torch state-dict file (.pth/.pt/.bin), or a dist-train checkpoint such as RUN/best.
     # Never downloaded. A head for another class count starts anew.
     weights: str | None = None

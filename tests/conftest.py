@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from dist_train.data import sources
-from dist_train.data.shards import make_shards
+from dist_train.data.shard_writer import make_shards
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = REPO / "configs" / "digits_cpu.yaml"

@@ -41,7 +41,7 @@ def searches_in_5_steps(accelerator):
 
 as_shipped = searches_in_5_steps(Accelerator(cpu=True))
 from dist_train.config import TrainConfig
-from dist_train.accelerator import make_accelerator
+from dist_train.runtime.accelerator import make_accelerator
 print(json.dumps([as_shipped, searches_in_5_steps(make_accelerator(TrainConfig(cpu=True)))]))
 """
 

@@ -51,7 +51,7 @@ def test_missing_checkpoint(tmp_path):
 
 def model_checkpoint(path, **meta_changes):
     from dist_train.config import Config, to_dict
-    from dist_train.models import create_model
+    from dist_train.recipe.models import create_model
 
     cfg = Config()
     cfg.model.name, cfg.data.channels, cfg.data.mean, cfg.data.std = "small_cnn", 1, [0.5], [0.5]
@@ -68,7 +68,7 @@ def model_checkpoint(path, **meta_changes):
     ],
 )
 def test_checkpoint_metadata_is_checked_before_use(tmp_path, change, message):
-    from dist_train.predict import load_for_inference
+    from dist_train.commands.predict import load_for_inference
 
     assert load_for_inference(model_checkpoint(tmp_path / "good")).class_names[3] == "3"
     with pytest.raises(CheckpointError, match=message):

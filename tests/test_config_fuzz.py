@@ -25,11 +25,11 @@ from dist_train.config import Config, config_from_dict, load_config, to_dict
 from dist_train.data.order import OrderSpec
 from dist_train.data.transforms import build_batch_normalize
 from dist_train.errors import ConfigError, TrainingDiverged
-from dist_train.losses import build_loss
-from dist_train.models import create_model
-from dist_train.optim import Schedule, build_optimizer
-from dist_train.preemption import release_stop_signals
-from dist_train.progress import _finite
+from dist_train.recipe.losses import build_loss
+from dist_train.recipe.models import create_model
+from dist_train.recipe.optim import Schedule, build_optimizer
+from dist_train.runtime.preemption import release_stop_signals
+from dist_train.training.progress import _finite
 
 from .conftest import DIGITS_CONFIG
 

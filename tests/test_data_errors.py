@@ -19,7 +19,7 @@ import webdataset as wds
 from sklearn.datasets import load_digits
 
 from dist_train.config import load_config
-from dist_train.data import resolve_datasets
+from dist_train.data.datasets import resolve_datasets
 from dist_train.data.labels import LabelReader
 from dist_train.data.resolve import scan_shard
 from dist_train.data.tar_index import index_tar

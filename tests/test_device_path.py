@@ -10,7 +10,6 @@ import copy
 import pytest
 import torch
 
-from dist_train.accelerator import make_accelerator
 from dist_train.config import DataConfig, TrainConfig
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import (
@@ -22,9 +21,10 @@ from dist_train.data.pipeline import (
 )
 from dist_train.data.resolve import resolve_shards
 from dist_train.data.transforms import build_batch_normalize
-from dist_train.engine import train_step
-from dist_train.models import SmallCNN
-from dist_train.progress import TrainProgress
+from dist_train.recipe.models import SmallCNN
+from dist_train.runtime.accelerator import make_accelerator
+from dist_train.training.engine import train_step
+from dist_train.training.progress import TrainProgress
 
 CFG = DataConfig(num_workers=0, image_size=8, channels=1, mean=[0.3], std=[0.3], augment="light")
 

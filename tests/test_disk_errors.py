@@ -15,7 +15,7 @@ import torch
 
 from dist_train.checkpoint import load_model_checkpoint, save_model_checkpoint
 from dist_train.errors import CheckpointError
-from dist_train.models import create_model
+from dist_train.recipe.models import create_model
 
 
 @pytest.fixture

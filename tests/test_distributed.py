@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
-from dist_train.tracking import read_metrics
+from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, run_cli, run_reaped
 from .distributed.accumulation_check import make_data, make_model
@@ -165,7 +165,7 @@ def test_accumulation_all_reduces_once_per_step_and_matches_one_big_batch(tmp_pa
     model = make_model(seed=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     from dist_train.config import SchedConfig
-    from dist_train.optim import Schedule
+    from dist_train.recipe.optim import Schedule
 
     schedule = Schedule(optimizer, SchedConfig(name="cosine"), steps_per_epoch=steps, epochs=1)
     for s in range(steps):

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from dist_train.errors import TrainingDiverged
-from dist_train.progress import TrainProgress
+from dist_train.training.progress import TrainProgress
 
 
 @pytest.fixture

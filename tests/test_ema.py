@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dist_train.ema import WeightsEma
-from dist_train.models import create_model
+from dist_train.recipe.ema import WeightsEma
+from dist_train.recipe.models import create_model
 
 
 def train_steps(model, steps: int, after_step) -> None:

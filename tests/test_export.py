@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from dist_train.checkpoint import save_model_checkpoint
+from dist_train.commands.export import export_model
+from dist_train.commands.predict import load_for_inference
 from dist_train.config import load_config, to_dict
 from dist_train.errors import CheckpointError
-from dist_train.export import export_model
-from dist_train.models import create_model
-from dist_train.predict import load_for_inference
+from dist_train.recipe.models import create_model
 
 from .conftest import DIGITS_CONFIG, run_cli
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from dist_train import host_memory
+from dist_train.runtime import host_memory
 
 from .conftest import REPO
 
@@ -24,7 +24,7 @@ PR_SET_THP_DISABLE = 41
 libc.prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
-from dist_train.host_memory import keep_freed_memory
+from dist_train.runtime.host_memory import keep_freed_memory
 if sys.argv[1] == "kept":
     assert keep_freed_memory()
 sizes = [64 * 1024] * 512 + [4 * 2**20] * 4  # 48 MiB: 512 blocks of 64 KiB and 4 of 4 MiB

@@ -31,7 +31,7 @@ import webdataset as wds
 from PIL import Image
 
 from dist_train.data.tar_index import TAR_BLOCK, index_tar
-from dist_train.tracking import read_metrics
+from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, run_cli
 from .test_image_decoding import declaring, png, saved_as

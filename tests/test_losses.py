@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_train.config import LossConfig
-from dist_train.losses import FocalLoss, build_loss
+from dist_train.recipe.losses import FocalLoss, build_loss
 
 
 def focal_by_formula(logits, target, gamma, alpha=None):

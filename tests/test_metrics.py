@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from dist_train.metrics import MultilabelValidationMetrics, ValidationMetrics
+from dist_train.recipe.metrics import MultilabelValidationMetrics, ValidationMetrics
 
 
 def sklearn_reference(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dist_train.errors import DataError
-from dist_train.tracking import read_metrics, truncate_metrics
+from dist_train.training.tracking import read_metrics, truncate_metrics
 
 RECORDS = [{"epoch": 0, "step": 5, "train/loss": 1.5}, {"epoch": 0, "step": 10, "val/acc": float("nan")}]
 

@@ -10,8 +10,8 @@ from torchvision.transforms import v2
 from dist_train.config import DataConfig, LossConfig, load_config
 from dist_train.data.order import derive_seed
 from dist_train.errors import ConfigError
-from dist_train.losses import build_loss
-from dist_train.mixing import make_mixer
+from dist_train.recipe.losses import build_loss
+from dist_train.recipe.mixing import make_mixer
 
 from .conftest import DIGITS_CONFIG
 

@@ -16,13 +16,13 @@ from sklearn.datasets import load_digits
 
 from dist_train.cli import main
 from dist_train.config import load_config
-from dist_train.data import resolve_datasets
+from dist_train.data.datasets import resolve_datasets
 from dist_train.data.labels import LabelReader
-from dist_train.data.shards import make_shards
+from dist_train.data.shard_writer import make_shards
 from dist_train.data.sources import DIGIT_TAGS, csv_list, digit_tags, encode_png
 from dist_train.errors import ConfigError, DataError
-from dist_train.losses import AsymmetricLoss, MultilabelBCE, build_loss
-from dist_train.preemption import release_stop_signals
+from dist_train.recipe.losses import AsymmetricLoss, MultilabelBCE, build_loss
+from dist_train.runtime.preemption import release_stop_signals
 
 from .conftest import REPO, run_cli
 

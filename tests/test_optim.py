@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dist_train.config import OptimConfig, SchedConfig
-from dist_train.optim import Schedule, build_optimizer
+from dist_train.recipe.optim import Schedule, build_optimizer
 
 STEPS_PER_EPOCH = 10
 EPOCHS = 6
@@ -99,7 +99,7 @@ def test_layer_decay_and_the_head_multiplier_set_each_parameters_lr_by_the_formu
     lr * decay^(10 - i), the head (fc) at lr * head_lr_mult."""
     import torchvision
 
-    from dist_train.optim import layer_ids
+    from dist_train.recipe.optim import layer_ids
 
     model = torchvision.models.resnet18(num_classes=10)
     optimizer = build_optimizer(model, OptimConfig(lr=0.1, layer_decay=0.75, head_lr_mult=10.0))
@@ -119,8 +119,8 @@ def test_layer_decay_and_the_head_multiplier_set_each_parameters_lr_by_the_formu
 
 
 def test_a_timm_models_layers_are_its_own_blocks():
-    from dist_train.models import create_model
-    from dist_train.optim import layer_ids
+    from dist_train.recipe.models import create_model
+    from dist_train.recipe.optim import layer_ids
 
     layers, count = layer_ids(create_model("timm/convnext_atto", 10))
     assert count == 14 and layers["stem.0.weight"] == 0 and layers["head.fc.weight"] == 13

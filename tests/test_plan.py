@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from dist_train.data.plan import val_slices
+from dist_train.data.eval_split import val_slices
 from dist_train.data.resolve import Shard
 
 

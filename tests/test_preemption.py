@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from dist_train.preemption import EXIT_INTERRUPTED, InterruptedTwice, catch_stop_signals, release_stop_signals
+from dist_train.runtime.preemption import EXIT_INTERRUPTED, InterruptedTwice, catch_stop_signals, release_stop_signals
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def caught():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_the_first_stop_signal_is_only_remembered(caught, sig):
-    from dist_train.preemption import _received
+    from dist_train.runtime.preemption import _received
 
     os.kill(os.getpid(), sig)
     assert _received == [sig]
@@ -35,6 +35,6 @@ def test_a_second_ctrl_c_unwinds_at_once_with_its_own_exit_code(caught):
 def test_sigterm_after_ctrl_c_is_no_second_ctrl_c(caught):
     os.kill(os.getpid(), signal.SIGINT)
     os.kill(os.getpid(), signal.SIGTERM)  # e.g. torchrun forwarding a stop: still a graceful one
-    from dist_train.preemption import _received
+    from dist_train.runtime.preemption import _received
 
     assert _received == [signal.SIGINT, signal.SIGTERM]

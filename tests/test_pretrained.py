@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 
 from dist_train.checkpoint import save_model_checkpoint
 from dist_train.errors import CheckpointError
-from dist_train.models import create_model
-from dist_train.pretrained import adapt_input_conv, load_pretrained
+from dist_train.recipe.models import create_model
+from dist_train.recipe.pretrained import adapt_input_conv, load_pretrained
 
 
 @pytest.fixture(scope="module")

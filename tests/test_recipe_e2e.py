@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from dist_train.config import TrainConfig
-from dist_train.engine import due_after_step
-from dist_train.tracking import read_metrics
+from dist_train.training.engine import due_after_step
+from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, run_cli
 
@@ -82,8 +82,8 @@ def test_a_compiled_model_trains_and_resumes_exactly(digits_dir, tmp_path):
 
 
 def test_compile_where_the_platform_cannot_is_one_line_before_any_step(monkeypatch):
-    from dist_train import accelerator
     from dist_train.errors import ConfigError
+    from dist_train.runtime import accelerator
 
     monkeypatch.setattr(accelerator.shutil, "which", lambda name: None)  # no C++ compiler on PATH
     with pytest.raises(ConfigError, match=r"^train.compile=true: inductor needs a C\+\+ compiler for CPU kernels"):

@@ -1,6 +1,6 @@
 """Shards from an HTTP server (nginx) and an S3 API server (moto), through the bounded cache.
 
-Both servers are real processes on 127.0.0.1 (dist_train/local_servers.py), installed by
+Both servers are real processes on 127.0.0.1 (benchmarks/local_servers.py), installed by
 .ci/run. The end-to-end runs are 2-process CPU DDP and must end bitwise where the same run on
 local files ends: from S3 after a SIGKILL and resume; from nginx with a cache a quarter of the
 dataset and the server stopped for 10 s mid-epoch.
@@ -23,15 +23,15 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.local_servers import Nginx, S3Server
 from dist_train.config import DataConfig
 from dist_train.data import remote, sources
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, check_room
 from dist_train.data.resolve import Shard, resolve_shards
 from dist_train.data.shard_cache import RemoteObject, ShardCache, cache_for
-from dist_train.data.shards import make_shards
+from dist_train.data.shard_writer import make_shards
 from dist_train.errors import ConfigError, DataError
-from dist_train.local_servers import Nginx, S3Server
 
 from .conftest import DIGITS_CONFIG, run_cli, run_reaped
 from .test_distributed import accelerate_launch_command

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report, confusion_matrix
 
-from dist_train.report import format_table, per_class_scores
+from dist_train.training.report import format_table, per_class_scores
 
 
 def parse_table(text: str) -> dict[str, list[float]]:

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from dist_train.checkpoint import find_resumable, load_model_checkpoint, load_resumable
 from dist_train.errors import CheckpointError
-from dist_train.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from dist_train.tracking import read_metrics
+from dist_train.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, kill_tree, run_cli
 from .test_distributed import CPU_DDP, accelerate_launch, free_port
@@ -282,7 +282,7 @@ class _RunsCode:
 def test_a_resume_on_fewer_processes_is_reported_as_it_ran(digits_dir, tmp_path):
     """Started on 2 processes, resumed on 1: the run's record says what ran (accumulation 2,
     global batch 64, the LR scaled to it), and the report's LR curve is the logged LRs."""
-    from dist_train.report import load_run, lr_curve
+    from dist_train.training.report import load_run, lr_curve
 
     out = tmp_path / "run"
     # A step schedule depends on the step alone, so the second launch may add an epoch.

@@ -6,7 +6,7 @@ import pytest
 
 from dist_train.config import load_config, to_dict
 from dist_train.errors import ConfigError
-from dist_train.resume_config import APPLIED_ON_RESUME, check_resume_config
+from dist_train.training.resume_config import APPLIED_ON_RESUME, check_resume_config
 
 from .conftest import DIGITS_CONFIG
 

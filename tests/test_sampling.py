@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from dist_train.config import DataConfig, LossConfig, load_config
-from dist_train.data import resolve_datasets, train_class_counts
+from dist_train.data.datasets import resolve_datasets, train_class_counts
 from dist_train.data.labels import LabelReader
 from dist_train.data.order import EpochOrder, OrderSpec
 from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
 from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sampling import class_weights, epoch_sampler, read_labels
 from dist_train.errors import ConfigError, DataError
-from dist_train.losses import WeightedCrossEntropy, auto_class_weights, build_loss
+from dist_train.recipe.losses import WeightedCrossEntropy, auto_class_weights, build_loss
 
 from .conftest import DIGITS_CONFIG, RARE_DIGITS, REPO
 
@@ -187,7 +187,7 @@ def _rare_recall(run: Path) -> float:
 THREE_SEEDS = """
 import sys
 from dist_train.config import load_config
-from dist_train.engine import fit
+from dist_train.training.engine import fit
 
 config, data, mode, out = sys.argv[1:]
 for seed in (0, 1, 2):

@@ -12,7 +12,7 @@ from PIL import Image
 from dist_train.data import sources
 from dist_train.data.labels import LabelReader
 from dist_train.data.resolve import index_labels, resolve_shards
-from dist_train.data.shards import make_shards, split_stratified
+from dist_train.data.shard_writer import make_shards, split_stratified
 from dist_train.errors import DataError
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dist_train import slurm
+from dist_train.commands import slurm
 from tests.conftest import DIGITS_CONFIG, REPO, run_cli
 
 ALLOCATION_4X8 = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "4", "SLURM_JOB_NODELIST": "gpu[07-10]",
@@ -93,7 +93,7 @@ def test_the_job_steps_are_hidden_subcommands_of_the_one_parser(tmp_path):
     assert not re.search(r"^\s+slurm\s", shown.stdout, re.MULTILINE)  # nor among the commands listed
     run_dir = tmp_path / "run"
     for cmd in ([sys.executable, "-m", "dist_train", "slurm", "run-dir"],
-                [sys.executable, "-m", "dist_train.slurm", "run-dir"]):  # the command of earlier releases
+                [sys.executable, "-m", "dist_train.commands.slurm", "run-dir"]):  # the command of earlier releases
         done = subprocess.run([*cmd, "--config", str(DIGITS_CONFIG), f"train.output_dir={run_dir}"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == str(run_dir), done.stderr
@@ -190,7 +190,7 @@ def _wait_for_end(env: dict, job_id: int, run_dir: Path, timeout: float = 480) -
 
 def _dump_stacks(run_dir: Path) -> None:
     """Have the job's training processes and their DataLoader workers print every thread's
-    stack to their logs (SIGUSR2, see dist_train/preemption.py): where a job that hangs waits."""
+    stack to their logs (SIGUSR2, see dist_train/runtime/preemption.py): where a job that hangs waits."""
     ranks = [p for p in psutil.process_iter(["cmdline"]) if _is_rank_of(p.info["cmdline"] or [], run_dir)]
     servers = [c for rank in ranks for c in rank.children() if "forkserver" in " ".join(c.cmdline())]
     workers = {w.pid for server in servers for w in server.children()}

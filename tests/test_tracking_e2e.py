@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import classification_report
 
-from dist_train.report import PLOT_NAMES
-from dist_train.tracking import read_metrics
+from dist_train.training.report import PLOT_NAMES
+from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, run_cli
 from .test_report import parse_table

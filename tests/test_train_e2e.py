@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from dist_train.tracking import read_metrics
+from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, run_cli
 from .test_shards import write_plain_shards

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from dist_train.accelerator import make_accelerator
 from dist_train.checkpoint import load_model_checkpoint, load_resumable, save_resumable
 from dist_train.config import SchedConfig, TrainConfig
 from dist_train.data.order import OrderSpec
 from dist_train.errors import CheckpointError
-from dist_train.optim import Schedule
-from dist_train.train_state import BestSoFar, TrainState
+from dist_train.recipe.optim import Schedule
+from dist_train.runtime.accelerator import make_accelerator
+from dist_train.training.state import BestSoFar, TrainState
 
 ORDER = OrderSpec(seed=3, global_batch=8, partitions=1, window=16)
 

@@ -1,4 +1,4 @@
-"""DataLoader workers start from a fork server (dist_train/workers.py): they inherit no
+"""DataLoader workers start from a fork server (dist_train/data/workers.py): they inherit no
 lock held by a thread of the training process, they end with it however it ends, and under
 Slurm's signals neither they nor multiprocessing's helper processes die before it."""
 
@@ -17,7 +17,7 @@ import psutil
 import pytest
 from torch.utils.data import DataLoader, IterableDataset
 
-from dist_train import workers
+from dist_train.data import workers
 
 from .conftest import REPO
 from .test_process_reaping import assert_ends
@@ -73,8 +73,8 @@ def test_a_worker_is_forked_by_the_server_and_knows_the_training_process():
 TRAINING_PROCESS = """
 import json, os, sys, time
 from torch.utils.data import DataLoader
-from dist_train import workers
-from dist_train.preemption import catch_stop_signals
+from dist_train.data import workers
+from dist_train.runtime.preemption import catch_stop_signals
 from tests.test_workers import WhoAmI
 
 catch_stop_signals()

@@ -10,7 +10,8 @@ A resumable checkpoint is a directory `RUN/checkpoints/step-<global step>/`:
                                   best, optimizer, scheduler, scaler), the world size, and the
                                   SHA-256 of every file above
 
-The members are those of `TrainState` (train_state.py). Nothing is pickled, so loading cannot
+The members are those of the training state (`TrainState`, training/state.py), which this
+module knows only as a `ResumableState`. Nothing is pickled, so loading cannot
 run code. Written through checkpoint/atomic.py by all ranks (each its own files) and the
 main process (the rest); loading checks every hash first; `find_resumable` walks back from
 the newest checkpoint to the first that passes, warning about each it skips.
@@ -24,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -37,13 +38,22 @@ from dist_train.errors import CheckpointError
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from dist_train.train_state import TrainState
-
 CHECKPOINTS_DIR = "checkpoints"
 STATE_NAME = "state.json"
 STATE_VERSION = 1  # unchanged since the first release: older checkpoints still resume
 _RESERVED = ("version", "world_size", "files")
 _NAME = re.compile(r"^step-(\d{8,})$")
+
+
+class ResumableState(Protocol):
+    """What a resumable checkpoint stores: members by name, tensors and JSON (training/state.py's
+    `TrainState` is one). Declared here so that checkpoints never import the training floor."""
+
+    step: int
+
+    def state_dict(self) -> dict[str, dict[str, Any] | None]: ...
+
+    def rank_state_dict(self) -> dict[str, dict[str, Any]]: ...
 
 
 @dataclass
@@ -60,7 +70,7 @@ def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
     return run_dir / CHECKPOINTS_DIR / f"step-{global_step:08d}"
 
 
-def save_resumable(accelerator: Accelerator, run_dir: Path, state: TrainState, meta: dict[str, Any],
+def save_resumable(accelerator: Accelerator, run_dir: Path, state: ResumableState, meta: dict[str, Any],
                    keep: int) -> Path:
     """Collective: every rank calls it at the same step boundary. `meta`: the model
     checkpoint's meta.json; the newest `keep` checkpoints are kept."""

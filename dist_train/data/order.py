@@ -25,7 +25,6 @@ twice) in place of all its samples, and steps 2-4 are the same.
 from __future__ import annotations
 
 import bisect
-import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -34,18 +33,12 @@ import numpy as np
 
 from dist_train.data.resolve import Shard
 from dist_train.errors import ConfigError
+from dist_train.runtime.seeds import derive_seed  # the order's seeds, and mixing's and augmentation's
 
 if TYPE_CHECKING:
     from dist_train.data.sampling import EpochSampler
 
 DRAW_STREAM = 11  # keeps a sampled epoch's draw apart from the other seeds derived from (seed, epoch)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (seed, epoch, position...), well mixed and cheap
-    (about a microsecond: it is computed for every training sample)."""
-    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 @dataclass(frozen=True)

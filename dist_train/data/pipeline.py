@@ -4,7 +4,7 @@ Training (`TrainStream`) reads samples in the order of data/order.py, each direc
 shard by its byte span in the node's index (data/random_access.py, data/sample_index.py): a
 function of (seed, epoch, position), resumable at any step.
 Evaluation and prediction (`EvalStream`) stream each rank's share of the shards once, in
-order, through webdataset's tar reader (data/plan.py says which share). Batches are formed
+order, through webdataset's tar reader (data/eval_split.py says which share). Batches are formed
 inside the DataLoader workers, so loaders use `batch_size=None`; a batch is turned into
 normalized float32 there too, once per batch (data/transforms.py), except for a CUDA device:
 there batches stay uint8 (a quarter of the bytes over PCIe) and the GPU normalizes them
@@ -30,12 +30,11 @@ import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_train import workers
 from dist_train.config import DataConfig
-from dist_train.data import plan
+from dist_train.data import eval_split, workers
 from dist_train.data.device_decode import DeviceStage, EncodedImages, encoded_jpeg
 from dist_train.data.labels import MAX_LABEL_BYTES, label_reader
-from dist_train.data.order import EpochOrder, OrderSpec, derive_seed, micro_batch_positions
+from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
 from dist_train.data.resolve import Shard, ShardSet
@@ -45,6 +44,7 @@ from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
+from dist_train.runtime.seeds import derive_seed
 
 PREFETCH_SPANS = 4  # the prefetcher fetches this many times the steps in flight ahead
 MAX_REPLACEMENTS = 16  # damaged training samples in a row replaced before giving up
@@ -222,7 +222,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator:
         worker, num_workers = _this_worker()
         s = self.spec
-        slices = plan.val_slices(s.shards.shards, rank=s.rank, world_size=s.world_size,
+        slices = eval_split.val_slices(s.shards.shards, rank=s.rank, world_size=s.world_size,
                                  worker=worker, num_workers=num_workers)
         damaged = {shard.url: shard for shard in s.shards.shards if shard.damaged}
         return iter(wds.DataPipeline(
@@ -309,7 +309,7 @@ def _this_worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info else (0, 1)
 
 
-def read_slices(slices: Iterable[plan.Slice], damaged: dict[str, Shard] | None = None,
+def read_slices(slices: Iterable[eval_split.Slice], damaged: dict[str, Shard] | None = None,
                 cache: ShardCache | None = None, keep_cached: tuple[str, ...] = ()) -> Iterator[dict]:
     """Samples of each slice, in shard order, read with webdataset's tar reader; a shard with
     samples left out (data.on_error=skip) is read through its filtered index instead, and a

@@ -28,7 +28,7 @@ import braceexpand
 from dist_train.data import remote
 from dist_train.data.labels import MAX_LABEL_BYTES, LabelReader, class_counts, summed_counts
 from dist_train.data.shard_cache import RemoteObject, ShardCache
-from dist_train.data.shards import MANIFEST_NAME
+from dist_train.data.shard_writer import MANIFEST_NAME
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.tar_index import Spans, TarIndex, index_tar, index_tar_spans, index_tar_until_damage
 from dist_train.errors import ConfigError, DataError

@@ -1,7 +1,7 @@
 """Run under `accelerate launch` (2 CPU processes): train a model without batch-norm with
 K-step accumulation through dist-train's own `train_step`, count the gradient
 all-reduces DDP makes at each micro-step, and save the final parameters (rank 0) and each
-rank's moving average of them (dist_train/ema.py, updated as the loop does).
+rank's moving average of them (dist_train/recipe/ema.py, updated as the loop does).
 
 The data layout is the one data/plan.py gives: at optimizer step s, rank r's micro-batch k
 holds samples [s*G + (r*K + k)*b, ... + b) of the epoch, where G = W*K*b.
@@ -19,12 +19,12 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from dist_train.accelerator import make_accelerator
 from dist_train.config import SchedConfig, TrainConfig
-from dist_train.ema import WeightsEma
-from dist_train.engine import train_step
-from dist_train.optim import Schedule
-from dist_train.progress import TrainProgress
+from dist_train.recipe.ema import WeightsEma
+from dist_train.recipe.optim import Schedule
+from dist_train.runtime.accelerator import make_accelerator
+from dist_train.training.engine import train_step
+from dist_train.training.progress import TrainProgress
 
 
 def make_model(seed: int) -> torch.nn.Module:

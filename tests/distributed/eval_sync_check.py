@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from dist_train.accelerator import make_accelerator
 from dist_train.config import DataConfig, TrainConfig
 from dist_train.data.labels import label_reader
 from dist_train.data.pipeline import EvalStreamSpec, make_eval_loader
 from dist_train.data.resolve import resolve_shards
-from dist_train.engine import evaluate
-from dist_train.metrics import MultilabelValidationMetrics, ValidationMetrics
-from dist_train.models import SmallCNN
+from dist_train.recipe.metrics import MultilabelValidationMetrics, ValidationMetrics
+from dist_train.recipe.models import SmallCNN
+from dist_train.runtime.accelerator import make_accelerator
+from dist_train.training.engine import evaluate
 
 
 def main() -> None:

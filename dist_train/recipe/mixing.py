@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from dist_train.config import DataConfig
-from dist_train.data.order import derive_seed
+from dist_train.runtime.seeds import derive_seed
 
 
 class BatchMixer:

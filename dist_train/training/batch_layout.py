@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from dist_train.config import MAX_LR, Config
 from dist_train.data.order import OrderSpec, steps_per_epoch
 from dist_train.errors import ConfigError, DataError
-from dist_train.optim import scaled_lr
+from dist_train.recipe.optim import scaled_lr
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class _Lookups(IterableDataset):
 
 
 def index_figures(tmp: Path, samples: int, num_workers: int = 2) -> dict[str, float]:
-    from dist_train import workers
+    from dist_train.data import workers
     from dist_train.data.resolve import resolve_shards
     from dist_train.data.sample_index import node_index
 

@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dist_train.accelerator import share_main_buffers
 from dist_train.config import EMA_PREFIX, Config, TrainConfig
-from dist_train.data import Datasets
-from dist_train.progress import epoch_line
-from dist_train.run_setup import FitResult, Run, start_run
-from dist_train.tracking import is_better
+from dist_train.data.datasets import Datasets
+from dist_train.runtime.accelerator import share_main_buffers
+from dist_train.training.progress import epoch_line
+from dist_train.training.run import FitResult, Run, start_run
+from dist_train.training.tracking import is_better
 
 if TYPE_CHECKING:
-    from dist_train.metrics import ValidationMetrics
+    from dist_train.recipe.metrics import ValidationMetrics
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
@@ -75,6 +75,21 @@ def evaluate(model, loader, metrics: ValidationMetrics, accelerator, on_device=N
     return metrics.compute()
 
 
+def optimizer_step(run: Run, micro_batches) -> None:
+    """One optimizer step of the run (`train_step`) and what follows every one: the step
+    counter, the LR schedule, the weights' moving average and the progress. `fit` and
+    `dist-train bench` both call it, so the bench times the product's own step."""
+    state = run.state
+    train_step(state.model, micro_batches, run.criterion, state.optimizer, run.accelerator, run.progress,
+               run.cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None,
+               run.frozen_at(state.step), run.device_stage)
+    state.step += 1
+    state.schedule.after_optimizer_step()
+    if state.ema:  # every rank alike, from identical weights: no collective
+        state.ema.update(state.bare_model)
+    run.progress.step_done(state.schedule.lr)
+
+
 @dataclass(frozen=True)
 class Due:
     log: bool
@@ -104,16 +119,9 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
     end early once the monitor has stopped improving.
     """
     run = start_run(cfg, datasets)
-    state, accelerator = run.state, run.accelerator
+    state = run.state
     for micro_batches in run.step_batches():
-        train_step(state.model, micro_batches, run.criterion, state.optimizer, accelerator, run.progress,
-                   cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None,
-                   run.frozen_at(state.step), run.device_stage)
-        state.step += 1
-        state.schedule.after_optimizer_step()
-        if state.ema:  # every rank alike, from identical weights: no collective
-            state.ema.update(state.bare_model)
-        run.progress.step_done(state.schedule.lr)
+        optimizer_step(run, micro_batches)
 
         due = due_after_step(state.step, cfg.train, run.layout.steps_per_epoch, run.stop.requested())
         if due.log:

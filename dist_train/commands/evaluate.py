@@ -5,20 +5,20 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from dist_train.accelerator import make_accelerator
-from dist_train.data import cache_if_remote, check_task
+from dist_train.data.datasets import cache_if_remote, check_task
 from dist_train.data.labels import label_reader
 from dist_train.data.pipeline import EvalStreamSpec, device_stage, make_eval_loader
 from dist_train.data.resolve import resolve_shards
-from dist_train.engine import evaluate
-from dist_train.metrics import validation_metrics
+from dist_train.recipe.metrics import validation_metrics
+from dist_train.runtime.accelerator import make_accelerator
+from dist_train.training.engine import evaluate
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", batch_size: int | None = None):
     """Metrics of a saved model on shards: (values, confusion matrix or, for a multi-label model,
     per-label scores, samples). Works in one process
     or under `accelerate launch`, where each rank evaluates its share and metrics are synced."""
-    from dist_train.predict import load_for_inference
+    from dist_train.commands.predict import load_for_inference
 
     loaded = load_for_inference(checkpoint)
     cfg, num_classes = loaded.cfg, len(loaded.class_names)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from dist_train.data import Datasets
+from dist_train.data.datasets import Datasets
 
 
 def damage_record(on_error: str, accelerator: Accelerator, datasets: Datasets, train_stream,

@@ -35,9 +35,11 @@ from pathlib import Path
 
 from dist_train.errors import ConfigError, UserInputError
 
-REPO = Path(__file__).resolve().parent.parent  # launch/ and slurm/ sit beside the package
-LAUNCH_DIR = REPO / "launch"
-SBATCH_SCRIPT = REPO / "slurm" / "train.sbatch"
+# Package data (pyproject.toml): in a checkout, links to the top-level launch/ and slurm/ (resolved,
+# so commands name the files users read); in an installed wheel, copies of them.
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+LAUNCH_DIR = (ASSETS / "launch").resolve()
+SBATCH_SCRIPT = (ASSETS / "slurm").resolve() / "train.sbatch"
 SIGNALS_TO_FORWARD = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 120  # grace for the final save; also how long a survivor of a crash may linger
 
@@ -227,8 +229,3 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch command only")
     add_train_arguments(parser)
 
-
-if __name__ == "__main__":  # the command of earlier releases: `python -m dist_train.slurm node ...`
-    from dist_train.cli import main
-
-    sys.exit(main(["slurm", *sys.argv[1:]]))

@@ -1,5 +1,5 @@
 """Everything the loop needs, set up (and resumed) before its first step; what a run does
-after its last. The loop itself is dist_train/engine.py.
+after its last. The loop itself is dist_train/training/engine.py.
 
     run = start_run(cfg, datasets)   # accelerator, data, model, optimizer, state, records
     for micro_batches in run.step_batches(): ...
@@ -23,31 +23,33 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from dist_train import __version__, startup, workers
-from dist_train.accelerator import make_accelerator
+from dist_train import __version__
 from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config
 from dist_train.config import ALL_EMA_METRIC_NAMES, ALL_METRIC_NAMES, EMA_PREFIX, Config, to_dict
-from dist_train.damage import damage_record, report_damage
-from dist_train.data import Datasets, cache_if_remote, resolve_datasets, train_class_counts
+from dist_train.data import workers
+from dist_train.data.damage import damage_record, report_damage
+from dist_train.data.datasets import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_stage, make_eval_loader
 from dist_train.data.sampling import epoch_sampler
-from dist_train.ema import WeightsEma
-from dist_train.layout import RunLayout, plan_layout
-from dist_train.losses import build_loss
-from dist_train.mixing import BatchMixer, make_mixer
-from dist_train.models import create_model
-from dist_train.optim import Schedule, build_optimizer, head_prefix
-from dist_train.preemption import StopRequest, TrainingStopped
-from dist_train.pretrained import load_pretrained
-from dist_train.progress import TrainProgress
-from dist_train.resume_config import check_resume_config
-from dist_train.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
-from dist_train.tracking import RunTracker, read_metrics, truncate_metrics
-from dist_train.train_state import TrainState
+from dist_train.recipe.ema import WeightsEma
+from dist_train.recipe.losses import build_loss
+from dist_train.recipe.mixing import BatchMixer, make_mixer
+from dist_train.recipe.models import create_model
+from dist_train.recipe.optim import Schedule, build_optimizer, head_prefix
+from dist_train.recipe.pretrained import load_pretrained
+from dist_train.runtime import startup_clock
+from dist_train.runtime.accelerator import make_accelerator
+from dist_train.runtime.preemption import StopRequest, TrainingStopped
+from dist_train.training.batch_layout import RunLayout, plan_layout
+from dist_train.training.progress import TrainProgress
+from dist_train.training.resume_config import check_resume_config
+from dist_train.training.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
+from dist_train.training.state import TrainState
+from dist_train.training.tracking import RunTracker, read_metrics, truncate_metrics
 
 if TYPE_CHECKING:
-    from dist_train.metrics import ValidationMetrics
+    from dist_train.recipe.metrics import ValidationMetrics
 
 TOP_DIR = "top"  # RUN/top/step-N: the train.keep_best best model checkpoints
 
@@ -86,7 +88,7 @@ class Run:
         """The validation metrics, built at their first use: torchmetrics takes over a second
         to import, which the first optimizer step need not wait for."""
         if self._metrics is None:
-            from dist_train.metrics import validation_metrics
+            from dist_train.recipe.metrics import validation_metrics
 
             self._metrics = validation_metrics(self.cfg, self.datasets.num_classes, self.accelerator.device)
         return self._metrics
@@ -106,8 +108,8 @@ class Run:
             for step in range(first, steps):
                 yield islice(batches, accum)
                 if step == first and epoch == start_epoch:  # the first optimizer step is done
-                    startup.mark("first step (workers, first batches)")
-                    startup.report(self.accelerator.print)
+                    startup_clock.mark("first step (workers, first batches)")
+                    startup_clock.report(self.accelerator.print)
             if next(batches, None) is not None:  # also ends the loader's iteration cleanly
                 raise RuntimeError(f"the training loader gave more than {steps} steps in epoch {epoch}")
 
@@ -260,7 +262,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     datasets = datasets or resolve_datasets(cfg.data)
     workers.start_helpers(fork_server=cfg.data.num_workers > 0)  # already started by `dist-train train`
     accelerator = make_accelerator(cfg.train)
-    startup.mark("accelerator")
+    startup_clock.mark("accelerator")
     out = Path(cfg.train.output_dir)
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
     # Refused before anything in the run directory changes; what applies is said below.
@@ -285,7 +287,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     # accelerate would step it once per process.
     schedule = Schedule(optimizer, cfg.sched, layout.steps_per_epoch, layout.epochs)
     model, optimizer = accelerator.prepare(model, optimizer)
-    startup.mark("model")
+    startup_clock.mark("model")
     state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
     if cfg.train.ema_decay:
         state.ema = WeightsEma(state.bare_model, cfg.train.ema_decay, cfg.train.ema_warmup)
@@ -296,7 +298,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         accelerator.wait_for_everyone()
     last_validation = _last_validation(out) if saved and accelerator.is_main_process else {}
     state.launches.started(state.step, asdict(layout))
-    startup.mark("resume" if saved else "run directory")
+    startup_clock.mark("resume" if saved else "run directory")
 
     accelerator.print(
         f"dist-train {__version__}: {layout.world_size} process(es) on {accelerator.device.type} "
@@ -324,9 +326,9 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
         sampler=sampler,
     ), cfg.data, pin_memory=accelerator.device.type == "cuda", for_device=stage is not None)
-    startup.mark("training loader")
+    startup_clock.mark("training loader")
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
-    startup.mark("tracking")
+    startup_clock.mark("tracking")
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,
         criterion=criterion.to(accelerator.device),

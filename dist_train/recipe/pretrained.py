@@ -28,7 +28,7 @@ from torch import nn
 
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.errors import CheckpointError
-from dist_train.optim import head_prefix
+from dist_train.recipe.optim import head_prefix
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 LISTED = 5  # keys named in the log line, of each kind

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from dist_train.checkpoint import find_resumable, verify
 from dist_train.config import Config, save_config
 from dist_train.errors import ConfigError
-from dist_train.report import write_report
+from dist_train.training.report import write_report
 
 
 def find_resume_checkpoint(resume: str | None, out: Path) -> Path | None:

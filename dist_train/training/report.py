@@ -26,8 +26,8 @@ import numpy as np
 from dist_train import atomic_file
 from dist_train.config import config_from_dict
 from dist_train.errors import DataError
-from dist_train.optim import lr_factor_fn, scaled_lr
-from dist_train.tracking import read_metrics
+from dist_train.recipe.optim import lr_factor_fn, scaled_lr
+from dist_train.training.tracking import read_metrics
 
 PLOT_NAMES = ("loss.png", "metrics.png", "lr.png", "confusion_matrix.png", "per_class_f1.png")
 MULTILABEL_PLOT_NAMES = ("loss.png", "metrics.png", "lr.png", "per_label.png")

@@ -36,14 +36,14 @@ Figures (targets for 2 CPU cores):
                          are measured before this process imports torch)
   index_build_s          the training index of 1.28M samples (synthetic shards, no   <= 5.0
                          images): built on the node and held by 2 DataLoader workers
-                         (dist_train/bench_index.py; --quick: 128k samples)
+                         (benchmarks/bench_index.py; --quick: 128k samples)
   index_worker_mb        what a worker holds of its own, plus its share of the       <= 50
                          mapped index, after looking up spans all over it
   compile_speedup        train step with the model torch.compile'd / eager          >= 1.0
                          (train.compile; printed beside it: the compile's seconds)
   remote_vs_local        the shard loader from nginx (loopback), cold cache / local  >= 0.95
   remote_rate_limited    the same, nginx limited to 1.25x the loader's bytes/s       >= 0.9
-                         (dist_train/bench_remote.py)
+                         (benchmarks/bench_remote.py)
 On a CUDA machine it also prints the input pipeline's images/s over the model's alone
 (benchmarks/gpu_check.py: ResNet-50 bf16 channels_last, 224 px JPEG shards; target >= 0.95),
 with JPEG decoded by the workers and on the GPU (data.decode_on_device).
@@ -61,18 +61,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks.bench_index import index_figures
+from benchmarks.bench_remote import remote_figures
+from benchmarks.bench_versus import LAUNCH, REPO, REPO_CONFIG, kill_tree, process_tree
+from benchmarks.bench_versus import measure as measure_versus_plain_loop
+from benchmarks.timing import fit_steps, ratio
 from dist_train import atomic_file
-from dist_train.bench_index import index_figures
-from dist_train.bench_remote import remote_figures
-from dist_train.bench_versus import LAUNCH, REPO, REPO_CONFIG, kill_tree, process_tree
-from dist_train.bench_versus import measure as measure_versus_plain_loop
 
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.py"
 
@@ -173,36 +174,13 @@ def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) 
 # --- loop_overhead --------------------------------------------------------------------------
 
 
-def train_like_fit(model, batches: Iterable, steps: int, optimizer, schedule, accelerator, accum: int = 1,
-                   log_every_steps: int = 10, criterion=None, on_device=None) -> list[dict]:
-    """What `fit` does per optimizer step, without validation and checkpoints: `train_step`
-    over `accum` micro-batches, the schedule, progress, and a train record (a collective)
-    every `log_every_steps`. Returns the records."""
-    from dist_train.engine import train_step
-    from dist_train.progress import TrainProgress
-
-    criterion = criterion or torch.nn.CrossEntropyLoss()
-    progress = TrainProgress(accelerator, show_bar=False)
-    progress.start_epoch(0, steps)
-    micro_batches = iter(batches)
-    records = []
-    for step in range(1, steps + 1):
-        train_step(model, itertools.islice(micro_batches, accum), criterion, optimizer, accelerator, progress,
-                   on_device=on_device)
-        schedule.after_optimizer_step()
-        progress.step_done(schedule.lr)
-        if step % log_every_steps == 0:
-            records.append(progress.train_record(0, step, schedule.lr))
-    return records
-
-
 def loop_overhead(sizes: Sizes) -> float:
-    """Images/s of dist-train's training step (`train_like_fit`) over a plain loop: same model,
+    """Images/s of dist-train's training step (`fit_steps`) over a plain loop: same model,
     data, batch."""
-    from dist_train.accelerator import make_accelerator
     from dist_train.config import SchedConfig, TrainConfig
-    from dist_train.models import SmallCNN
-    from dist_train.optim import Schedule
+    from dist_train.recipe.models import SmallCNN
+    from dist_train.recipe.optim import Schedule
+    from dist_train.runtime.accelerator import make_accelerator
 
     torch.set_num_threads(1)  # steadier timings; the same for both sides
     accelerator = make_accelerator(TrainConfig(cpu=True))
@@ -225,19 +203,19 @@ def loop_overhead(sizes: Sizes) -> float:
         model, optimizer = accelerator.prepare(model, optimizer)
         schedule = Schedule(optimizer, SchedConfig(name="cosine"), len(batches), 1)
         start = time.perf_counter()
-        train_like_fit(model, batches, len(batches), optimizer, schedule, accelerator)
+        fit_steps(model, batches, len(batches), optimizer, schedule, accelerator)
         return len(batches) * 64 / (time.perf_counter() - start)
 
-    return _ratio(ours, plain, sizes.repeats)
+    return ratio(ours, plain, sizes.repeats)
 
 
 def compile_speedup(sizes: Sizes) -> tuple[float, float]:
     """(images/s of the training step with the model compiled as `train.compile` does it,
     after accelerate's wrap, over the same step eager; seconds the first compiled step took)."""
-    from dist_train.accelerator import make_accelerator
     from dist_train.config import SchedConfig, TrainConfig
-    from dist_train.models import SmallCNN
-    from dist_train.optim import Schedule
+    from dist_train.recipe.models import SmallCNN
+    from dist_train.recipe.optim import Schedule
+    from dist_train.runtime.accelerator import make_accelerator
 
     torch.set_num_threads(1)  # as loop_overhead: steadier, the same for both sides
     accelerator = make_accelerator(TrainConfig(cpu=True))
@@ -251,19 +229,19 @@ def compile_speedup(sizes: Sizes) -> tuple[float, float]:
     compiled = prepared(compiled=True)
     model, optimizer, schedule = compiled
     start = time.perf_counter()
-    train_like_fit(model, batches[:1], 1, optimizer, schedule, accelerator)  # the compile
+    fit_steps(model, batches[:1], 1, optimizer, schedule, accelerator)  # the compile
     compile_seconds = time.perf_counter() - start
 
     def rate(parts: Callable[[], tuple]) -> Callable[[], float]:
         def measure() -> float:
             model, optimizer, schedule = parts()
             start = time.perf_counter()
-            train_like_fit(model, batches, len(batches), optimizer, schedule, accelerator)
+            fit_steps(model, batches, len(batches), optimizer, schedule, accelerator)
             return len(batches) * 64 / (time.perf_counter() - start)
         return measure
 
     # The compiled model is reused (compiling again would be timed); eager starts fresh each time.
-    return _ratio(rate(lambda: compiled), rate(lambda: prepared(compiled=False)), sizes.repeats), compile_seconds
+    return ratio(rate(lambda: compiled), rate(lambda: prepared(compiled=False)), sizes.repeats), compile_seconds
 
 
 # --- loaders --------------------------------------------------------------------------------
@@ -275,8 +253,8 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    from dist_train import workers
     from dist_train.config import load_config
+    from dist_train.data import workers
     from dist_train.data.order import EpochOrder, OrderSpec
     from dist_train.data.pipeline import SampleDecoder, TrainStreamSpec, make_train_loader
     from dist_train.data.random_access import ShardReader
@@ -284,7 +262,7 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
     from dist_train.data.transforms import build_batch_normalize, build_transform
 
     # As `dist-train train` does first: the fork server that DataLoader workers start from is
-    # started once per run, not per loader (dist_train/workers.py).
+    # started once per run, not per loader (dist_train/data/workers.py).
     workers.start_helpers()
     cfg = load_config(REPO_CONFIG)
     train = resolve_shards(str(shards), "train", 10)
@@ -336,7 +314,7 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
     shard_loader = started.pop(best)
     started.clear()  # the other loaders' workers end
     start_ms = statistics.median(first_batch_ms(max(best, 1)) for _ in range(3))
-    vs_decode = _ratio(shard_loader, decode_bound, max(2, sizes.repeats // 2))
+    vs_decode = ratio(shard_loader, decode_bound, max(2, sizes.repeats // 2))
 
     folder = tmp / "imagefolder"
     for i, sample in enumerate(raw):
@@ -356,7 +334,7 @@ def loaders(shards: Path, tmp: Path, sizes: Sizes) -> tuple[float, float, int, f
                 n += len(labels)
         return n / (time.perf_counter() - start)
 
-    vs_folder = _ratio(shard_loader, image_folder, max(2, sizes.repeats // 2))
+    vs_folder = ratio(shard_loader, image_folder, max(2, sizes.repeats // 2))
     return vs_decode, vs_folder, best, start_ms
 
 
@@ -388,7 +366,7 @@ def ddp_scaling(sizes: Sizes) -> tuple[float, float, float]:
 
     # Each launch warms up inside the worker; no extra untimed launches. (--quick: one pair, a
     # check that the figure runs, at 7 s a launch.)
-    scaling = _ratio(two_processes, one_process, sizes.repeats // 2, warmup=False)
+    scaling = ratio(two_processes, one_process, sizes.repeats // 2, warmup=False)
     return (scaling, statistics.median(apart) / statistics.median(single),
             statistics.median(two) / statistics.median(normal))
 
@@ -403,9 +381,10 @@ def _launch(config: str, worker: str, steps: int, one_thread: bool = True) -> di
     thread (else as a plain launch leaves it: torch's threads on every core, for one process)."""
     port = str(29600 + os.getpid() % 300)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / config),
-           "--main_process_port", port, "-m", "dist_train.bench", "--worker", worker, "--steps", str(steps)]
+           "--main_process_port", port, "-m", "benchmarks.bench", "--worker", worker, "--steps", str(steps)]
     cmd += [] if one_thread else ["--all-threads"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if one_thread else dict(os.environ)
+    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if one_thread else {}),
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -413,10 +392,10 @@ def _launch(config: str, worker: str, steps: int, one_thread: bool = True) -> di
 
 
 def _launched_worker(kind: str, steps: int, one_thread: bool = True) -> int:
-    from dist_train.accelerator import make_accelerator
     from dist_train.config import SchedConfig, TrainConfig
-    from dist_train.models import SmallCNN
-    from dist_train.optim import Schedule
+    from dist_train.recipe.models import SmallCNN
+    from dist_train.recipe.optim import Schedule
+    from dist_train.runtime.accelerator import make_accelerator
 
     if one_thread:
         torch.set_num_threads(1)
@@ -432,7 +411,7 @@ def _launched_worker(kind: str, steps: int, one_thread: bool = True) -> int:
     def timed_epoch(model, optimizer, schedule) -> float:
         accelerator.wait_for_everyone()
         start = time.perf_counter()
-        train_like_fit(model, batches, steps, optimizer, schedule, accelerator, accum, log_every_steps=10**9)
+        fit_steps(model, batches, steps, optimizer, schedule, accelerator, accum, log_every_steps=10**9)
         accelerator.wait_for_everyone()  # an epoch of several processes ends with the slowest
         return time.perf_counter() - start
 
@@ -559,22 +538,9 @@ def gpu_figures(quick: bool) -> dict[str, float]:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _ratio(ours, theirs, repeats: int, warmup: bool = True) -> float:
-    """median(ours) / median(theirs) of rates measured in ABBA order, after one untimed run of
-    each, so that warm-up and slow drifts of the machine hit both sides alike."""
-    if warmup:
-        ours(), theirs()
-    a, b = [], []
-    for i in range(repeats):
-        pair = ((ours, a), (theirs, b)) if i % 2 == 0 else ((theirs, b), (ours, a))
-        for measure, sink in pair:
-            sink.append(measure())
-    return statistics.median(a) / statistics.median(b)
-
-
 def _digits_shards(tmp: Path) -> Path:
     from dist_train.data import sources
-    from dist_train.data.shards import make_shards
+    from dist_train.data.shard_writer import make_shards
 
     out = tmp / "digits"
     make_shards(sources.digits(), out, val_fraction=0.2, seed=0, shard_size=256)

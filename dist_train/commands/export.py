@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 
 from dist_train import atomic_file
+from dist_train.commands.predict import LoadedModel, load_for_inference
 from dist_train.data.transforms import EVAL_CROP_RATIO
 from dist_train.errors import CheckpointError
-from dist_train.predict import LoadedModel, load_for_inference
 
 TOLERANCE = 1e-4  # max abs logit difference from PyTorch accepted on export
 SAMPLE_BATCHES = (2, 3)  # two sizes: the dynamic batch dimension is exercised too

@@ -20,14 +20,15 @@ from pathlib import Path
 
 import torch
 
-from dist_train import workers
-from dist_train.accelerator import make_accelerator
+from benchmarks.local_servers import Nginx
+from benchmarks.timing import fit_steps, ratio
 from dist_train.config import SchedConfig, TrainConfig, load_config
+from dist_train.data import workers
 from dist_train.data.order import OrderSpec, steps_per_epoch
 from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
 from dist_train.data.resolve import resolve_shards
-from dist_train.local_servers import Nginx
-from dist_train.optim import Schedule
+from dist_train.recipe.optim import Schedule
+from dist_train.runtime.accelerator import make_accelerator
 
 SHARD_SIZE = 64  # small shards: a cache half the data holds every step's shuffle windows
 SHUFFLE_BUFFER = 128
@@ -35,7 +36,7 @@ RATE_MARGIN = 1.25
 
 
 def _small_cnn():
-    from dist_train.models import SmallCNN
+    from dist_train.recipe.models import SmallCNN
 
     model = SmallCNN(10, 1)
     return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -44,7 +45,7 @@ def _small_cnn():
 def remote_figures(tmp: Path, config: Path, epochs: int, repeats: int, num_workers: int) -> tuple[float, float, str]:
     """(remote / local images/s, rate-limited remote / local, a note: what was measured)."""
     from dist_train.data import sources
-    from dist_train.data.shards import make_shards
+    from dist_train.data.shard_writer import make_shards
 
     data = tmp / "remote-bench" / "digits"
     make_shards(sources.digits(), data, val_fraction=0.2, seed=0, shard_size=SHARD_SIZE)
@@ -84,25 +85,24 @@ def remote_figures(tmp: Path, config: Path, epochs: int, repeats: int, num_worke
             for _ in range(epochs):
                 loader.set_position(next(next_epoch))
                 batches = iter(loader)
-                train_like_fit(model, batches, steps, optimizer, schedule, accelerator)
+                fit_steps(model, batches, steps, optimizer, schedule, accelerator)
                 assert next(batches, None) is None  # the epoch's end: the loader's iteration ends
             return epochs * steps * order.global_batch / (time.perf_counter() - start)
 
         measure()
         return measure
 
-    from dist_train.bench import _ratio, train_like_fit
 
     try:
         local = started(str(data), None)
         local_rate = statistics.median(local() for _ in range(2))
         remote = started(f"{full_speed.url}/digits", tmp / "cache-full-speed")
-        vs_local = _ratio(remote, local, repeats, warmup=False)
+        vs_local = ratio(remote, local, repeats, warmup=False)
         consumed = local_rate * train_bytes / sum(1 for _ in data.glob("train-*.tar")) / SHARD_SIZE
         limited_server = Nginx(data.parent, rate=int(RATE_MARGIN * consumed))
         try:
             limited = started(f"{limited_server.url}/digits", tmp / "cache-limited")
-            vs_limited = _ratio(limited, local, repeats, warmup=False)
+            vs_limited = ratio(limited, local, repeats, warmup=False)
         finally:
             limited_server.close()
     finally:

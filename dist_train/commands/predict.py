@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dist_train import workers
 from dist_train.atomic_file import replacing
 from dist_train.checkpoint import load_model_checkpoint
 from dist_train.config import Config, config_from_dict
-from dist_train.data import cache_if_remote
+from dist_train.data import workers
+from dist_train.data.datasets import cache_if_remote
 from dist_train.data.labels import label_reader
 from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make_eval_loader
 from dist_train.data.remote import is_remote
@@ -30,7 +30,7 @@ from dist_train.data.resolve import ShardSet, resolve_shards
 from dist_train.data.sources import IMAGE_EXTENSIONS
 from dist_train.data.transforms import build_transform
 from dist_train.errors import CheckpointError, ConfigError, DataError
-from dist_train.models import create_model
+from dist_train.recipe.models import create_model
 
 
 @dataclass

@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from dist_train.checkpoint.resumable import SavedState
-    from dist_train.ema import WeightsEma
-    from dist_train.optim import Schedule
+    from dist_train.recipe.ema import WeightsEma
+    from dist_train.recipe.optim import Schedule
 
 
 class Stateful(Protocol):
@@ -64,7 +64,7 @@ class BestSoFar:
 @dataclass
 class Launches:
     """How each launch of the run ran, from the step it started at: a resume on another number
-    of processes changes the accumulation (dist_train/layout.py)."""
+    of processes changes the accumulation (dist_train/training/batch_layout.py)."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -95,7 +95,7 @@ class TrainState:
     @property
     def bare_model(self) -> torch.nn.Module:
         """The model without its DDP and torch.compile wrappers (accelerator.bare_model)."""
-        from dist_train.accelerator import bare_model
+        from dist_train.runtime.accelerator import bare_model
 
         return bare_model(self.accelerator, self.model)
 

@@ -6,6 +6,6 @@ forked from the training process has the pipeline already and calls that itself)
 """
 
 import dist_train.data.pipeline  # noqa: F401 - imported for the workers forked from here
-from dist_train.workers import prepare_server
+from dist_train.data.workers import prepare_server
 
 prepare_server()

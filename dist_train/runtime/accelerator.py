@@ -15,10 +15,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
 from torch import nn
 
-from dist_train.accelerate_costs import look_up_optional_packages_once
 from dist_train.config import TrainConfig
 from dist_train.errors import ConfigError
-from dist_train.host_memory import keep_freed_memory
+from dist_train.runtime.accelerate_patches import look_up_optional_packages_once
+from dist_train.runtime.host_memory import keep_freed_memory
 
 # How DDP wraps the model (only used when there are several processes):
 # - broadcast_buffers=False: by default DDP copies rank 0's buffers (BatchNorm statistics) to

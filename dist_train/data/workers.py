@@ -36,9 +36,9 @@ from collections.abc import Callable
 from multiprocessing import connection, forkserver, resource_tracker, util
 from multiprocessing.context import BaseContext
 
-from dist_train.preemption import SIGNALS, dump_stacks_on_request, stop_signals_in_workers
+from dist_train.runtime.preemption import SIGNALS, dump_stacks_on_request, stop_signals_in_workers
 
-SERVER_MODULE = "dist_train.worker_server"
+SERVER_MODULE = "dist_train.data.worker_server"
 
 
 def context() -> BaseContext:
