@@ -78,11 +78,11 @@ def main() -> None:
         order = OrderSpec(seed=0, global_batch=args.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
         spec = TrainStreamSpec(shards, order, epoch=0, num_classes=100, batch_size=args.batch_size)
         stage = device_stage(cfg.data, device)  # CUDA: uint8 batches (or JPEG bytes), finished on the GPU
-        loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda", for_device=stage is not None)
+        loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda", for_device_stage=stage is not None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         records = train_like_fit(model, loader, args.warmup + args.steps, optimizer, schedule, accelerator,
-                                 log_every_steps=window, criterion=criterion, on_device=stage)
+                                 log_every_steps=window, criterion=criterion, device_stage=stage)
         if device.type == "cuda":
             torch.cuda.synchronize()
         timed = [r["images_per_sec"] for r in records if r["step"] > args.warmup] or \

@@ -30,7 +30,7 @@ class StepOnly:
 
 
 def fit_steps(model, batches: Iterable, steps: int, optimizer, schedule, accelerator, accum: int = 1,
-              log_every_steps: int = 10, criterion=None, on_device=None) -> list[dict]:
+              log_every_steps: int = 10, criterion=None, device_stage=None) -> list[dict]:
     """`steps` optimizer steps as `fit` takes them (`engine.optimizer_step`, the same function)
     over `accum` micro-batches each, and a train record (a collective) every `log_every_steps`,
     as `fit` logs them. Returns the records."""
@@ -45,7 +45,7 @@ def fit_steps(model, batches: Iterable, steps: int, optimizer, schedule, acceler
     order = OrderSpec(seed=0, global_batch=1, partitions=1, window=1)
     state = TrainState(accelerator, model, optimizer, schedule, order, steps_per_epoch=steps)
     run = StepOnly(Config(), accelerator, state, criterion or torch.nn.CrossEntropyLoss(), progress,
-                   device_stage=on_device)
+                   device_stage=device_stage)
     micro_batches = iter(batches)
     records = []
     for step in range(1, steps + 1):

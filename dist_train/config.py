@@ -296,35 +296,10 @@ def validate(cfg: Config) -> None:
     """Checks that span several keys; single-key types are checked while building."""
     _check_finite(cfg, "")
     _check_ranges(cfg)
-    positive = {
-        "data.batch_size": cfg.data.batch_size,
-        "data.image_size": cfg.data.image_size,
-        "data.shuffle_buffer": cfg.data.shuffle_buffer,
-        "data.max_image_pixels": cfg.data.max_image_pixels,
-        "train.epochs": cfg.train.epochs,
-        "train.grad_accum_steps": cfg.train.grad_accum_steps,
-        "train.log_every_steps": cfg.train.log_every_steps,
-        "train.keep_checkpoints": cfg.train.keep_checkpoints,
-        "train.keep_best": cfg.train.keep_best,
-    }
-    for key in ("checkpoint_every_steps", "val_every_steps", "early_stop_patience"):
-        if getattr(cfg.train, key) is not None:
-            positive[f"train.{key}"] = getattr(cfg.train, key)
-    if cfg.data.val_batch_size is not None:
-        positive["data.val_batch_size"] = cfg.data.val_batch_size
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
     try:
         parse_bytes(cfg.data.cache_limit)
     except ValueError as exc:
         raise ConfigError(f"data.cache_limit: {exc}") from None
-    if cfg.data.max_skipped < 0:
-        raise ConfigError(f"data.max_skipped must be >= 0, got {cfg.data.max_skipped}")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
-    if cfg.data.num_classes < 0:
-        raise ConfigError(f"data.num_classes must be >= 0, got {cfg.data.num_classes}")
     for key in ("data.mean", "data.std"):
         values = cfg.data.mean if key == "data.mean" else cfg.data.std
         if len(values) not in (1, cfg.data.channels):
@@ -333,10 +308,6 @@ def validate(cfg: Config) -> None:
             )
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError("data.std values must be positive")
-    if cfg.optim.lr_base_batch is not None and cfg.optim.lr_base_batch <= 0:
-        raise ConfigError(f"optim.lr_base_batch must be positive, got {cfg.optim.lr_base_batch}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas must hold two values")
     if not 0.0 <= cfg.loss.label_smoothing < 1.0:
@@ -346,8 +317,6 @@ def validate(cfg: Config) -> None:
     alpha = cfg.loss.focal_alpha
     if alpha is not None and cfg.data.num_classes and len(alpha) != cfg.data.num_classes:
         raise ConfigError(f"loss.focal_alpha has {len(alpha)} values; data.num_classes is {cfg.data.num_classes}")
-    if cfg.sched.warmup_epochs < 0 or cfg.sched.step_size_epochs <= 0:
-        raise ConfigError("sched.warmup_epochs must be >= 0 and sched.step_size_epochs > 0")
     if (cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0) and cfg.loss.name == "focal":
         raise ConfigError("data.mixup_alpha / data.cutmix_alpha make soft labels, which loss.name=focal does not "
                           "take; use cross_entropy or label_smoothing")
@@ -429,12 +398,24 @@ def _check_finite(node: Any, prefix: str) -> None:
 
 
 def _check_ranges(cfg: Config) -> None:
-    """Numbers that torch would reject late (with a traceback) or take silently."""
-    o, s, t = cfg.optim, cfg.sched, cfg.train
+    """Every single-key numeric rule, one row per key (key, value, holds, rule): numbers that
+    torch would reject late (with a traceback) or take silently."""
+    o, s, t, d = cfg.optim, cfg.sched, cfg.train, cfg.data
     rules = [
-        ("data.image_size", cfg.data.image_size, cfg.data.image_size <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE}"),
-        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS}"),
-        ("data.num_classes", cfg.data.num_classes, cfg.data.num_classes <= MAX_CLASSES, f"at most {MAX_CLASSES:,}"),
+        ("data.batch_size", d.batch_size, d.batch_size > 0, "positive"),
+        ("data.image_size", d.image_size, d.image_size > 0, "positive"),
+        ("data.image_size", d.image_size, d.image_size <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE}"),
+        ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer > 0, "positive"),
+        ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels > 0, "positive"),
+        ("data.max_skipped", d.max_skipped, d.max_skipped >= 0, ">= 0"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 0, ">= 0"),
+        ("data.num_workers", d.num_workers, d.num_workers <= MAX_WORKERS, f"at most {MAX_WORKERS}"),
+        ("data.num_classes", d.num_classes, d.num_classes >= 0, ">= 0"),
+        ("data.num_classes", d.num_classes, d.num_classes <= MAX_CLASSES, f"at most {MAX_CLASSES:,}"),
+        ("train.grad_accum_steps", t.grad_accum_steps, t.grad_accum_steps > 0, "positive"),
+        ("train.log_every_steps", t.log_every_steps, t.log_every_steps > 0, "positive"),
+        ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints > 0, "positive"),
+        ("train.keep_best", t.keep_best, t.keep_best > 0, "positive"),
         ("data.random_erasing", cfg.data.random_erasing, 0 <= cfg.data.random_erasing <= 1, "in [0, 1]"),
         ("data.mixup_alpha", cfg.data.mixup_alpha, 0 <= cfg.data.mixup_alpha <= MAX_ALPHA, f"in [0, {MAX_ALPHA:g}]"),
         ("data.cutmix_alpha", cfg.data.cutmix_alpha, 0 <= cfg.data.cutmix_alpha <= MAX_ALPHA, f"in [0, {MAX_ALPHA:g}]"),
@@ -465,6 +446,10 @@ def _check_ranges(cfg: Config) -> None:
         ("sched.plateau_patience", s.plateau_patience, s.plateau_patience >= 0, ">= 0"),
         *((f"loss.focal_alpha[{i}]", a, a >= 0, ">= 0") for i, a in enumerate(cfg.loss.focal_alpha or [])),
     ]
+    optional_positive = {"data.val_batch_size": d.val_batch_size, "optim.lr_base_batch": o.lr_base_batch,
+                         "train.checkpoint_every_steps": t.checkpoint_every_steps,
+                         "train.val_every_steps": t.val_every_steps, "train.early_stop_patience": t.early_stop_patience}
+    rules += [(key, value, value > 0, "positive") for key, value in optional_positive.items() if value is not None]
     if (freeze := cfg.model.freeze_epochs) is not None:
         rules.append(("model.freeze_epochs", freeze, 0 < freeze <= t.epochs,
                       f"in (0, train.epochs={t.epochs}] (or null)"))

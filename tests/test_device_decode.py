@@ -48,7 +48,7 @@ def _batches(shards: str, workers: int, encoded: bool, overrides: tuple[str, ...
     order = OrderSpec(seed=3, global_batch=16, partitions=1, window=64)
     spec = TrainStreamSpec(train, order, epoch=1, num_classes=10, batch_size=16)
     stage = device_stage(cfg.data, torch.device("cpu"))
-    loader = make_train_loader(spec, cfg.data, for_device=stage is not None)
+    loader = make_train_loader(spec, cfg.data, for_device_stage=stage is not None)
     loader.set_position(1, start_step)
     out = []
     for images, labels in loader:

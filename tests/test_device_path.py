@@ -32,7 +32,7 @@ CFG = DataConfig(num_workers=0, image_size=8, channels=1, mean=[0.3], std=[0.3],
 def _train_batches(digits_dir, uint8: bool) -> list:
     shards = resolve_shards(str(digits_dir), "train", 10)
     spec = TrainStreamSpec(shards, OrderSpec(0, 32, 1, 100), epoch=0, num_classes=10, batch_size=32)
-    return list(make_train_loader(spec, CFG, for_device=uint8))[:6]
+    return list(make_train_loader(spec, CFG, for_device_stage=uint8))[:6]
 
 
 def test_device_stage_is_for_cuda_only():
@@ -48,7 +48,8 @@ def test_uint8_batches_normalized_after_the_copy_equal_normalized_ones_bitwise(d
         assert torch.equal(normalize(u.to("cpu", non_blocking=True)), x) and torch.equal(v, y)
     shards = resolve_shards(str(digits_dir), "val", 10)
     spec = EvalStreamSpec(shards, batch_size=50, num_classes=10)
-    for (x, y), (u, v) in zip(make_eval_loader(spec, CFG), make_eval_loader(spec, CFG, for_device=True), strict=True):
+    staged = make_eval_loader(spec, CFG, for_device_stage=True)
+    for (x, y), (u, v) in zip(make_eval_loader(spec, CFG), staged, strict=True):
         assert torch.equal(normalize(u), x) and torch.equal(v, y)
 
 
@@ -65,7 +66,7 @@ def test_training_on_uint8_batches_normalized_in_the_step_is_bitwise_the_same(di
         micro_batches = iter(batches)
         for _ in range(3):  # 3 steps of 2 micro-batches
             train_step(model, [next(micro_batches), next(micro_batches)], torch.nn.CrossEntropyLoss(), optimizer,
-                       accelerator, progress, on_device=normalize)
+                       accelerator, progress, device_stage=normalize)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(),
                                                   strict=True))
 

@@ -8,7 +8,7 @@ import torch
 from dist_train.config import DataConfig
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
-from dist_train.data.resolve import Shard, ShardSet
+from dist_train.data.shard_format import Shard, ShardSet
 from dist_train.errors import ConfigError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dist_train"
 FLOORS = {"config": 0, "errors": 0, "atomic_file": 0, "__init__": 0, "runtime": 1, "checkpoint": 1,
-          "recipe": 2, "data": 2, "training": 3, "commands": 3, "cli": 4, "__main__": 5}
+          "recipe": 2, "data": 2, "training": 3, "commands": 3, "cli": 4, "__main__": 5, "slurm": 5}
 ALSO_ALLOWED = {("commands", "training")}  # eval and predict evaluate as validation does
 
 

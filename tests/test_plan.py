@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from dist_train.data.eval_split import val_slices
-from dist_train.data.resolve import Shard
+from dist_train.data.shard_format import Shard
 
 
 def make_shards(counts: list[int]) -> tuple[Shard, ...]:

@@ -28,8 +28,9 @@ from dist_train.config import DataConfig
 from dist_train.data import remote, sources
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, check_room
-from dist_train.data.resolve import Shard, resolve_shards
+from dist_train.data.resolve import resolve_shards
 from dist_train.data.shard_cache import RemoteObject, ShardCache, cache_for
+from dist_train.data.shard_format import Shard
 from dist_train.data.shard_writer import make_shards
 from dist_train.errors import ConfigError, DataError
 

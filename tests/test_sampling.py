@@ -23,8 +23,9 @@ from dist_train.data.datasets import resolve_datasets, train_class_counts
 from dist_train.data.labels import LabelReader
 from dist_train.data.order import EpochOrder, OrderSpec
 from dist_train.data.pipeline import TrainStreamSpec, make_train_loader
-from dist_train.data.resolve import ShardSet, resolve_shards
+from dist_train.data.resolve import resolve_shards
 from dist_train.data.sampling import class_weights, epoch_sampler, read_labels
+from dist_train.data.shard_format import ShardSet
 from dist_train.errors import ConfigError, DataError
 from dist_train.recipe.losses import WeightedCrossEntropy, auto_class_weights, build_loss
 

@@ -93,7 +93,7 @@ def test_the_job_steps_are_hidden_subcommands_of_the_one_parser(tmp_path):
     assert not re.search(r"^\s+slurm\s", shown.stdout, re.MULTILINE)  # nor among the commands listed
     run_dir = tmp_path / "run"
     for cmd in ([sys.executable, "-m", "dist_train", "slurm", "run-dir"],
-                [sys.executable, "-m", "dist_train.commands.slurm", "run-dir"]):  # the command of earlier releases
+                [sys.executable, "-m", "dist_train.slurm", "run-dir"]):  # the command of earlier releases
         done = subprocess.run([*cmd, "--config", str(DIGITS_CONFIG), f"train.output_dir={run_dir}"],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.strip() == str(run_dir), done.stderr

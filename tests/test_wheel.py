@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,13 @@ def wheel_venv(tmp_path_factory) -> tuple[Path, Path]:
     dependencies, which the venv reads from this interpreter's site-packages (a plain path: the
     editable install's own hook there is never run)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # Built from a copy: setuptools builds in the source tree, and its build/ would keep files
+    # of modules since removed.
+    source = tmp / "source"
+    shutil.copytree(REPO, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "runs", "data", "wandb", "*.egg-info", "__pycache__", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                    "--wheel-dir", str(tmp / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
+                    "--wheel-dir", str(tmp / "dist"), str(source)], check=True, capture_output=True, timeout=300)
     [wheel] = (tmp / "dist").glob("dist_train-*.whl")
     env_dir = tmp / "venv"
     venv.create(env_dir, with_pip=False)

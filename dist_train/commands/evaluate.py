@@ -35,6 +35,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     model = loaded.model.to(accelerator.device)
     stage = device_stage(cfg.data, accelerator.device)  # CUDA: uint8 batches, finished there
     loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda",
-                              for_device=stage is not None)
+                              for_device_stage=stage is not None)
     values, confusion = evaluate(model, loader, metrics, accelerator, stage)
     return values, confusion, shards.samples

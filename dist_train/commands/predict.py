@@ -26,8 +26,8 @@ from dist_train.data.datasets import cache_if_remote
 from dist_train.data.labels import label_reader
 from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make_eval_loader
 from dist_train.data.remote import is_remote
-from dist_train.data.resolve import ShardSet, resolve_shards
-from dist_train.data.sources import IMAGE_EXTENSIONS
+from dist_train.data.resolve import resolve_shards
+from dist_train.data.shard_format import IMAGE_EXTENSIONS, ShardSet
 from dist_train.data.transforms import build_transform
 from dist_train.errors import CheckpointError, ConfigError, DataError
 from dist_train.recipe.models import create_model

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from dist_train.config import DataConfig
 from dist_train.data.labels import LabelReader, class_counts, label_reader
 from dist_train.data.remote import is_remote
-from dist_train.data.resolve import Damage, ShardSet, resolve_shards
+from dist_train.data.resolve import resolve_shards
 from dist_train.data.shard_cache import ShardCache, cache_for
-from dist_train.data.shard_writer import MANIFEST_NAME
+from dist_train.data.shard_format import MANIFEST_NAME, Damage, ShardSet
 from dist_train.errors import ConfigError, DataError
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_train.data.resolve import Shard
+from dist_train.data.shard_format import Shard
 
 
 @dataclass(frozen=True)

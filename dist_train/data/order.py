@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dist_train.data.resolve import Shard
+from dist_train.data.shard_format import Shard
 from dist_train.errors import ConfigError
 from dist_train.runtime.seeds import derive_seed  # the order's seeds, and mixing's and augmentation's
 

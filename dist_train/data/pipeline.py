@@ -37,11 +37,10 @@ from dist_train.data.labels import MAX_LABEL_BYTES, label_reader
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
-from dist_train.data.resolve import Shard, ShardSet
 from dist_train.data.sample_index import node_index
 from dist_train.data.sampling import EpochSampler
 from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
-from dist_train.data.sources import IMAGE_EXTENSIONS
+from dist_train.data.shard_format import IMAGE_EXTENSIONS, Shard, ShardSet
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
 from dist_train.runtime.seeds import derive_seed
@@ -107,12 +106,12 @@ class SampleDecoder:
     DataError that names the shard and the sample key. `collate` makes a batch of them."""
 
     def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False,
-                 for_device: bool = False):
+                 for_device_stage: bool = False):
         self.transform = build_transform(data_cfg, train=train)
-        # for_device: the device finishes the batches (`device_stage`): the images stay uint8,
+        # for_device_stage: the device finishes the batches (`device_stage`): the images stay uint8,
         # or (data.decode_on_device) JPEG bytes and their transforms' seed
-        self.encoded = for_device and data_cfg.decode_on_device
-        self.collate = Collate(data_cfg, normalize=not for_device, encoded_for=train if self.encoded else None)
+        self.encoded = for_device_stage and data_cfg.decode_on_device
+        self.collate = Collate(data_cfg, normalize=not for_device_stage, encoded_for=train if self.encoded else None)
         self.mode = "L" if data_cfg.channels == 1 else "RGB"
         self.num_classes = num_classes
         self.labels = label_reader(data_cfg, num_classes)
@@ -372,12 +371,12 @@ class Collate:
 
 
 def make_eval_loader(spec: EvalStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
-                     for_device: bool = False) -> DataLoader:
+                     for_device_stage: bool = False) -> DataLoader:
     """Every sample of this rank's share once, in batches (the last may be smaller). `pin_memory`:
-    batches in page-locked memory (for CUDA); `for_device`: batches for a `device_stage` to
+    batches in page-locked memory (for CUDA); `for_device_stage`: batches for a `device_stage` to
     finish: images not normalized, and with data.decode_on_device not decoded either."""
     decode = SampleDecoder(data_cfg, train=False, num_classes=spec.num_classes, with_keys=spec.with_keys,
-                           for_device=for_device)
+                           for_device_stage=for_device_stage)
     cache = cache_for(data_cfg) if any(shard.remote for shard in spec.shards.shards) else None
     return _loader(EvalStream(spec, decode, cache), data_cfg, pin_memory)
 
@@ -391,10 +390,10 @@ class TrainLoader:
     """
 
     def __init__(self, spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
-                 for_device: bool = False):
+                 for_device_stage: bool = False):
         remote_shards = any(shard.remote for shard in spec.shards.shards)
         cache = cache_for(data_cfg) if remote_shards else None
-        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, for_device=for_device)
+        decode = SampleDecoder(data_cfg, train=True, num_classes=spec.num_classes, for_device_stage=for_device_stage)
         self.stream = TrainStream(spec, decode, cache, lag_steps=steps_in_flight(data_cfg.num_workers,
                                                                                  spec.grad_accum_steps))
         # Workers live across epochs (no start-up cost per epoch).
@@ -430,10 +429,10 @@ class TrainLoader:
 
 
 def make_train_loader(spec: TrainStreamSpec, data_cfg: DataConfig, pin_memory: bool = False,
-                      for_device: bool = False) -> TrainLoader:
+                      for_device_stage: bool = False) -> TrainLoader:
     """This rank's training micro-batches, from `spec.epoch` and `spec.start_step` on
-    (`pin_memory`, `for_device`: as for `make_eval_loader`)."""
-    return TrainLoader(spec, data_cfg, pin_memory, for_device)
+    (`pin_memory`, `for_device_stage`: as for `make_eval_loader`)."""
+    return TrainLoader(spec, data_cfg, pin_memory, for_device_stage)
 
 
 def _loader(dataset: IterableDataset, data_cfg: DataConfig, pin_memory: bool, persistent: bool = False) -> DataLoader:

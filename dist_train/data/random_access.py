@@ -16,9 +16,9 @@ from collections import OrderedDict
 import numpy as np
 
 from dist_train.data import remote
-from dist_train.data.resolve import Shard
 from dist_train.data.sample_index import SampleIndex, header_spans
 from dist_train.data.shard_cache import NextUse, ShardCache
+from dist_train.data.shard_format import Shard
 from dist_train.data.tar_index import read_sample
 from dist_train.errors import DataError
 

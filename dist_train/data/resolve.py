@@ -20,83 +20,17 @@ from __future__ import annotations
 import glob
 import json
 import posixpath
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import braceexpand
 
 from dist_train.data import remote
-from dist_train.data.labels import MAX_LABEL_BYTES, LabelReader, class_counts, summed_counts
-from dist_train.data.shard_cache import RemoteObject, ShardCache
-from dist_train.data.shard_writer import MANIFEST_NAME
-from dist_train.data.sources import IMAGE_EXTENSIONS
+from dist_train.data.labels import MAX_LABEL_BYTES, LabelReader, class_counts
+from dist_train.data.shard_cache import ShardCache
+from dist_train.data.shard_format import IMAGE_EXTENSIONS, MANIFEST_NAME, Damage, Shard, ShardSet
 from dist_train.data.tar_index import Spans, TarIndex, index_tar, index_tar_spans, index_tar_until_damage
 from dist_train.errors import ConfigError, DataError
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    samples: int  # usable samples: those the run reads
-    # With data.on_error=skip: keys of damaged samples left out, and whether the file ends
-    # early (only the samples before the damage are read). Readers index the shard the same
-    # way (`usable_index`), so sample i means the same sample everywhere.
-    exclude: frozenset[str] = frozenset()
-    truncated: bool = False
-    # Remote shards: the object's size and, from a manifest, its sha256 (checked on download).
-    bytes: int = -1
-    sha256: str = ""
-    # Samples per class (multi-label: per label), from a manifest or from indexing; () unknown.
-    class_counts: tuple[int, ...] = ()
-    # Local shards of a manifest: the file of its split's sample spans (make-shards writes it)
-    # and this shard's first row there (data/sample_index.py); "" where none was written.
-    spans_file: str = ""
-    spans_row: int = 0
-
-    @property
-    def remote(self) -> bool:
-        return remote.is_remote(self.url)
-
-    def as_remote_object(self) -> RemoteObject:
-        return RemoteObject(self.url, self.bytes, self.sha256)
-
-    @property
-    def damaged(self) -> bool:
-        return bool(self.exclude) or self.truncated
-
-
-@dataclass(frozen=True)
-class Damage:
-    """What data.on_error=skip left out: `samples` lost and why. `rest_unknown`: a shard cut
-    short with no manifest to say how many samples followed the damage (not in `samples`)."""
-
-    where: str
-    problem: str
-    samples: int
-    rest_unknown: bool = False
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    shards: tuple[Shard, ...]
-    class_names: list[str] | None  # from a manifest, when there is one
-    damage: tuple[Damage, ...] = ()  # found while indexing, with data.on_error=skip
-    task: str | None = None  # "multiclass" or "multilabel", from a manifest that says
-
-    @property
-    def samples(self) -> int:
-        return sum(s.samples for s in self.shards)
-
-    @property
-    def class_counts(self) -> tuple[int, ...] | None:
-        """Samples per class over all shards; None when a shard's are unknown (an older manifest)."""
-        if any(not s.class_counts for s in self.shards if s.samples):
-            return None
-        return summed_counts([s.class_counts for s in self.shards])
-
-    @property
-    def skipped_samples(self) -> int:
-        return sum(d.samples for d in self.damage)
 
 
 def resolve_shards(spec: str | list[str], split: str, num_classes: int, skip_damaged: bool = False,

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import atomic_file
-from dist_train.data.resolve import Shard, usable_index
+from dist_train.data.resolve import usable_index
+from dist_train.data.shard_format import Shard
 from dist_train.data.tar_index import read_sample
 from dist_train.errors import DataError
 

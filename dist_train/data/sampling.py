@@ -28,8 +28,9 @@ import numpy as np
 
 from dist_train.config import DataConfig
 from dist_train.data.labels import LabelReader
-from dist_train.data.resolve import Shard, ShardSet, shard_labels
+from dist_train.data.resolve import shard_labels
 from dist_train.data.shard_cache import ShardCache
+from dist_train.data.shard_format import Shard, ShardSet
 from dist_train.errors import DataError
 
 

@@ -27,13 +27,10 @@ import numpy as np
 
 from dist_train import atomic_file
 from dist_train.data.labels import class_counts, summed_counts
+from dist_train.data.shard_format import MANIFEST_NAME, MANIFEST_VERSION, SPANS_SUFFIX
 from dist_train.data.sources import LabeledImages, RawSample
 from dist_train.data.tar_index import index_tar_spans
 from dist_train.errors import DataError
-
-MANIFEST_NAME = "dataset.json"
-MANIFEST_VERSION = 2  # 2: class_counts per shard and split, and the task (and, optional, spans)
-SPANS_SUFFIX = ".spans.npy"
 
 
 @dataclass(frozen=True)

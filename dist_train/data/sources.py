@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dist_train.data.shard_format import IMAGE_EXTENSIONS
 from dist_train.errors import DataError
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass(frozen=True)

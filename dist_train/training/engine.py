@@ -22,24 +22,23 @@ from dist_train.data.datasets import Datasets
 from dist_train.runtime.accelerator import share_main_buffers
 from dist_train.training.progress import epoch_line
 from dist_train.training.run import FitResult, Run, start_run
-from dist_train.training.tracking import is_better
 
 if TYPE_CHECKING:
     from dist_train.recipe.metrics import ValidationMetrics
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
-               mix=None, frozen=(), on_device=None) -> None:
+               mix=None, frozen=(), device_stage=None) -> None:
     """One optimizer step over this rank's micro-batches of it. `frozen`: parameters that do not
     train at this step (model.freeze): their gradients are dropped before clipping and the step.
-    `on_device`: what finishes a batch on the device (CUDA's uint8 batches normalized there;
+    `device_stage`: what finishes a batch on the device (CUDA's uint8 batches normalized there;
     data.decode_on_device's JPEG bytes decoded and augmented there: data/pipeline.py)."""
     model.train()
     for micro, (images, labels) in enumerate(micro_batches):
         images = images.to(accelerator.device, non_blocking=True)  # from pinned memory on CUDA
         labels = labels.to(accelerator.device, non_blocking=True)
-        if on_device is not None:
-            images = on_device(images)
+        if device_stage is not None:
+            images = device_stage(images)
         if mix is not None:  # mixup / cutmix: images blended in pairs, labels become soft targets
             images, labels = mix(images, labels, micro)
         # Inside `accumulate`, DDP skips the gradient all-reduce (no_sync) and the optimizer
@@ -58,7 +57,7 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
         progress.batch_done(loss, len(labels))
 
 
-def evaluate(model, loader, metrics: ValidationMetrics, accelerator, on_device=None
+def evaluate(model, loader, metrics: ValidationMetrics, accelerator, device_stage=None
              ) -> tuple[dict[str, float], list | dict]:
     """Metrics over this rank's share of the validation set, synced across all ranks."""
     model.eval()
@@ -67,8 +66,8 @@ def evaluate(model, loader, metrics: ValidationMetrics, accelerator, on_device=N
         for images, labels in loader:
             images = images.to(accelerator.device, non_blocking=True)
             labels = labels.to(accelerator.device, non_blocking=True)
-            if on_device is not None:  # see train_step
-                images = on_device(images)
+            if device_stage is not None:  # see train_step
+                images = device_stage(images)
             with accelerator.autocast():
                 outputs = model(images)
             metrics.update(outputs, labels)
@@ -160,9 +159,8 @@ def validate(run: Run) -> None:
     run.tracker.log(record)
     run.last_validation = record
     accelerator.print(epoch_line(record))
-    if is_better(values[monitor], state.best.value, run.cfg.train.monitor_mode):
-        state.best.improved_to(values[monitor], epoch, values, state.step)
+    verdict = state.best.judge(values[monitor], epoch, values, state.step, run.cfg.train.monitor_mode,
+                               run.cfg.train.keep_best)
+    if verdict.best:
         run.save_model("best", epoch, values, confusion)
-    else:
-        state.best.since += 1
-    run.keep_among_best(values[monitor], epoch, values, confusion)
+    run.keep_top(verdict, epoch, values, confusion)

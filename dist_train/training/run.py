@@ -42,6 +42,7 @@ from dist_train.runtime import startup_clock
 from dist_train.runtime.accelerator import make_accelerator
 from dist_train.runtime.preemption import StopRequest, TrainingStopped
 from dist_train.training.batch_layout import RunLayout, plan_layout
+from dist_train.training.best import Verdict
 from dist_train.training.progress import TrainProgress
 from dist_train.training.resume_config import check_resume_config
 from dist_train.training.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
@@ -113,21 +114,16 @@ class Run:
             if next(batches, None) is not None:  # also ends the loader's iteration cleanly
                 raise RuntimeError(f"the training loader gave more than {steps} steps in epoch {epoch}")
 
-    def keep_among_best(self, value: float, epoch: int, values: dict[str, float],
-                        confusion: list[list[int]] | None) -> None:
-        """RUN/top/step-N: model checkpoints of the `train.keep_best` best validations so far
-        (collective when this one is among them). Ties keep the earlier."""
-        keep = self.cfg.train.keep_best
-        if keep < 2:
+    def keep_top(self, verdict: Verdict, epoch: int, values: dict[str, float],
+                 confusion: list[list[int]] | None) -> None:
+        """RUN/top/step-N as `BestSoFar.judge` decided (collective when this validation is among
+        them): this one written, those pushed out (or that a resumed run no longer counts) gone."""
+        if self.cfg.train.keep_best < 2:
             return
-        best = self.state.best
-        entries = sorted([*best.top, [value, self.state.step]], key=lambda e: e[0],
-                         reverse=self.cfg.train.monitor_mode == "max")
-        best.top = entries[:keep]
-        if [value, self.state.step] in best.top:
+        if verdict.in_top:
             self.save_model(f"{TOP_DIR}/step-{self.state.step:08d}", epoch, values, confusion)
-        if self.accelerator.is_main_process:  # those pushed out, and any a resumed run no longer counts
-            kept = {f"step-{step:08d}" for _, step in best.top}
+        if self.accelerator.is_main_process:
+            kept = {f"step-{step:08d}" for step in verdict.top_steps}
             for path in (self.out / TOP_DIR).glob("step-*"):
                 if path.name not in kept:
                     shutil.rmtree(path, ignore_errors=True)
@@ -155,8 +151,7 @@ class Run:
 
     def stopped_improving(self) -> bool:
         """True once `train.early_stop_patience` validations in a row have not improved the monitor."""
-        patience = self.cfg.train.early_stop_patience
-        return patience is not None and self.state.best.since >= patience
+        return self.state.best.stopped_improving(self.cfg.train.early_stop_patience)
 
     def val_loader(self) -> torch.utils.data.DataLoader:
         spec = EvalStreamSpec(self.datasets.val, batch_size=self.cfg.data.val_batch_size or self.cfg.data.batch_size,
@@ -164,7 +159,7 @@ class Run:
                               world_size=self.accelerator.num_processes,
                               keep_cached=tuple(s.url for s in self.datasets.train.shards if s.remote))
         cuda = self.accelerator.device.type == "cuda"
-        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, for_device=self.device_stage is not None)
+        return make_eval_loader(spec, self.cfg.data, pin_memory=cuda, for_device_stage=self.device_stage is not None)
 
     def damage_since_last(self, val_loader) -> dict[str, int]:
         return damage_record(self.cfg.data.on_error, self.accelerator, self.datasets, self.train_loader.stream,
@@ -325,7 +320,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
         sampler=sampler,
-    ), cfg.data, pin_memory=accelerator.device.type == "cuda", for_device=stage is not None)
+    ), cfg.data, pin_memory=accelerator.device.type == "cuda", for_device_stage=stage is not None)
     startup_clock.mark("training loader")
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
     startup_clock.mark("tracking")

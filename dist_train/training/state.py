@@ -23,6 +23,7 @@ import torch
 
 from dist_train.data.order import OrderSpec
 from dist_train.errors import CheckpointError
+from dist_train.training.best import BestSoFar
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -36,29 +37,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class BestSoFar:
-    """The best validation so far by `train.monitor`, and the validations since (early stopping)."""
-
-    value: float | None = None
-    epoch: int = -1
-    metrics: dict[str, float] | None = None
-    step: int = -1
-    since: int = 0  # validations without an improvement since the best
-    top: list[list[float | int]] = field(default_factory=list)  # [value, step] of RUN/top/, best first
-
-    def improved_to(self, value: float, epoch: int, metrics: dict[str, float], step: int) -> None:
-        self.value, self.epoch, self.metrics, self.step, self.since = value, epoch, metrics, step, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.value, self.epoch, self.metrics = state["value"], state["epoch"], state["metrics"]
-        # Checkpoints written before early stopping and train.keep_best existed lack these.
-        self.step, self.since, self.top = state.get("step", -1), state.get("since", 0), state.get("top", [])
 
 
 @dataclass

@@ -14,7 +14,6 @@ without it after one warning.
 from __future__ import annotations
 
 import json
-import math
 import netrc
 import os
 import warnings
@@ -170,11 +169,3 @@ def _lines_and_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
                 raise DataError(f"{path}: line {number} is not a JSON record") from None
             warnings.warn(f"{path}: its last line is cut short ({len(line)} characters); left out", stacklevel=3)
     return found
-
-
-def is_better(value: float, best: float | None, mode: str) -> bool:
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best if mode == "max" else value < best
