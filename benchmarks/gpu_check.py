@@ -1,7 +1,8 @@
 """A short GPU check: a torchvision model (ResNet-50) in bf16 on synthetic shards, one device.
 
 Runs dist-train's own pieces (shard writer, streaming pipeline, accelerator set-up,
-`train_like_fit`, the per-step body of `fit`) for a fixed number of optimizer steps and prints:
+`engine.optimizer_step`, the step `fit` takes, through timing.fit_steps) for a fixed number of
+optimizer steps and prints:
   - pipeline images/s: shards -> decode -> augment -> device -> forward/backward/step,
   - model images/s: the same step on one batch already on the device (the ceiling),
   - peak device memory.
@@ -17,13 +18,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: benchmarks/ is a package of the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
-from benchmarks.bench import train_like_fit
+from benchmarks.timing import fit_steps
 from dist_train.config import Config
 from dist_train.data import sources
 from dist_train.data.order import OrderSpec
@@ -81,7 +86,7 @@ def main() -> None:
         loader = make_train_loader(spec, cfg.data, pin_memory=device.type == "cuda", for_device_stage=stage is not None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        records = train_like_fit(model, loader, args.warmup + args.steps, optimizer, schedule, accelerator,
+        records = fit_steps(model, loader, args.warmup + args.steps, optimizer, schedule, accelerator,
                                  log_every_steps=window, criterion=criterion, device_stage=stage)
         if device.type == "cuda":
             torch.cuda.synchronize()

@@ -2,7 +2,7 @@
 
     atomic.py     the one atomic writer (temp name -> fsync -> hashes -> rename), the one verifier
     model.py      model.safetensors + meta.json: what eval, predict and fine-tuning read
-    resumable.py  the whole training state at a step boundary (train_state.py says what it holds)
+    resumable.py  the whole training state at a step boundary (training/state.py says what it holds)
 """
 
 from dist_train.checkpoint.atomic import sha256_file

@@ -52,7 +52,7 @@ class WeightsEma:
             ours.copy_(theirs)
         return self.averaged.module
 
-    # A member of the training state (train_state.py): the averaged parameters and the count.
+    # A member of the training state (training/state.py): the averaged parameters and the count.
     def state_dict(self) -> dict[str, Any]:
         params = {name: p.detach() for name, p in self.averaged.module.named_parameters()}
         return {**params, "updates": self.updates}

@@ -3,7 +3,7 @@
 Accuracy, macro F1 / precision / recall and the confusion matrix keep summed counts; AUROC
 (thresholds=None) keeps every prediction; the loss keeps a sum and a count. Each is synced
 across ranks inside `compute()`, which every rank must call. Because each validation sample
-is seen by exactly one rank (see data/plan.py), the synced values equal the single-process
+is seen by exactly one rank (see data/eval_split.py), the synced values equal the single-process
 values on the whole validation set.
 
 Multi-label data (`MultilabelValidationMetrics`): mean average precision and AUROC per label

@@ -6,8 +6,9 @@ Processes of a machine:  accelerate launch --config_file launch/<name>.yaml -m d
 The same code runs in every case; accelerate decides the device, the process group and the
 mixed precision. The loop counts optimizer steps; after each one, `due_after_step` decides
 in one place whether to log, validate, checkpoint or stop. Everything around the loop (set-up
-and resume, data, metrics, checkpoints, records) lives in its own module: run_setup.py builds
-it all and the training state (train_state.py) holds what a resume restores.
+and resume, data, metrics, checkpoints, records) lives in its own module: run.py builds
+it all, the training state (state.py) holds what a resume restores, and best.py decides which
+validations count.
 """
 
 from __future__ import annotations

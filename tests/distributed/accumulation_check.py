@@ -3,7 +3,7 @@ K-step accumulation through dist-train's own `train_step`, count the gradient
 all-reduces DDP makes at each micro-step, and save the final parameters (rank 0) and each
 rank's moving average of them (dist_train/recipe/ema.py, updated as the loop does).
 
-The data layout is the one data/plan.py gives: at optimizer step s, rank r's micro-batch k
+The data layout is the one data/order.py gives: at optimizer step s, rank r's micro-batch k
 holds samples [s*G + (r*K + k)*b, ... + b) of the epoch, where G = W*K*b.
 """
 
