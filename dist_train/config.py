@@ -26,21 +26,32 @@ from dist_train import atomic_file
 from dist_train.errors import ConfigError
 
 
+def applied_on_resume(note: str = "") -> dict[str, str]:
+    """Field metadata: a resumed run applies this key's new value (training/resume_config.py);
+    `note` says what follows in the run log. Every other key must keep the checkpoint's value."""
+    return {"applied_on_resume": note}
+
+
+RESUME_APPLIES_SECTIONS = ("tracking",)  # sections whose every key a resumed run applies
+
+
 @dataclass
 class DataConfig:
     # A dataset directory written by `dist-train make-shards` (its dataset.json picks the
     # split), a brace pattern such as "data/train-{000000..000007}.tar", a glob, or a list.
-    train: str | list[str] = ""
-    val: str | list[str] = ""
+    train: str | list[str] = field(default="", metadata=applied_on_resume())
+    val: str | list[str] = field(default="", metadata=applied_on_resume())
     num_classes: int = 0  # 0: take it from dataset.json
     # multiclass: one label per image (`.cls` "3"); multilabel: a list per image (`.cls` "3,7",
     # or a `.json` member [3, 7]), trained with loss.name=bce or asl, scored by val/map_macro...
     task: Literal["multiclass", "multilabel"] = "multiclass"
     allow_empty_labels: bool = True  # multilabel: an image with no label (a `.cls` of "") is data
     class_names: list[str] | None = None  # None: from dataset.json, else "0".."n-1"
-    batch_size: int = 64  # per process, per micro-step
-    val_batch_size: int | None = None  # None: same as batch_size
-    num_workers: int = 2  # DataLoader worker processes per training process
+    batch_size: int = field(  # per process, per micro-step
+        default=64, metadata=applied_on_resume("the global batch is kept, the accumulation steps follow"))
+    val_batch_size: int | None = field(default=None, metadata=applied_on_resume())  # None: same as batch_size
+    num_workers: int = field(  # DataLoader worker processes per training process
+        default=2, metadata=applied_on_resume())
     image_size: int = 224  # images are resized (val) or cropped (train) to this square
     channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -68,14 +79,18 @@ class DataConfig:
     # Damaged data: raise stops the run naming shard and sample; skip leaves damaged samples
     # and shards out, counts them (metrics.jsonl `data/skipped_samples`) and stops only past
     # max_skipped. Skip scans every shard's headers and labels at start-up.
-    on_error: Literal["raise", "skip"] = "raise"
-    max_skipped: int = 100
+    on_error: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata=applied_on_resume("damaged samples left out from here on change the order from here on"))
+    max_skipped: int = field(default=100, metadata=applied_on_resume())
     # An image declaring more pixels is damaged data (a decompression bomb), never decoded.
-    max_image_pixels: int = 89_478_485  # PIL's own default limit
+    max_image_pixels: int = field(default=89_478_485, metadata=applied_on_resume())  # PIL's own default limit
     # JPEG decoded, and the transforms applied, on the training device (nvjpeg on a GPU) rather
     # than in the DataLoader workers: for large images, where CPU decoding starves the GPU.
     # JPEG images only; the same crops and flips, pixels not bit-for-bit the CPU decoder's.
-    decode_on_device: bool = False
+    decode_on_device: bool = field(
+        default=False,
+        metadata=applied_on_resume("images decoded by another decoder: the same crops, pixels rounded apart"))
     # Remote shards (https://, http://, s3://) are fetched ahead of use into this node-local
     # directory ("": dist-train-shards-<uid> in the system's temporary directory), shared by
     # the node's processes and never holding more than cache_limit ("20GB", "512MiB", bytes).
@@ -98,7 +113,7 @@ class ModelConfig:
     freeze_epochs: float | None = None
     sync_batchnorm: bool = False  # batch statistics over all processes (small per-GPU batches)
     # NHWC memory layout: faster convolutions on tensor-core GPUs, usually slower on CPUs.
-    channels_last: bool = False
+    channels_last: bool = field(default=False, metadata=applied_on_resume())
 
 
 @dataclass
@@ -152,48 +167,53 @@ class SchedConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    output_dir: str = "runs/default"
+    epochs: int = field(default=10, metadata=applied_on_resume("the LR schedule is re-planned for the new length"))
+    output_dir: str = field(default="runs/default", metadata=applied_on_resume())
     seed: int = 0
-    grad_accum_steps: int = 1
+    grad_accum_steps: int = field(
+        default=1, metadata=applied_on_resume("the global batch is kept, the accumulation steps follow"))
     # null: use the accelerate launch config's setting (or "no" without one).
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    clip_grad_norm: float | None = None
+    clip_grad_norm: float | None = field(
+        default=None, metadata=applied_on_resume("clipping changes from the resume step on"))
     monitor: str = "val/f1_macro"  # metric that picks the best checkpoint
     threshold: float = 0.5  # multilabel: a label is predicted when its probability is at least this
     monitor_mode: Literal["min", "max"] = "max"
-    log_every_steps: int = 50  # train records in metrics.jsonl, every N optimizer steps
+    log_every_steps: int = field(  # train records in metrics.jsonl, every N optimizer steps
+        default=50, metadata=applied_on_resume())
     # Validation (and the choice of best/) after every epoch, and also every N optimizer steps
     # when set: for long epochs, or runs measured in steps.
-    val_every_steps: int | None = None
+    val_every_steps: int | None = field(default=None, metadata=applied_on_resume())
     # An exponential moving average of the weights, updated after every optimizer step and
     # validated beside them (val_ema/*): null (none), or its decay, e.g. 0.9998 (timm's recipes).
     ema_decay: float | None = None
     ema_warmup: bool = False  # a lower decay over the first updates (timm ModelEmaV3's warmup)
     # End the run (exit 0, best/ and last/ written) after this many validations in a row without
     # an improvement of `monitor`. null: never.
-    early_stop_patience: int | None = None
-    progress_bar: bool = True
-    cpu: bool = False  # force the CPU even where CUDA is available
+    early_stop_patience: int | None = field(
+        default=None, metadata=applied_on_resume("validations without improvement so far still count"))
+    progress_bar: bool = field(default=True, metadata=applied_on_resume())
+    cpu: bool = field(default=False, metadata=applied_on_resume())  # force the CPU even where CUDA is available
     # torch.compile the model (after the DDP wrap). Validation runs the uncompiled module: compiling
     # it too cost more than it saved on the digits config (README, "Recipe options").
-    compile: bool = False
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
+    compile: bool = field(default=False, metadata=applied_on_resume())
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = field(
+        default="default", metadata=applied_on_resume())
     # Resumable checkpoints (RUN/checkpoints/step-N): every N optimizer steps (null: never
     # mid-epoch), at each epoch end, the newest `keep_checkpoints` kept.
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_epoch: bool = True
-    keep_checkpoints: int = 2
+    checkpoint_every_steps: int | None = field(default=None, metadata=applied_on_resume())
+    checkpoint_every_epoch: bool = field(default=True, metadata=applied_on_resume())
+    keep_checkpoints: int = field(default=2, metadata=applied_on_resume())
     # Model checkpoints of the k best validations by `monitor` in RUN/top/step-N (best/ is the
     # best of them); 1: best/ alone.
-    keep_best: int = 1
+    keep_best: int = field(default=1, metadata=applied_on_resume())
     # null: a fresh run; "auto": continue from the newest good checkpoint in output_dir if
     # there is one (else start fresh); or the path of a checkpoint directory.
-    resume: str | None = None
+    resume: str | None = field(default=None, metadata=applied_on_resume())
 
 
 @dataclass
-class TrackingConfig:
+class TrackingConfig:  # every key applies on resume (RESUME_APPLIES_SECTIONS)
     wandb: bool = True  # log to wandb as well as metrics.jsonl (main process only)
     project: str = "dist-train"
     run_name: str | None = None  # None: the output directory's name

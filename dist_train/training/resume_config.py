@@ -11,42 +11,19 @@ applies from the resume step on, and the run log says so.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from dist_train.config import Config, quoted, to_dict
+from dist_train.config import RESUME_APPLIES_SECTIONS, Config, quoted, to_dict
 from dist_train.errors import ConfigError
 
-# A key, or a section ending in ".", whose new value a resumed run applies; and what follows.
+# A key, or a section ending in ".", whose new value a resumed run applies, and what follows:
+# read from the config's own fields (`applied_on_resume` metadata in config.py).
 APPLIED_ON_RESUME: dict[str, str] = {
-    "train.epochs": "the LR schedule is re-planned for the new length",
-    "train.resume": "",
-    "train.output_dir": "",
-    "train.cpu": "",
-    "train.compile": "",
-    "train.compile_mode": "",
-    "train.progress_bar": "",
-    "train.log_every_steps": "",
-    "train.val_every_steps": "",
-    "train.early_stop_patience": "validations without improvement so far still count",
-    "train.checkpoint_every_steps": "",
-    "train.checkpoint_every_epoch": "",
-    "train.keep_checkpoints": "",
-    "train.keep_best": "",
-    "train.clip_grad_norm": "clipping changes from the resume step on",
-    # The global batch is part of the saved order: these only lay it out over the processes.
-    "data.batch_size": "the global batch is kept, the accumulation steps follow",
-    "train.grad_accum_steps": "the global batch is kept, the accumulation steps follow",
-    # The dataset may have moved; it is indexed and checked as at any start.
-    "data.train": "",
-    "data.val": "",
-    "data.num_workers": "",
-    "data.val_batch_size": "",
-    "data.on_error": "damaged samples left out from here on change the order from here on",
-    "data.max_skipped": "",
-    "data.max_image_pixels": "",
-    "data.decode_on_device": "images decoded by another decoder: the same crops, pixels rounded apart",
-    "model.channels_last": "",
-    "tracking.": "",
+    **{f"{section}.{key.name}": key.metadata["applied_on_resume"]
+       for section, values in vars(Config()).items() for key in dataclasses.fields(values)
+       if "applied_on_resume" in key.metadata},
+    **{f"{section}.": "" for section in RESUME_APPLIES_SECTIONS},
 }
 MAX_LISTED = 6  # changes named in one line
 

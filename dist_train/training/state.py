@@ -99,7 +99,7 @@ class TrainState:
             "scheduler": self.schedule,
             "scaler": self.accelerator.scaler,  # fp16 loss scaling only
             "position": _Position(self),
-            "order": _Fixed(self.order),
+            "order": _FixedOrder(self.order),
             "best": self.best,
             "launches": self.launches,
             "ema": self.ema,
@@ -185,7 +185,7 @@ class _Position:
         self.state.step = int(saved["global_step"])
 
 
-class _Fixed:
+class _FixedOrder:
     """The data order: read from the checkpoint before the run is built (it fixes the global
     batch), so loading only confirms it."""
 
