@@ -55,7 +55,6 @@ def fit_steps(model, batches: Iterable, steps: int, optimizer, schedule, acceler
     return records
 
 
-
 def ratio(ours, theirs, repeats: int, warmup: bool = True) -> float:
     """median(ours) / median(theirs) of rates measured in ABBA order, after one untimed run of
     each, so that warm-up and slow drifts of the machine hit both sides alike."""
