@@ -52,7 +52,14 @@ class DataConfig:
     val_batch_size: int | None = field(default=None, metadata=applied_on_resume())  # None: same as batch_size
     num_workers: int = field(  # DataLoader worker processes per training process
         default=2, metadata=applied_on_resume())
-    image_size: int = 224  # images are resized (val) or cropped (train) to this square
+    image_size: int = 224  # the training crop (RandomResizedCrop), a square of this side
+    # Evaluation (validation, eval, predict, export): resize the short side to val_resize_size,
+    # then center-crop val_crop_size (torchvision's eval preset: 232 then 224). null: the crop
+    # is image_size and the resize floor(crop / crop_pct), as timm's crop_pct (0.875: 224 -> 256).
+    val_crop_size: int | None = None
+    val_resize_size: int | None = None
+    crop_pct: float = 0.875
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # of every resize and crop, train and eval
     channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -69,6 +76,11 @@ class DataConfig:
     mix_prob: float = 1.0
     mix_switch_prob: float = 0.5
     shuffle_buffer: int = 1000  # training samples are shuffled within windows of this many
+    # Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler, timm's --aug-repeats): an
+    # epoch reads about N/k distinct samples k times each, every copy augmented on its own and
+    # in another micro-batch of the same optimizer step (another process when there are >= k).
+    # 1: off. Needs the global batch divisible by k x the run's first process count.
+    repeated_augment: int = 1
     # Which training samples an epoch reads (data/sampling.py). uniform: each once. With
     # replacement, drawn per epoch from (seed, epoch) alone: balanced (every class equally
     # often), sqrt (class frequency ~ the square root of its count), weights (each sample of
@@ -114,14 +126,25 @@ class ModelConfig:
     sync_batchnorm: bool = False  # batch statistics over all processes (small per-GPU batches)
     # NHWC memory layout: faster convolutions on tensor-core GPUs, usually slower on CPUs.
     channels_last: bool = field(default=False, metadata=applied_on_resume())
+    # Keyword arguments of the model's constructor: timm.create_model's (drop_path_rate,
+    # drop_rate, img_size, ...) or a torchvision builder's (stochastic_depth_prob, dropout, ...).
+    # Recorded with the config in every checkpoint, so eval, predict and export rebuild the same.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Recompute each block's activations in the backward pass instead of keeping them (timm's
+    # set_grad_checkpointing): less memory, about a third more compute. timm models only.
+    grad_checkpointing: bool = field(default=False, metadata=applied_on_resume())
 
 
 @dataclass
 class LossConfig:
-    # multiclass: cross_entropy, label_smoothing, focal; multilabel: bce (binary cross-entropy
-    # with logits, per label) or asl (asymmetric loss, Ridnik et al. 2021).
+    # multiclass: cross_entropy, label_smoothing, focal, or bce (one-vs-rest binary cross-entropy
+    # on one-hot or mixed targets, timm's BinaryCrossEntropy, "ResNet strikes back");
+    # multilabel: bce (per label) or asl (asymmetric loss, Ridnik et al. 2021).
     name: Literal["cross_entropy", "label_smoothing", "focal", "bce", "asl"] = "cross_entropy"
-    label_smoothing: float = 0.1  # used by "label_smoothing"
+    label_smoothing: float = 0.1  # used by "label_smoothing", and by "bce" on multiclass data
+    # bce on multiclass data: a target above this becomes 1, the rest 0 (timm's --bce-target-thresh;
+    # mixed targets then count both images as present). null: the targets as they are.
+    bce_target_threshold: float | None = None
     focal_gamma: float = 2.0  # used by "focal"
     focal_alpha: list[float] | None = None  # per-class weights for "focal"
     # cross_entropy and label_smoothing: a weight per class, or "auto" (n / (classes x n_c), from
@@ -134,12 +157,15 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "sgd"
+    # sgd and adamw are torch's; any other name is timm's optimizer factory's
+    # (timm.optim.create_optimizer_v2: lamb, lars, lion, adopt, nadamw, rmsproptf, adafactor, ...).
+    name: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float | None = None  # null: the optimizer's own default
     # Weight decay on biases and normalization parameters rarely helps and often hurts.
     decay_norm_and_bias: bool = False
     # Fine-tuning: the classifier head's LR multiplier, and layer-wise LR decay (BEiT, timm):
@@ -188,6 +214,11 @@ class TrainConfig:
     # validated beside them (val_ema/*): null (none), or its decay, e.g. 0.9998 (timm's recipes).
     ema_decay: float | None = None
     ema_warmup: bool = False  # a lower decay over the first updates (timm ModelEmaV3's warmup)
+    # Update the average after every N-th optimizer step only (torchvision's --model-ema-steps).
+    ema_every_steps: int = 1
+    # none: ema_decay is the decay of each update. torchvision: it is rescaled as torchvision's
+    # reference script does, 1 - min(1, (1 - decay) x global batch x ema_every_steps / epochs).
+    ema_adjust: Literal["none", "torchvision"] = "none"
     # End the run (exit 0, best/ and last/ written) after this many validations in a row without
     # an improvement of `monitor`. null: never.
     early_stop_patience: int | None = field(
@@ -246,9 +277,14 @@ MAX_LR_MULT = 1000.0  # a head at 10-100x the backbone's LR is usual; 1000x is a
 MAX_CLASS_WEIGHT = 1e6  # a class weighed a million times another is already beyond any real use
 MAX_ALPHA = 100.0  # Beta(alpha, alpha) is near 0.5 long before; recipes use 0.1 to 1
 MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
+MAX_REPEATS = 32  # repeated augmentation: recipes use 2-4
+# model.kwargs that dist-train itself passes to the constructor
+MODEL_KWARGS_OWNED = {"num_classes": "data.num_classes", "in_chans": "data.channels",
+                      "pretrained": "model.weights", "weights": "model.weights"}
 
 METRIC_NAMES = (
     "val/acc",
+    "val/acc_top5",  # with more than 5 classes
     "val/f1_macro",
     "val/precision_macro",
     "val/recall_macro",
@@ -268,6 +304,17 @@ EMA_PREFIX = "val_ema/"  # the same metrics of the weights' moving average (trai
 
 def metric_names(task: str) -> tuple[str, ...]:
     return MULTILABEL_METRIC_NAMES if task == "multilabel" else METRIC_NAMES
+
+
+TOP_K = 5  # val/acc_top5: the right class among the 5 highest scores
+
+
+def check_metrics_measured(cfg: Config, num_classes: int) -> None:
+    """A monitored metric the dataset cannot have: top-5 accuracy with 5 classes or fewer."""
+    for key, metric in (("train.monitor", cfg.train.monitor), ("sched.plateau_monitor", cfg.sched.plateau_monitor)):
+        if metric.endswith(f"acc_top{TOP_K}") and num_classes <= TOP_K:
+            raise ConfigError(f"{key}={metric}: the dataset has {num_classes} classes; top-{TOP_K} accuracy "
+                              f"needs more than {TOP_K}")
 
 
 def ema_metric_names(task: str) -> tuple[str, ...]:
@@ -340,6 +387,14 @@ def validate(cfg: Config) -> None:
     if (cfg.data.mixup_alpha > 0 or cfg.data.cutmix_alpha > 0) and cfg.loss.name == "focal":
         raise ConfigError("data.mixup_alpha / data.cutmix_alpha make soft labels, which loss.name=focal does not "
                           "take; use cross_entropy or label_smoothing")
+    if not re.fullmatch(r"[a-z0-9_]+", cfg.optim.name):
+        raise ConfigError(f"optim.name: {quoted(cfg.optim.name)} is not an optimizer name (sgd, adamw, or one of "
+                          "timm's: lamb, lars, lion, adopt, nadamw, rmsproptf, ...)")
+    for key, owner in MODEL_KWARGS_OWNED.items():
+        if key in cfg.model.kwargs:
+            raise ConfigError(f"model.kwargs.{key} is set by dist-train from {owner}")
+    if cfg.train.ema_adjust != "none" and cfg.train.ema_decay is None:
+        raise ConfigError("train.ema_adjust rescales train.ema_decay, which is null")
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
         raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
     task = cfg.data.task
@@ -356,9 +411,12 @@ def validate(cfg: Config) -> None:
 def _check_task(cfg: Config) -> None:
     """Losses, sampling and class weights that fit the task."""
     d, loss = cfg.data, cfg.loss
-    if (loss.name in MULTILABEL_LOSSES) != (d.task == "multilabel"):
-        fitting = "bce or asl" if d.task == "multilabel" else "cross_entropy, label_smoothing or focal"
+    if (loss.name in MULTILABEL_LOSSES) != (d.task == "multilabel") and loss.name != "bce":
+        fitting = "bce or asl" if d.task == "multilabel" else "cross_entropy, label_smoothing, focal or bce"
         raise ConfigError(f"loss.name={loss.name} does not fit data.task={d.task}; use {fitting}")
+    if loss.bce_target_threshold is not None and not (loss.name == "bce" and d.task == "multiclass"):
+        raise ConfigError("loss.bce_target_threshold is for loss.name=bce on data.task=multiclass "
+                          "(multi-label targets are 0 or 1 already)")
     if d.task == "multilabel":
         if d.mixup_alpha > 0 or d.cutmix_alpha > 0:
             raise ConfigError("data.mixup_alpha / data.cutmix_alpha are for data.task=multiclass")
@@ -412,9 +470,21 @@ def _check_finite(node: Any, prefix: str) -> None:
         value, key = getattr(node, f.name), f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             _check_finite(value, key + ".")
-        for item in value if isinstance(value, list) else [value]:
+        for item_key, item in _leaves(value, key):
             if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"{key} must be a finite number, got {item}")
+                raise ConfigError(f"{item_key} must be a finite number, got {item}")
+
+
+def _leaves(value: Any, key: str):
+    """(dotted key, value) of every plain value in a list or mapping (model.kwargs), or the value."""
+    if isinstance(value, dict):
+        for name, item in value.items():
+            yield from _leaves(item, f"{key}.{name}")
+    elif isinstance(value, list):
+        for item in value:
+            yield from _leaves(item, key)
+    else:
+        yield key, value
 
 
 def _check_ranges(cfg: Config) -> None:
@@ -425,6 +495,12 @@ def _check_ranges(cfg: Config) -> None:
         ("data.batch_size", d.batch_size, d.batch_size > 0, "positive"),
         ("data.image_size", d.image_size, d.image_size > 0, "positive"),
         ("data.image_size", d.image_size, d.image_size <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE}"),
+        *((key, size, 0 < size <= MAX_IMAGE_SIZE, f"in [1, {MAX_IMAGE_SIZE}] (or null)")
+          for key, size in (("data.val_crop_size", d.val_crop_size), ("data.val_resize_size", d.val_resize_size))
+          if size is not None),
+        ("data.crop_pct", d.crop_pct, 0.1 <= d.crop_pct <= 1, "in [0.1, 1]"),
+        ("data.repeated_augment", d.repeated_augment, 1 <= d.repeated_augment <= MAX_REPEATS,
+         f"in [1, {MAX_REPEATS}]"),
         ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer > 0, "positive"),
         ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels > 0, "positive"),
         ("data.max_skipped", d.max_skipped, d.max_skipped >= 0, ">= 0"),
@@ -436,6 +512,7 @@ def _check_ranges(cfg: Config) -> None:
         ("train.log_every_steps", t.log_every_steps, t.log_every_steps > 0, "positive"),
         ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints > 0, "positive"),
         ("train.keep_best", t.keep_best, t.keep_best > 0, "positive"),
+        ("train.ema_every_steps", t.ema_every_steps, t.ema_every_steps > 0, "positive"),
         ("data.random_erasing", cfg.data.random_erasing, 0 <= cfg.data.random_erasing <= 1, "in [0, 1]"),
         ("data.mixup_alpha", cfg.data.mixup_alpha, 0 <= cfg.data.mixup_alpha <= MAX_ALPHA, f"in [0, {MAX_ALPHA:g}]"),
         ("data.cutmix_alpha", cfg.data.cutmix_alpha, 0 <= cfg.data.cutmix_alpha <= MAX_ALPHA, f"in [0, {MAX_ALPHA:g}]"),
@@ -478,6 +555,10 @@ def _check_ranges(cfg: Config) -> None:
         rules.append(("optim.layer_decay", o.layer_decay, 0.01 <= o.layer_decay <= 1, "in [0.01, 1] (or null)"))
     if t.ema_decay is not None:
         rules.append(("train.ema_decay", t.ema_decay, 0 < t.ema_decay < 1, "in (0, 1) (or null)"))
+    if o.eps is not None:
+        rules.append(("optim.eps", o.eps, 0 < o.eps <= 1, "in (0, 1] (or null)"))
+    if (threshold := cfg.loss.bce_target_threshold) is not None:
+        rules.append(("loss.bce_target_threshold", threshold, 0 <= threshold < 1, "in [0, 1) (or null)"))
     if t.clip_grad_norm is not None:
         rules.append(("train.clip_grad_norm", t.clip_grad_norm, t.clip_grad_norm > 0, "positive (or null)"))
     for key, value, ok, rule in rules:
@@ -603,6 +684,16 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {quoted(value)}")
         return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # keyword arguments (model.kwargs): names, and plain YAML values
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got {quoted(value)}")
+        for name, item in value.items():
+            if not (isinstance(name, str) and name.isidentifier()):
+                raise ConfigError(f"{key}: {quoted(name)} is not a keyword argument name")
+            _check_plain(item, f"{key}.{name}")
+        return dict(value)
+    if tp is Any:
+        return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML reads 1 as an int; a float field accepts it
     if tp is float and isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
@@ -611,6 +702,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if isinstance(value, tp) and (tp is bool or not isinstance(value, bool)):
         return value
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {quoted(value)}")
+
+
+def _check_plain(value: Any, key: str) -> None:
+    """A value YAML can write back as it was read: None, bool, int, float, str, or lists of them."""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{key}[{i}]")
+    elif value is not None and not isinstance(value, bool | int | float | str):
+        raise ConfigError(f"{key}: {quoted(value)} is not a number, string, boolean, null or list of them")
 
 
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)", re.IGNORECASE)

@@ -58,12 +58,14 @@ def test_global_batch_must_divide_into_partitions():
         OrderSpec(0, global_batch=10, partitions=4, window=8)
 
 
-def batches(digits_dir, workers: int, start_step: int = 0, world=1, rank=0, accum=1):
+def batches(digits_dir, workers: int, start_step: int = 0, world=1, rank=0, accum=1, repeats=1, partitions=1,
+            with_keys=False):
     from dist_train.data.resolve import resolve_shards
 
     shard_set = resolve_shards(str(digits_dir), "train", 10)
     cfg = DataConfig(num_workers=workers, image_size=8, channels=1, mean=[0.3], std=[0.3], augment="light")
-    spec = TrainStreamSpec(ShardSet(shard_set.shards, None), OrderSpec(0, 32, 1, 100), epoch=1, num_classes=10,
+    order = OrderSpec(0, 32, partitions, 100, repeats=repeats)
+    spec = TrainStreamSpec(ShardSet(shard_set.shards, None), order, epoch=1, num_classes=10,
                            batch_size=32 // (world * accum), grad_accum_steps=accum, rank=rank, world_size=world,
                            start_step=start_step)
     return list(make_train_loader(spec, cfg))
@@ -96,10 +98,13 @@ def test_two_ranks_split_each_global_batch(digits_dir):
 
 
 @pytest.mark.parametrize(
-    ("world", "accum", "batch", "partitions"), [(2, 2, 2, 2), (1, 4, 2, 2), (4, 1, 2, 2), (2, 1, 4, 1)]
+    ("world", "accum", "batch", "partitions", "repeats"),
+    [(2, 2, 2, 2, 1), (1, 4, 2, 2, 1), (4, 1, 2, 2, 1), (2, 1, 4, 1, 1), (4, 1, 2, 2, 2), (4, 2, 1, 4, 2),
+     (2, 2, 3, 2, 3), (8, 1, 2, 4, 2)]
 )
-def test_a_rank_reads_only_the_shards_it_is_told(world, accum, batch, partitions):
-    order = EpochOrder(shards([9, 14, 3, 20, 11]), OrderSpec(1, world * accum * batch, partitions, 5), epoch=3)
+def test_a_rank_reads_only_the_shards_it_is_told(world, accum, batch, partitions, repeats):
+    spec = OrderSpec(1, world * accum * batch, partitions, 5, repeats=repeats)
+    order = EpochOrder(shards([9, 14, 3, 20, 11, 17, 8]), spec, epoch=3)
     for rank in range(world):
         allowed = set(order.shards_for_rank(rank, world, accum, batch))
         for step in range(order.steps):

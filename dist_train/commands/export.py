@@ -24,7 +24,7 @@ import torch
 
 from dist_train import atomic_file
 from dist_train.commands.predict import LoadedModel, load_for_inference
-from dist_train.data.transforms import EVAL_CROP_RATIO
+from dist_train.data.transforms import eval_geometry
 from dist_train.errors import CheckpointError
 
 TOLERANCE = 1e-4  # max abs logit difference from PyTorch accepted on export
@@ -44,7 +44,8 @@ def export_model(checkpoint: str | Path, fmt: Literal["onnx", "torchscript"], ou
     model = loaded.model.eval()
     data = loaded.cfg.data
     generator = torch.Generator().manual_seed(0)
-    samples = [torch.randn(n, data.channels, data.image_size, data.image_size, generator=generator)
+    side = eval_geometry(data).crop  # what the exported model is given: evaluation's images
+    samples = [torch.randn(n, data.channels, side, side, generator=generator)
                for n in SAMPLE_BATCHES]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,17 +81,18 @@ def _export_torchscript(model: torch.nn.Module, sample: torch.Tensor, path: Path
 
 def _sidecar(loaded: LoadedModel, fmt: str, checkpoint: str | Path, diff: float) -> dict:
     data = loaded.cfg.data
-    natural = data.augment != "none" and data.augment != "light"
+    geometry = eval_geometry(data)
     return {
         "format": fmt,
         "input": {"name": "images", "dtype": "float32", "layout": "NCHW", "batch": "dynamic",
-                  "channels": data.channels, "height": data.image_size, "width": data.image_size},
+                  "channels": data.channels, "height": geometry.crop, "width": geometry.crop},
         "output": {"name": "logits", "classes": len(loaded.class_names)},
         "class_names": loaded.class_names,
         "mean": data.mean, "std": data.std,
         # As training validated: RGB or gray, scaled to [0, 1], resized, normalized.
-        "eval_crop": ({"resize_short_side": round(data.image_size / EVAL_CROP_RATIO), "center_crop": data.image_size}
-                      if natural else {"resize": [data.image_size, data.image_size]}),
+        "eval_crop": ({"resize": [geometry.crop, geometry.crop]} if geometry.squash else
+                      {"resize_short_side": geometry.resize, "center_crop": geometry.crop}),
+        "interpolation": data.interpolation,
         "source_checkpoint": str(checkpoint),
         "max_abs_diff_vs_pytorch": diff,
         "config": loaded.meta.get("config"),

@@ -20,6 +20,17 @@ window; with fewer, a process reads several; with more, they share one.
 A sampled epoch (data.sampling, data/sampling.py) first draws how many times each sample is
 read; the sequence of step 1 then holds each shard's drawn samples (a sample drawn twice,
 twice) in place of all its samples, and steps 2-4 are the same.
+
+Repeated augmentation (data.repeated_augment = k, DeiT's RASampler on streaming shards): a
+global batch holds D = G/k distinct samples (rounded up to a multiple of C), each k times,
+copy j of the i-th at offset j*D + i; where k*D exceeds G, the step's last k*D - G samples
+are read k - 1 times, as RASampler's last samples of a rank are. Copies are D positions
+apart, at least a micro-batch (b <= D when W*K >= k): each falls in another micro-batch of
+the step, and with W >= k on another process, as RASampler spreads them over GPUs. Steps 2-4
+lay out the distinct samples with D in place of G, over the first steps*D samples of the
+sequence: an epoch still reads about N samples (its steps are N // G), N/k of them distinct,
+which ones changing with each epoch's shard order. Each copy is augmented from its own
+position's seed.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ class OrderSpec:
     window: int  # B: shuffle window within a partition
     sampling: str = "uniform"  # data.sampling; other than uniform, the epoch is drawn
     samples_per_epoch: int = 0  # a drawn epoch's samples (0: as many as the training set has)
+    repeats: int = 1  # data.repeated_augment: k copies of each sample a step reads
 
     def __post_init__(self):
         if self.global_batch % self.partitions:
@@ -58,6 +70,15 @@ class OrderSpec:
                 f"the global batch ({self.global_batch}) must be a multiple of the run's data partitions "
                 f"({self.partitions}, its first launch's process count)"
             )
+        if (self.repeats - 1) * self.distinct_per_step >= self.global_batch:
+            raise ConfigError(
+                f"a global batch of {self.global_batch} cannot hold data.repeated_augment={self.repeats} copies "
+                f"of samples spread over {self.partitions} data partitions: use a larger batch or fewer repeats")
+
+    @property
+    def distinct_per_step(self) -> int:
+        """D, the distinct samples of a global batch: G / k, rounded up to a multiple of C."""
+        return -(-self.global_batch // (self.repeats * self.partitions)) * self.partitions
 
 
 class EpochOrder:
@@ -75,12 +96,13 @@ class EpochOrder:
         self.starts = np.cumsum([0, *reads]).tolist()
         total = self.starts[-1]
         self.steps = steps_per_epoch(total, spec.global_batch)
-        self.per_partition_step = spec.global_batch // spec.partitions  # G / C
+        self.per_partition_step = spec.distinct_per_step // spec.partitions  # D / C
         self.partition_len = self.steps * self.per_partition_step
 
     def sample(self, position: int) -> tuple[Shard, int]:
         """(shard, index within the shard) of the sample at this global position."""
         step, offset = divmod(position, self.spec.global_batch)
+        offset %= self.spec.distinct_per_step  # its copy's number does not matter here
         partition, within = divmod(offset, self.per_partition_step)
         p = step * self.per_partition_step + within  # position inside the partition
         window, slot = divmod(p, self.spec.window)
@@ -111,12 +133,19 @@ class EpochOrder:
         self.shards, self.drawn = kept, np.concatenate(drawn)
         return reads
 
+    def partitions_of(self, rank: int, chunk: int) -> range:
+        """The partitions rank `rank`'s run of `chunk` positions of every global batch reads: a
+        range (with repeats, a run of offsets taken modulo G/k, which wraps to all of them)."""
+        distinct, per = self.spec.distinct_per_step, self.per_partition_step
+        start = rank * chunk % distinct
+        if chunk >= distinct or start + chunk > distinct:
+            return range(self.spec.partitions)
+        return range(start // per, (start + chunk - 1) // per + 1)
+
     def shards_for_rank(self, rank: int, world_size: int, grad_accum_steps: int, batch_size: int) -> list[Shard]:
         """The shards a rank reads this epoch: those overlapping its partitions."""
-        chunk = grad_accum_steps * batch_size  # this rank's run of every global batch
-        first = rank * chunk // self.per_partition_step
-        last = ((rank + 1) * chunk - 1) // self.per_partition_step
-        lo, hi = first * self.partition_len, (last + 1) * self.partition_len
+        partitions = self.partitions_of(rank, grad_accum_steps * batch_size)  # its run of every global batch
+        lo, hi = partitions.start * self.partition_len, partitions.stop * self.partition_len
         return [s for s, start, stop in zip(self.shards, self.starts, self.starts[1:], strict=False)
                 if start < hi and stop > lo]
 

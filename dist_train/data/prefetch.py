@@ -56,9 +56,7 @@ class NodePlan:
         self._objects: dict[str, RemoteObject] = {}
         per_step, window = order.per_partition_step, order.spec.window
         chunk = grad_accum_steps * batch_size
-        # The partitions each rank's run of a global batch covers (order.shards_for_rank's rule).
-        partitions = sorted({p for r in ranks
-                             for p in range(r * chunk // per_step, ((r + 1) * chunk - 1) // per_step + 1)})
+        partitions = sorted({p for r in ranks for p in order.partitions_of(r, chunk)})
         for p in partitions:
             for w in range(math.ceil(order.partition_len / window)):
                 lo = w * window

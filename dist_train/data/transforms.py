@@ -9,13 +9,14 @@ bitwise those of normalizing each sample.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from torchvision.transforms import v2
 
 from dist_train.config import DataConfig
 
-# Standard evaluation crop: resize the short side to size / 0.875, then center-crop `size`.
-EVAL_CROP_RATIO = 0.875
 # Learned or searched augmentation policies, applied after the standard crop and flip as in
 # torchvision's reference recipes (`--auto-augment ra|ta_wide|imagenet`), with their defaults.
 POLICIES = {
@@ -23,6 +24,31 @@ POLICIES = {
     "trivialaugment": v2.TrivialAugmentWide,
     "autoaugment": v2.AutoAugment,  # the ImageNet policy
 }
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
+
+
+@dataclass(frozen=True)
+class EvalGeometry:
+    """How evaluation shapes an image: resize the short side (or, for `none`/`light`, the whole
+    image to a square), then center-crop."""
+
+    resize: int
+    crop: int
+    squash: bool  # resize to (crop, crop), no center crop: digits and documents are not cropped
+
+
+def eval_geometry(cfg: DataConfig) -> EvalGeometry:
+    """data.val_crop_size (default image_size) and data.val_resize_size (default
+    floor(crop / crop_pct), timm's rule: 224 at 0.875 -> 256, at 0.95 -> 235)."""
+    crop = cfg.val_crop_size or cfg.image_size
+    if not natural_images(cfg):
+        return EvalGeometry(resize=crop, crop=crop, squash=True)
+    return EvalGeometry(resize=cfg.val_resize_size or math.floor(crop / cfg.crop_pct), crop=crop, squash=False)
+
+
+def natural_images(cfg: DataConfig) -> bool:
+    """Augmented by crops and flips in training, center-cropped in evaluation."""
+    return cfg.augment == "standard" or cfg.augment in POLICIES
 
 
 def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
@@ -31,22 +57,24 @@ def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
     Random choices draw from torch's default generator, which the training pipeline seeds per
     sample (data/pipeline.py): a sample's augmentation is a function of (seed, epoch, position).
     """
-    size = cfg.image_size
-    natural = cfg.augment == "standard" or cfg.augment in POLICIES
+    size, interpolation = cfg.image_size, INTERPOLATIONS[cfg.interpolation]
     # Geometry and policies run on the PIL image (PIL's C kernels are several times faster per
     # image than tensor kernels on small images).
-    if train and natural:
-        steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
-        steps += [POLICIES[cfg.augment]()] if cfg.augment in POLICIES else []
+    if train and natural_images(cfg):
+        steps = [v2.RandomResizedCrop(size, interpolation=interpolation, antialias=True), v2.RandomHorizontalFlip()]
+        steps += [POLICIES[cfg.augment](interpolation=interpolation)] if cfg.augment in POLICIES else []
     elif train and cfg.augment == "light":
         steps = [
-            v2.Resize((size, size), antialias=True),
+            v2.Resize((size, size), interpolation=interpolation, antialias=True),
             v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1)),
         ]
-    elif natural:
-        steps = [v2.Resize(round(size / EVAL_CROP_RATIO), antialias=True), v2.CenterCrop(size)]
+    elif train:
+        steps = [v2.Resize((size, size), interpolation=interpolation, antialias=True)]
     else:
-        steps = [v2.Resize((size, size), antialias=True)]
+        geometry = eval_geometry(cfg)
+        resize = (geometry.crop, geometry.crop) if geometry.squash else geometry.resize
+        steps = [v2.Resize(resize, interpolation=interpolation, antialias=True)]
+        steps += [] if geometry.squash else [v2.CenterCrop(geometry.crop)]
     steps.append(v2.ToImage())
     if train and cfg.random_erasing > 0:
         # On the uint8 image, before normalization: erased pixels get the dataset mean, which

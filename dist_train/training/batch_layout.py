@@ -40,7 +40,8 @@ def plan_layout(cfg: Config, accelerator: Accelerator, train_samples: int,
     world, batch = accelerator.num_processes, cfg.data.batch_size
     order = saved_order or OrderSpec(seed=cfg.train.seed, global_batch=world * cfg.train.grad_accum_steps * batch,
                                      partitions=world, window=cfg.data.shuffle_buffer,
-                                     sampling=cfg.data.sampling, samples_per_epoch=cfg.data.samples_per_epoch)
+                                     sampling=cfg.data.sampling, samples_per_epoch=cfg.data.samples_per_epoch,
+                                     repeats=cfg.data.repeated_augment)
     accum, rest = divmod(order.global_batch, world * batch)
     if rest or accum == 0:
         raise ConfigError(
