@@ -164,7 +164,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] | None = None  # null: the optimizer's own (AdamW's 0.9, 0.999; Lion's 0.9, 0.99)
     eps: float | None = None  # null: the optimizer's own default
     # Weight decay on biases and normalization parameters rarely helps and often hurts.
     decay_norm_and_bias: bool = False
@@ -278,9 +278,12 @@ MAX_CLASS_WEIGHT = 1e6  # a class weighed a million times another is already bey
 MAX_ALPHA = 100.0  # Beta(alpha, alpha) is near 0.5 long before; recipes use 0.1 to 1
 MAX_CONFIG_VALUES = 100_000  # far above any real config; bounds what an alias bomb can cost
 MAX_REPEATS = 32  # repeated augmentation: recipes use 2-4
-# model.kwargs that dist-train itself passes to the constructor
+# model.kwargs that dist-train itself passes to the constructor, or that would make it read files
+# (timm's checkpoint_path loads a pickle: weights come through model.weights, checked, only)
 MODEL_KWARGS_OWNED = {"num_classes": "data.num_classes", "in_chans": "data.channels",
-                      "pretrained": "model.weights", "weights": "model.weights"}
+                      "pretrained": "model.weights", "weights": "model.weights", "checkpoint_path": "model.weights",
+                      "pretrained_cfg": "model.weights", "pretrained_cfg_overlay": "model.weights",
+                      "cache_dir": "model.weights", "features_only": "model.name (a classifier)"}
 
 METRIC_NAMES = (
     "val/acc",
@@ -375,8 +378,8 @@ def validate(cfg: Config) -> None:
             )
     if any(s <= 0 for s in cfg.data.std):
         raise ConfigError("data.std values must be positive")
-    if len(cfg.optim.betas) != 2:
-        raise ConfigError("optim.betas must hold two values")
+    if cfg.optim.betas is not None and len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas must hold two values (or null)")
     if not 0.0 <= cfg.loss.label_smoothing < 1.0:
         raise ConfigError("loss.label_smoothing must be in [0, 1)")
     if cfg.loss.focal_gamma < 0:
@@ -530,7 +533,7 @@ def _check_ranges(cfg: Config) -> None:
          "positive with optim.nesterov=true"),
         ("optim.weight_decay", o.weight_decay, 0 <= o.weight_decay <= MAX_WEIGHT_DECAY,
          f"in [0, {MAX_WEIGHT_DECAY:g}]"),
-        *((f"optim.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(o.betas)),
+        *((f"optim.betas[{i}]", b, 0 <= b < 1, "in [0, 1)") for i, b in enumerate(o.betas or [])),
         ("sched.warmup_start_factor", s.warmup_start_factor, 0 <= s.warmup_start_factor <= 1, "in [0, 1]"),
         ("sched.gamma", s.gamma, 0 < s.gamma <= 1, "in (0, 1]"),
         ("sched.min_lr", s.min_lr, 0 <= s.min_lr <= o.lr, f"in [0, optim.lr={o.lr:g}]"),

@@ -157,7 +157,7 @@ def _first_steps_train_finitely(cfg: Config, item: str) -> None:
     optimizer = build_optimizer(model, cfg.optim, global_batch=cfg.data.batch_size * cfg.train.grad_accum_steps)
     schedule = Schedule(optimizer, cfg.sched, steps_per_epoch=5, epochs=cfg.train.epochs)
     try:
-        criterion = build_loss(cfg.loss, num_classes=10)
+        criterion = build_loss(cfg.loss, num_classes=10, task=cfg.data.task)
     except ConfigError as exc:  # checked against the dataset's classes: the run stops here, in one line
         assert "\n" not in str(exc) and len(str(exc)) < 300, str(exc)
         return

@@ -41,10 +41,13 @@ def test_batch_normalization_equals_normalizing_each_sample(train, channels, aug
     assert labels.tolist() == list(range(len(images))) and sources[1] == "s1"
 
 
+BILINEAR = v2.InterpolationMode.BILINEAR  # torchvision's presets give their policies the crop's interpolation
+
+
 @pytest.mark.parametrize(("augment", "policy"), [
-    ("randaugment", v2.RandAugment()),
-    ("trivialaugment", v2.TrivialAugmentWide()),
-    ("autoaugment", v2.AutoAugment()),
+    ("randaugment", v2.RandAugment(interpolation=BILINEAR)),
+    ("trivialaugment", v2.TrivialAugmentWide(interpolation=BILINEAR)),
+    ("autoaugment", v2.AutoAugment(interpolation=BILINEAR)),
 ])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_policies_are_torchvisions_as_its_reference_recipe_applies_them(augment, policy, channels):

@@ -139,7 +139,7 @@ def verify(path: Path, hashes: bool = True) -> dict[str, Any]:
 
 
 REQUIRED_ORDER_KEYS = {"seed", "global_batch", "partitions", "window"}
-SAMPLING_KEYS = {"sampling", "samples_per_epoch"}
+SAMPLING_KEYS = {"sampling", "samples_per_epoch", "repeats"}  # newer than the others: may be missing
 SAMPLING_MODES = ("uniform", "balanced", "sqrt", "weights")
 
 
@@ -155,10 +155,11 @@ def _check_index(index: dict[str, Any], path: Path) -> None:
         not isinstance(index.get("files"), dict) or not all(isinstance(v, str) for v in index["files"].values()),
         not count(index.get("world_size"), 1),
         not isinstance(position, dict) or not count(position.get("global_step"), 0),
-        # sampling and samples_per_epoch: since data.sampling (a checkpoint from before lacks them).
+        # sampling, samples_per_epoch, repeats: since data.sampling and data.repeated_augment.
         not isinstance(order, dict) or not REQUIRED_ORDER_KEYS <= set(order) <= REQUIRED_ORDER_KEYS | SAMPLING_KEYS,
         isinstance(order, dict) and order.get("sampling", "uniform") not in SAMPLING_MODES,
         isinstance(order, dict) and not count(order.get("samples_per_epoch", 0), 0),
+        isinstance(order, dict) and not count(order.get("repeats", 1), 1),
         isinstance(order, dict) and not all(count(order.get(k), 1) for k in ("global_batch", "partitions", "window")),
         isinstance(order, dict) and not count(order.get("seed"), 0),
         isinstance(order, dict) and count(order.get("partitions"), 1) and count(order.get("global_batch"), 1)

@@ -58,7 +58,10 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu
     if meta.get("mixed_precision", "no") not in ("no", "bf16", "fp16"):
         raise CheckpointError(f"{checkpoint}: meta.json mixed_precision {str(meta['mixed_precision'])[:40]!r} "
                               "is not one of no, bf16, fp16")
-    model = create_model(cfg.model.name, len(class_names), cfg.data.channels)
+    try:
+        model = create_model(cfg.model.name, len(class_names), cfg.data.channels, cfg.model.kwargs)
+    except ConfigError as exc:
+        raise CheckpointError(f"{checkpoint}: meta.json's model does not build ({exc})") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

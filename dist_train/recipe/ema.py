@@ -7,7 +7,11 @@ torch.optim.swa_utils.AveragedModel does the averaging, with the rule of its
 ModelEmaV3 does (decay_t = min(decay, 1 - (1 + t)^(-2/3)), its defaults), so that the average is not
 dominated by the random initial weights in a short run.
 
-Every rank updates its copy after every optimizer step from identical weights: the copies
+`train.ema_every_steps` = N updates it after every N-th optimizer step only (torchvision's
+`--model-ema-steps`: less work per step for a large model); `train.ema_adjust=torchvision`
+then reads `ema_decay` as torchvision's reference script does (`ema_decay_per_update`).
+
+Every rank updates its copy after its optimizer steps from identical weights: the copies
 stay identical with no collective. Only parameters are averaged. BatchNorm running
 statistics are buffers that differ per rank between validations (accelerator.py), so the
 average takes the model's own, rank 0's, whenever it is used (`module_with_buffers_of`), as
@@ -22,12 +26,25 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dist_train.config import TrainConfig
+
 WARMUP_POWER = 2 / 3  # timm ModelEmaV3's default, with warmup_gamma=1
 
 
+def ema_decay_per_update(cfg: TrainConfig, global_batch: int) -> float:
+    """The decay of one update. torchvision's references rescale theirs by the images between
+    updates per epoch: alpha = min(1, (1 - decay) x global batch x every / epochs), decay' =
+    1 - alpha (0.99998, 32 steps, 1024 images, 600 epochs: 0.99891 every 32 steps)."""
+    assert cfg.ema_decay is not None
+    if cfg.ema_adjust == "none":
+        return cfg.ema_decay
+    alpha = min(1.0, (1.0 - cfg.ema_decay) * global_batch * cfg.ema_every_steps / cfg.epochs)
+    return 1.0 - alpha
+
+
 class WeightsEma:
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
-        self.decay, self.warmup = decay, warmup
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, every_steps: int = 1):
+        self.decay, self.warmup, self.every_steps = decay, warmup, every_steps
         self.updates = 0  # a Python count: reading AveragedModel's n_averaged would sync the device
         self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=False)
 
@@ -36,6 +53,10 @@ class WeightsEma:
         if not self.warmup:
             return self.decay
         return min(self.decay, 1.0 - (1.0 + update) ** -WARMUP_POWER)
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` (counted from 1) updates the average."""
+        return step % self.every_steps == 0
 
     def update(self, model: nn.Module) -> None:
         """After an optimizer step: fold the model's parameters into the average (the first

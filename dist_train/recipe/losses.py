@@ -1,6 +1,6 @@
 """Training losses chosen by config.
 
-    multiclass   cross_entropy, label_smoothing (both optionally class-weighted), focal
+    multiclass   cross_entropy, label_smoothing (both optionally class-weighted), focal, bce
     multilabel   bce (binary cross-entropy with logits, per label), asl (asymmetric loss)
 
 Every loss is a mean over the micro-batch's samples of a per-sample loss, so K micro-batches
@@ -57,6 +57,28 @@ class WeightedCrossEntropy(nn.Module):
                                reduction="none").mean()
 
 
+class OneVsRestBCE(nn.Module):
+    """Binary cross-entropy of every class's logit for single-label data ("ResNet strikes back",
+    Wightman et al. 2021), as timm's BinaryCrossEntropy computes it: the target is the one-hot
+    label, or a mixup / cutmix blend of two (probabilities), smoothed to s/C off and 1 - s + s/C
+    on (timm applies the same to mixed targets), then with `target_threshold` made 0 or 1 (a
+    mixed image counts as both of its classes); the mean over samples and classes."""
+
+    def __init__(self, smoothing: float = 0.0, target_threshold: float | None = None):
+        super().__init__()
+        self.smoothing, self.target_threshold = smoothing, target_threshold
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        classes = logits.shape[-1]
+        probs = target.float() if target.is_floating_point() else F.one_hot(target, classes).float()
+        if self.smoothing:
+            probs = probs * (1.0 - self.smoothing) + self.smoothing / classes
+        if self.target_threshold is not None:
+            probs = probs.gt(self.target_threshold).float()
+        return F.binary_cross_entropy_with_logits(logits, probs)
+
+
 class MultilabelBCE(nn.Module):
     """Binary cross-entropy with logits, summed over labels, averaged over samples."""
 
@@ -95,12 +117,14 @@ def auto_class_weights(counts: Sequence[int]) -> list[float]:
 
 
 def build_loss(cfg: LossConfig, num_classes: int = 0,
-               class_counts: Callable[[], Sequence[int]] | None = None) -> nn.Module:
+               class_counts: Callable[[], Sequence[int]] | None = None, task: str = "multiclass") -> nn.Module:
     """`class_counts`: the training set's samples per class, asked for by loss.class_weights=auto.
     Per-class settings must have `num_classes` values (0: not checked)."""
     for key, values in (("loss.class_weights", cfg.class_weights), ("loss.focal_alpha", cfg.focal_alpha)):
         if isinstance(values, list) and num_classes and len(values) != num_classes:
             raise ConfigError(f"{key} has {len(values)} values; the dataset has {num_classes} classes")
+    if cfg.name == "bce" and task == "multiclass":
+        return OneVsRestBCE(cfg.label_smoothing, cfg.bce_target_threshold)
     if cfg.name == "bce":
         return MultilabelBCE()
     if cfg.name == "asl":

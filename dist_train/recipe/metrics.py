@@ -1,6 +1,7 @@
 """Validation metrics from torchmetrics, exact across processes.
 
-Accuracy, macro F1 / precision / recall and the confusion matrix keep summed counts; AUROC
+Accuracy (top-1, and top-5 with more than 5 classes), macro F1 / precision / recall and the
+confusion matrix keep summed counts; AUROC
 (thresholds=None) keeps every prediction; the loss keeps a sum and a count. Each is synced
 across ranks inside `compute()`, which every rank must call. Because each validation sample
 is seen by exactly one rank (see data/eval_split.py), the synced values equal the single-process
@@ -30,7 +31,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
-from dist_train.config import Config
+from dist_train.config import TOP_K, Config
 
 
 class ValidationMetrics:
@@ -38,9 +39,12 @@ class ValidationMetrics:
     detail_key = "val/confusion_matrix"
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        top_k = {f"val/acc_top{TOP_K}": MulticlassAccuracy(num_classes, top_k=TOP_K, average="micro")
+                 } if num_classes > TOP_K else {}
         self.scores = MetricCollection(
             {
                 "val/acc": MulticlassAccuracy(num_classes, average="micro"),
+                **top_k,
                 "val/f1_macro": MulticlassF1Score(num_classes, average="macro"),
                 "val/precision_macro": MulticlassPrecision(num_classes, average="macro"),
                 "val/recall_macro": MulticlassRecall(num_classes, average="macro"),

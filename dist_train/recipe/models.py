@@ -3,6 +3,10 @@
 
     model = create_model("resnet18", num_classes=10, in_channels=1)
     model = create_model("timm/convnext_tiny", num_classes=10)
+    model = model_from_config(cfg.model, num_classes=10, in_channels=3)  # model.kwargs and the rest
+
+`model.kwargs` go to the constructor (timm's drop_path_rate, a torchvision builder's
+stochastic_depth_prob); `model.grad_checkpointing` turns on timm's activation checkpointing.
 
 Weights start random: dist-train never downloads pretrained weights at run time (saved ones
 come from a local file: `model.weights`, pretrained.py).
@@ -14,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from dist_train.config import ModelConfig
 from dist_train.errors import ConfigError
 
 
@@ -42,32 +47,65 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def model_from_config(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """The run's model: `create_model` with model.kwargs, and model.grad_checkpointing."""
+    model = create_model(cfg.name, num_classes, in_channels, cfg.kwargs)
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(model, cfg.name)
+    return model
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, kwargs: dict | None = None) -> nn.Module:
     if num_classes < 2:
         raise ConfigError(f"data.num_classes must be at least 2, got {num_classes}")
+    kwargs = kwargs or {}
     if name in ("small_cnn", "small_cnn_gn"):
+        if kwargs:
+            raise ConfigError(f"model.kwargs: {name} takes none (it has no options), got {sorted(kwargs)}")
         return SmallCNN(num_classes, in_channels, norm="group" if name == "small_cnn_gn" else "batch")
     if name.startswith(TIMM_PREFIX):
-        return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, in_channels)
+        return _timm_model(name.removeprefix(TIMM_PREFIX), num_classes, in_channels, kwargs)
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(f"model.name: unknown model {name!r} (e.g. small_cnn, small_cnn_gn, resnet18, resnet50)")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    model = _constructed(name, kwargs, torchvision.models.get_model, name, weights=None, num_classes=num_classes)
     if in_channels != 3:
         _adapt_first_conv(model, in_channels)
     return model
 
 
+def _constructed(name: str, kwargs: dict, constructor, *args, **fixed) -> nn.Module:
+    """The constructor's model, or a one-line error naming the model.kwargs it does not take."""
+    try:
+        return constructor(*args, **fixed, **kwargs)
+    except TypeError as exc:
+        if not kwargs:
+            raise
+        raise ConfigError(f"model.kwargs {kwargs} do not fit {name}: {' '.join(str(exc).split())}") from None
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """timm's activation checkpointing of the model's blocks, or an error naming the model."""
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ConfigError(f"model.grad_checkpointing: {name} has no activation checkpointing of its own "
+                          "(timm models have: timm/<name>)")
+    try:
+        model.set_grad_checkpointing(True)
+    except (AssertionError, NotImplementedError) as exc:  # timm's way of saying a model cannot
+        raise ConfigError(f"model.grad_checkpointing: {name} does not support it ({exc or 'timm says so'})") from None
+
+
 TIMM_PREFIX = "timm/"
 
 
-def _timm_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
+def _timm_model(name: str, num_classes: int, in_channels: int, kwargs: dict) -> nn.Module:
     """timm's own constructor: its head for `num_classes`, its stem for `in_channels`."""
     import timm  # imported when asked for: it takes a second
 
     if not timm.is_model(name):
         raise ConfigError(f"model.name: timm has no model {name!r} (timm.list_models() lists them, "
                           "e.g. timm/convnext_tiny, timm/vit_tiny_patch16_224, timm/resnet18)")
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+    return _constructed(name, kwargs, timm.create_model, name, pretrained=False, num_classes=num_classes,
+                        in_chans=in_channels)
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:

@@ -15,12 +15,14 @@ is stepped after each validation with the monitored metric.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
 from torch import nn
 
 from dist_train.config import OptimConfig, SchedConfig
+from dist_train.errors import ConfigError
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
@@ -29,25 +31,61 @@ def scaled_lr(cfg: OptimConfig, global_batch: int) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None = None) -> torch.optim.Optimizer:
-    """SGD or AdamW; `global_batch` (images per optimizer step) feeds `lr_base_batch` scaling.
+    """torch's SGD or AdamW, or any optimizer of timm's factory (`timm.optim.create_optimizer_v2`:
+    LAMB, LARS, Lion, ADOPT, NAdamW, ...), given dist-train's parameter groups; `global_batch`
+    (images per optimizer step) feeds `lr_base_batch` scaling.
 
-    Parameter groups by weight decay and LR scale: `optim.layer_decay` (BEiT's layer-wise LR
-    decay: layer i of L gets decay^(L-1-i)) and `optim.head_lr_mult` (the classifier head's LR
-    multiplier) set each parameter's scale; a group's "lr_scale" is kept beside its LR."""
+    Parameter groups by weight decay and LR scale, as timm's factory makes them: no decay on
+    1-d parameters (biases, normalization weights) nor on the model's own `no_weight_decay()`
+    (a ViT's position embedding and class token) unless `optim.decay_norm_and_bias`;
+    `optim.layer_decay` (BEiT's layer-wise LR decay: layer i of L gets decay^(L-1-i)) and
+    `optim.head_lr_mult` (the classifier head's LR multiplier) set each parameter's scale; a
+    group's "lr_scale" is kept beside its LR."""
     lr = scaled_lr(cfg, global_batch) if global_batch else cfg.lr
-    scales = lr_scales(model, cfg)
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        # Biases and normalization weights are the 1-d parameters.
-        decay = 0.0 if param.ndim <= 1 and not cfg.decay_norm_and_bias else cfg.weight_decay
-        groups.setdefault((decay, scales[id(param)]), []).append(param)
-    groups = [{"params": params, "weight_decay": decay, "lr": lr * scale, "lr_scale": scale}
-              for (decay, scale), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))]
+    groups = param_groups(model, cfg, lr)
+    betas = {"betas": tuple(cfg.betas)} if cfg.betas is not None else {}
+    eps = {"eps": cfg.eps} if cfg.eps is not None else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas))
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, **betas, **eps)
+    return _timm_optimizer(groups, cfg, lr, {**betas, **eps})
+
+
+def _timm_optimizer(groups: list[dict], cfg: OptimConfig, lr: float, extra: dict) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2, list_optimizers  # imported when asked for: it takes a second
+
+    if cfg.name not in list_optimizers():
+        raise ConfigError(f"optim.name: {cfg.name!r} is neither sgd, adamw nor one of timm's optimizers "
+                          f"(timm.optim.list_optimizers(): e.g. lamb, lars, lion, adopt, nadamw, rmsproptf)")
+    try:
+        # Groups carry their own weight decay: the factory's is only a default they override.
+        return create_optimizer_v2(groups, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum, **extra)
+    except (ValueError, TypeError, ImportError) as exc:  # e.g. a bitsandbytes optimizer without the package
+        raise ConfigError(f"optim.name={cfg.name}: timm cannot build it here ({' '.join(str(exc).split())})") from None
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, lr: float) -> list[dict]:
+    """The optimizer's parameter groups (see `build_optimizer`), biggest decay first."""
+    scales = lr_scales(model, cfg)
+    exempt = no_weight_decay_names(model)
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = (param.ndim <= 1 or name in exempt) and not cfg.decay_norm_and_bias
+        groups.setdefault((0.0 if no_decay else cfg.weight_decay, scales[id(param)]), []).append(param)
+    return [{"params": params, "weight_decay": decay, "lr": lr * scale, "lr_scale": scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))]
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters the model says take no weight decay (timm's `no_weight_decay()`: a ViT's
+    pos_embed and cls_token), besides the 1-d ones; names or wildcard patterns, as timm's
+    factory matches them (fnmatch)."""
+    declared = set(getattr(model, "no_weight_decay", set)())
+    return {name for name, _ in model.named_parameters() if any(fnmatch.fnmatch(name, p) for p in declared)}
 
 
 def _base_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -85,7 +85,7 @@ def optimizer_step(run: Run, micro_batches) -> None:
                run.frozen_at(state.step), run.device_stage)
     state.step += 1
     state.schedule.after_optimizer_step()
-    if state.ema:  # every rank alike, from identical weights: no collective
+    if state.ema and state.ema.due(state.step):  # every rank alike, from identical weights: no collective
         state.ema.update(state.bare_model)
     run.progress.step_done(state.schedule.lr)
 

@@ -219,9 +219,10 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
     shown_metrics = (
         (("val/map_macro", "mAP (macro)"), ("val/f1_micro", "F1 (micro)"), ("val/f1_macro", "F1 (macro)"),
          ("val/subset_acc", "subset accuracy"), ("val/auroc_macro", "AUROC (macro)")) if run.multilabel else
-        (("val/acc", "accuracy"), ("val/f1_macro", "F1 (macro)"), ("val/precision_macro", "precision (macro)"),
-         ("val/recall_macro", "recall (macro)"), ("val/auroc_macro", "AUROC (macro)")))
-    for key, label in shown_metrics:
+        (("val/acc", "accuracy"), ("val/acc_top5", "top-5 accuracy"), ("val/f1_macro", "F1 (macro)"),
+         ("val/precision_macro", "precision (macro)"), ("val/recall_macro", "recall (macro)"),
+         ("val/auroc_macro", "AUROC (macro)")))
+    for key, label in (shown for shown in shown_metrics if shown[0] in run.val[0]):  # top-5: > 5 classes
         ax.plot(steps, [r[key] for r in run.val], "o-", label=label, markersize=3)
     ax.axvline(best_step, color="grey", linestyle="--", linewidth=1,
                label=f"best: epoch {best_epoch}, step {best_step}")

@@ -25,17 +25,24 @@ from torch import nn
 
 from dist_train import __version__
 from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config
-from dist_train.config import ALL_EMA_METRIC_NAMES, ALL_METRIC_NAMES, EMA_PREFIX, Config, to_dict
+from dist_train.config import (
+    ALL_EMA_METRIC_NAMES,
+    ALL_METRIC_NAMES,
+    EMA_PREFIX,
+    Config,
+    check_metrics_measured,
+    to_dict,
+)
 from dist_train.data import workers
 from dist_train.data.damage import damage_record, report_damage
 from dist_train.data.datasets import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_stage, make_eval_loader
 from dist_train.data.sampling import epoch_sampler
-from dist_train.recipe.ema import WeightsEma
+from dist_train.recipe.ema import WeightsEma, ema_decay_per_update
 from dist_train.recipe.losses import build_loss
 from dist_train.recipe.mixing import BatchMixer, make_mixer
-from dist_train.recipe.models import create_model
+from dist_train.recipe.models import model_from_config
 from dist_train.recipe.optim import Schedule, build_optimizer, head_prefix
 from dist_train.recipe.pretrained import load_pretrained
 from dist_train.runtime import startup_clock
@@ -255,6 +262,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     """Build the run from its config, resumed from a checkpoint when `train.resume` finds one."""
     started = time.perf_counter()
     datasets = datasets or resolve_datasets(cfg.data)
+    check_metrics_measured(cfg, datasets.num_classes)
     workers.start_helpers(fork_server=cfg.data.num_workers > 0)  # already started by `dist-train train`
     accelerator = make_accelerator(cfg.train)
     startup_clock.mark("accelerator")
@@ -270,7 +278,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     order, layout = plan_layout(cfg, accelerator, datasets.train.samples,
                                 OrderSpec(**saved.members["order"]) if saved else None)
 
-    model = create_model(cfg.model.name, datasets.num_classes, cfg.data.channels)
+    model = model_from_config(cfg.model, datasets.num_classes, cfg.data.channels)
     # A resumed run's weights come from its checkpoint; the pretrained ones were its start.
     pretrained = load_pretrained(model, cfg.model.weights) if cfg.model.weights and not saved else None
     if cfg.model.sync_batchnorm and layout.world_size > 1:
@@ -285,7 +293,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     startup_clock.mark("model")
     state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
     if cfg.train.ema_decay:
-        state.ema = WeightsEma(state.bare_model, cfg.train.ema_decay, cfg.train.ema_warmup)
+        state.ema = WeightsEma(state.bare_model, ema_decay_per_update(cfg.train, layout.global_batch),
+                               cfg.train.ema_warmup, cfg.train.ema_every_steps)
     if saved:
         state.resume_from(saved)  # random states last: nothing above draws from them again
         if accelerator.is_main_process:
@@ -307,7 +316,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     if changes:
         accelerator.print(f"changed since the checkpoint, applied from step {state.step}: {'; '.join(changes)}")
     report_damage(accelerator, datasets)
-    criterion = build_loss(cfg.loss, datasets.num_classes, lambda: train_class_counts(cfg.data, datasets))
+    criterion = build_loss(cfg.loss, datasets.num_classes, lambda: train_class_counts(cfg.data, datasets),
+                           task=cfg.data.task)
     stage = device_stage(cfg.data, accelerator.device)
     sampler = None
     if order.sampling != "uniform":  # what draws each epoch (data/sampling.py)
