@@ -233,6 +233,8 @@ def test_uneven_shards_prime_val_set_metrics_equal_sklearn_single_and_multi_labe
     expected = sklearn_reference(logits, labels, 10)
     for name, value in expected.items():
         assert synced["values"][name] == pytest.approx(value, abs=1e-5), name
+    # Top-5 counts, summed over the ranks: sklearn's top_k_accuracy_score on the union, to 1e-6.
+    assert synced["values"]["val/acc_top5"] == pytest.approx(expected["val/acc_top5"], abs=1e-6)
     assert np.array(synced["confusion"]).sum() == 101
 
     logits, labels, synced = _outputs(tmp_path / "multilabel", 101)

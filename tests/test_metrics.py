@@ -13,8 +13,10 @@ def sklearn_reference(logits: torch.Tensor, labels: torch.Tensor, num_classes: i
     pred = probs.argmax(axis=1)
     y = labels.numpy()
     classes = list(range(num_classes))
+    top5 = {"val/acc_top5": skm.top_k_accuracy_score(y, probs, k=5, labels=classes)} if num_classes > 5 else {}
     return {
         "val/acc": skm.accuracy_score(y, pred),
+        **top5,
         "val/f1_macro": skm.f1_score(y, pred, average="macro", labels=classes, zero_division=0),
         "val/precision_macro": skm.precision_score(y, pred, average="macro", labels=classes, zero_division=0),
         "val/recall_macro": skm.recall_score(y, pred, average="macro", labels=classes, zero_division=0),
