@@ -5,6 +5,7 @@ N steps (torchvision's references)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -148,6 +149,7 @@ def test_timms_optimizers_train_digits_with_timms_parameter_groups_and_resume_th
     # the next steps are bitwise those of the optimizer never saved.
     flat = _OptimizerState(optimizer).state_dict()
     assert all(isinstance(v, torch.Tensor) for k, v in flat.items() if k not in ("param_groups", "scalars"))
+    json.dumps([flat["param_groups"], flat["scalars"]])  # the rest is JSON (timm LAMB's group step a tensor)
     flat = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in flat.items()}  # as read from disk
     twin = create_model("small_cnn_gn", 10, 1)
     twin.load_state_dict(model.state_dict())
@@ -228,3 +230,15 @@ def test_ema_every_n_steps_and_torchvisions_decay_adjustment():
     model = create_model("small_cnn", 10, 1)
     ema = WeightsEma(model, decay=0.5, every_steps=4)
     assert [step for step in range(1, 13) if ema.due(step)] == [4, 8, 12]
+
+
+def test_dropout_masks_depend_on_the_micro_batch_not_the_process():
+    """1 process x 2 micro-batches draws the masks 2 processes x 1 draw (runtime/seeds.py)."""
+    from dist_train.runtime.seeds import ForwardSeeds
+
+    def masks(rank: int, accum: int, micro: int) -> torch.Tensor:
+        ForwardSeeds(seed=3, rank=rank, grad_accum_steps=accum, device=torch.device("cpu")).at_step(7)(micro)
+        return F.dropout(torch.ones(64), p=0.5, training=True)
+
+    assert torch.equal(masks(rank=0, accum=2, micro=1), masks(rank=1, accum=1, micro=0))
+    assert not torch.equal(masks(rank=0, accum=2, micro=0), masks(rank=0, accum=2, micro=1))

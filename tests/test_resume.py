@@ -61,11 +61,20 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
 # per-sample RandAugment and erasing, mixup/cutmix, an EMA of the weights monitored for best/,
 # the k best checkpoints, validation mid-epoch, a backbone frozen for 33 steps (the resume from
 # step 30 crosses the unfreeze), and balanced sampling of the 1:50 imbalanced digits (conftest's
-# `imbalanced_digits`) drawn anew each epoch, in epochs as long as the whole digits set's.
+# `imbalanced_digits`) drawn anew each epoch, in epochs as long as the whole digits set's; and
+# the published recipes' options: a timm ViT built from model.kwargs with drop path (random per
+# step), trained at 12 px and validated at 16 (dynamic_img_size), repeated augmentation (2
+# copies, one per rank), BCE with a target threshold on the mixed targets, timm's LAMB (its
+# state has a per-group step tensor), and the EMA updated every 4 steps (the kill at step 30
+# falls between two updates).
 RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
           "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "train.keep_best=2",
           "train.val_every_steps=8", "model.freeze=backbone", "model.freeze_epochs=1.5",
-          "data.sampling=balanced", "data.samples_per_epoch=1437")
+          "data.sampling=balanced", "data.samples_per_epoch=1437",
+          "model.name=timm/vit_tiny_patch16_224", "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, "
+          "num_heads: 2, drop_path_rate: 0.1, dynamic_img_size: true}", "data.image_size=12", "data.val_crop_size=16",
+          "data.repeated_augment=2", "loss.name=bce", "loss.bce_target_threshold=0.2", "optim.name=lamb",
+          "optim.lr=0.005", "optim.weight_decay=0.02", "train.ema_every_steps=4")
 
 
 def recipe_reference_run(digits_dir: Path, out: Path) -> None:

@@ -29,9 +29,10 @@ if TYPE_CHECKING:
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
-               mix=None, frozen=(), device_stage=None) -> None:
+               mix=None, frozen=(), device_stage=None, seed_forward=None) -> None:
     """One optimizer step over this rank's micro-batches of it. `frozen`: parameters that do not
     train at this step (model.freeze): their gradients are dropped before clipping and the step.
+    `seed_forward(micro)`: seeds the micro-batch's dropout and drop path (runtime/seeds.py).
     `device_stage`: what finishes a batch on the device (CUDA's uint8 batches normalized there;
     data.decode_on_device's JPEG bytes decoded and augmented there: data/pipeline.py)."""
     model.train()
@@ -42,6 +43,8 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
             images = device_stage(images)
         if mix is not None:  # mixup / cutmix: images blended in pairs, labels become soft targets
             images, labels = mix(images, labels, micro)
+        if seed_forward is not None:  # dropout / drop path masks: a function of the micro-batch, not the rank
+            seed_forward(micro)
         # Inside `accumulate`, DDP skips the gradient all-reduce (no_sync) and the optimizer
         # skips step and zero_grad on every micro-batch but the last of the step.
         with accelerator.accumulate(model):
@@ -82,7 +85,7 @@ def optimizer_step(run: Run, micro_batches) -> None:
     state = run.state
     train_step(state.model, micro_batches, run.criterion, state.optimizer, run.accelerator, run.progress,
                run.cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None,
-               run.frozen_at(state.step), run.device_stage)
+               run.frozen_at(state.step), run.device_stage, run.forward_seeds.at_step(state.step))
     state.step += 1
     state.schedule.after_optimizer_step()
     if state.ema and state.ema.due(state.step):  # every rank alike, from identical weights: no collective

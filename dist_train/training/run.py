@@ -48,6 +48,7 @@ from dist_train.recipe.pretrained import load_pretrained
 from dist_train.runtime import startup_clock
 from dist_train.runtime.accelerator import make_accelerator
 from dist_train.runtime.preemption import StopRequest, TrainingStopped
+from dist_train.runtime.seeds import ForwardSeeds
 from dist_train.training.batch_layout import RunLayout, plan_layout
 from dist_train.training.best import Verdict
 from dist_train.training.progress import TrainProgress
@@ -84,6 +85,7 @@ class Run:
     stop: StopRequest
     started: float
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
+    forward_seeds: ForwardSeeds  # dropout and drop path seeded per micro-batch (runtime/seeds.py)
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
     # What finishes batches on the device: CUDA's uint8 ones normalized, data.decode_on_device's
     # JPEG bytes decoded and augmented (data/pipeline.py); None: the workers did it all.
@@ -344,6 +346,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         started=started,
         last_validation=last_validation,
         pretrained=pretrained.as_meta() if pretrained else None,
+        forward_seeds=ForwardSeeds(order.seed, accelerator.process_index, layout.grad_accum_steps, accelerator.device),
         mixer=make_mixer(cfg.data, datasets.num_classes, order.seed, accelerator.process_index,
                          layout.grad_accum_steps),
         device_stage=stage,

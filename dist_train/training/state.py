@@ -144,14 +144,18 @@ class _ModelWeights:
 
 
 class _OptimizerState:
-    """An optimizer's state dict, flat: tensors as `<param index>.<name>`, the rest JSON."""
+    """An optimizer's state dict, flat: tensors as `<param index>.<name>` (a parameter group's own,
+    such as timm LAMB's step count, as `group<i>.<name>`), the rest JSON."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
         full = self.optimizer.state_dict()
-        flat: dict[str, Any] = {"param_groups": full["param_groups"], "scalars": {}}
+        flat: dict[str, Any] = {"param_groups": [], "scalars": {}}
+        for i, group in enumerate(full["param_groups"]):
+            flat["param_groups"].append({k: v for k, v in group.items() if not isinstance(v, torch.Tensor)})
+            flat |= {f"{GROUP}{i}.{k}": v for k, v in group.items() if isinstance(v, torch.Tensor)}
         for index, values in full["state"].items():
             for name, value in values.items():
                 if isinstance(value, torch.Tensor):
@@ -162,13 +166,20 @@ class _OptimizerState:
 
     def load_state_dict(self, flat: dict[str, Any]) -> None:
         state: dict[int, dict[str, Any]] = {}  # torch matches states to parameters by int index
+        groups = [dict(group) for group in flat["param_groups"]]
         for key, value in flat.items():
             if isinstance(value, torch.Tensor):
                 index, name = key.split(".", 1)
-                state.setdefault(int(index), {})[name] = value
+                if index.startswith(GROUP):
+                    groups[int(index.removeprefix(GROUP))][name] = value
+                else:
+                    state.setdefault(int(index), {})[name] = value
         for index, values in flat["scalars"].items():
             state.setdefault(int(index), {}).update(values)
-        self.optimizer.load_state_dict({"state": state, "param_groups": flat["param_groups"]})
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+GROUP = "group"  # the prefix of a parameter group's tensors in a flat optimizer state
 
 
 class _Position:
