@@ -219,6 +219,9 @@ class TrainConfig:
     # none: ema_decay is the decay of each update. torchvision: it is rescaled as torchvision's
     # reference script does, 1 - min(1, (1 - decay) x global batch x ema_every_steps / epochs).
     ema_adjust: Literal["none", "torchvision"] = "none"
+    # The average copies the weights, rather than averaging them, until the LR warmup is over
+    # (torchvision's reference script): the warmup's early weights never enter it.
+    ema_copy_in_warmup: bool = False
     # End the run (exit 0, best/ and last/ written) after this many validations in a row without
     # an improvement of `monitor`. null: never.
     early_stop_patience: int | None = field(
@@ -396,8 +399,8 @@ def validate(cfg: Config) -> None:
     for key, owner in MODEL_KWARGS_OWNED.items():
         if key in cfg.model.kwargs:
             raise ConfigError(f"model.kwargs.{key} is set by dist-train from {owner}")
-    if cfg.train.ema_adjust != "none" and cfg.train.ema_decay is None:
-        raise ConfigError("train.ema_adjust rescales train.ema_decay, which is null")
+    if cfg.train.ema_decay is None and (cfg.train.ema_adjust != "none" or cfg.train.ema_copy_in_warmup):
+        raise ConfigError("train.ema_adjust and train.ema_copy_in_warmup are about train.ema_decay, which is null")
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
         raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
     task = cfg.data.task

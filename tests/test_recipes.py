@@ -242,3 +242,10 @@ def test_dropout_masks_depend_on_the_micro_batch_not_the_process():
 
     assert torch.equal(masks(rank=0, accum=2, micro=1), masks(rank=1, accum=1, micro=0))
     assert not torch.equal(masks(rank=0, accum=2, micro=0), masks(rank=0, accum=2, micro=1))
+
+
+def test_the_average_copies_the_weights_until_the_warmup_is_over():
+    """torchvision's reference resets its average after every update of a warmup epoch: the
+    update after the last one in warmup still copies; the next averages."""
+    ema = WeightsEma(create_model("small_cnn", 10, 1), decay=0.9, every_steps=4, copy_through_step=10)
+    assert [ema.decay_at(u) for u in range(1, 6)] == [0.0, 0.0, 0.0, 0.9, 0.9]  # steps 4, 8 in warmup; 12 copies

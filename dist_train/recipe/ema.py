@@ -9,7 +9,9 @@ dominated by the random initial weights in a short run.
 
 `train.ema_every_steps` = N updates it after every N-th optimizer step only (torchvision's
 `--model-ema-steps`: less work per step for a large model); `train.ema_adjust=torchvision`
-then reads `ema_decay` as torchvision's reference script does (`ema_decay_per_update`).
+then reads `ema_decay` as torchvision's reference script does (`ema_decay_per_update`), and
+`train.ema_copy_in_warmup` makes the average copy the weights until the LR warmup is over (that
+script resets its average after each update of a warmup epoch).
 
 Every rank updates its copy after its optimizer steps from identical weights: the copies
 stay identical with no collective. Only parameters are averaged. BatchNorm running
@@ -43,13 +45,18 @@ def ema_decay_per_update(cfg: TrainConfig, global_batch: int) -> float:
 
 
 class WeightsEma:
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, every_steps: int = 1):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, every_steps: int = 1,
+                 copy_through_step: int = 0):
         self.decay, self.warmup, self.every_steps = decay, warmup, every_steps
+        # An update whose previous one came at or before this optimizer step copies the weights.
+        self.copy_through_step = copy_through_step
         self.updates = 0  # a Python count: reading AveragedModel's n_averaged would sync the device
         self.averaged = AveragedModel(model, multi_avg_fn=self._average, use_buffers=False)
 
     def decay_at(self, update: int) -> float:
         """The decay of update number `update` (counted from 1)."""
+        if self.copy_through_step and (update - 1) * self.every_steps <= self.copy_through_step:
+            return 0.0  # a copy: the previous update was still in the LR warmup (or there was none)
         if not self.warmup:
             return self.decay
         return min(self.decay, 1.0 - (1.0 + update) ** -WARMUP_POWER)

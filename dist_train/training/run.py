@@ -295,8 +295,10 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     startup_clock.mark("model")
     state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
     if cfg.train.ema_decay:
+        warmup_steps = round(cfg.sched.warmup_epochs * layout.steps_per_epoch)
         state.ema = WeightsEma(state.bare_model, ema_decay_per_update(cfg.train, layout.global_batch),
-                               cfg.train.ema_warmup, cfg.train.ema_every_steps)
+                               cfg.train.ema_warmup, cfg.train.ema_every_steps,
+                               copy_through_step=warmup_steps if cfg.train.ema_copy_in_warmup else 0)
     if saved:
         state.resume_from(saved)  # random states last: nothing above draws from them again
         if accelerator.is_main_process:
