@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/recipe.py                 # 7 variants x 5 seeds, about 10 minutes on 2 cores
     .venv/bin/python benchmarks/recipe.py --seeds 1 --epochs 5   # a smoke run
+    .venv/bin/python benchmarks/recipe.py --variants baseline BCE repeated   # those whose names hold these
 
 sklearn's digits (real 8x8 scans, no download): 20 training images per class, 50 other
 validation images per class, picked per seed. Each variant is configs/digits_cpu.yaml (light
@@ -36,6 +37,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "trivialaugment instead of light": ("data.augment=trivialaugment",),
     "all but trivialaugment": ("data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
                                "data.mix_prob=0.5", *EMA),
+    "+ repeated augmentation 3": ("data.repeated_augment=3",),
+    "BCE instead of cross-entropy (smoothing 0.05 kept)": ("loss.name=bce",),
+    "BCE, target threshold 0.2, mixup 0.1 + cutmix 1.0": ("loss.name=bce", "loss.bce_target_threshold=0.2",
+                                                           "data.mixup_alpha=0.1", "data.cutmix_alpha=1.0"),
+    "BCE + LAMB (lr 0.01, wd 0.02), as RSB": ("loss.name=bce", "optim.name=lamb", "optim.lr=0.01",
+                                               "optim.weight_decay=0.02"),
 }
 
 
@@ -80,13 +87,16 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--variants", nargs="*", help="only the variants whose names contain one of these")
     args = parser.parse_args()
     started = time.perf_counter()
-    scores: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    chosen = {name: options for name, options in VARIANTS.items()
+              if not args.variants or name.startswith("baseline") or any(v in name for v in args.variants)}
+    scores: dict[str, list[float]] = {name: [] for name in chosen}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             train, val = write_subset(Path(tmp) / f"data-{seed}", seed, args.train_per_class, 50)
-            for i, (name, options) in enumerate(VARIANTS.items()):
+            for i, (name, options) in enumerate(chosen.items()):
                 scores[name].append(run(train, val, Path(tmp) / f"run-{seed}-{i}", seed, args.epochs, options))
                 print(f"seed {seed}: {name}: {scores[name][-1]:.4f}", flush=True)
     base = statistics.mean(scores["baseline (digits_cpu.yaml)"])

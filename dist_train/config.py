@@ -683,6 +683,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(errors[0] if len(errors) == 1 else
                           f"{key}: {quoted(value)} is not a valid {_type_name(tp)}")
     if origin is Literal:
+        if value is False and "no" in args:  # YAML 1.1 reads `no` as false: mixed_precision: no
+            return "no"
         if value in args and type(value) in {type(a) for a in args}:
             return value
         raise ConfigError(f"{key}: {quoted(value)} is not one of {list(args)}")

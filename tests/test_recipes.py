@@ -249,3 +249,35 @@ def test_the_average_copies_the_weights_until_the_warmup_is_over():
     update after the last one in warmup still copies; the next averages."""
     ema = WeightsEma(create_model("small_cnn", 10, 1), decay=0.9, every_steps=4, copy_through_step=10)
     assert [ema.decay_at(u) for u in range(1, 6)] == [0.0, 0.0, 0.0, 0.9, 0.9]  # steps 4, 8 in warmup; 12 copies
+
+
+@pytest.fixture(scope="module")
+def photos_224(tmp_path_factory):
+    """Synthetic 224 px RGB shards: 16 training images (2 steps of 8), 4 validation."""
+    from .conftest import run_cli
+
+    out = tmp_path_factory.mktemp("photos") / "shards"
+    result = run_cli("make-shards", "--source", "synthetic", "--out", str(out), "--num-samples", "20",
+                     "--num-classes", "10", "--image-size", "224", "--val-fraction", "0.2", "--shard-size", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["imagenet_resnet50", "imagenet_resnet50_rsb_a3", "imagenet_deit_small"])
+def test_the_published_recipes_load_and_train_two_steps_on_the_cpu(config, photos_224, tmp_path):
+    """Each recipe as shipped, with only the data, the batch (8: its repeats still fit), a
+    warmup that fits one epoch and the CPU's execution settings overridden."""
+    from .conftest import REPO, run_cli
+
+    out = tmp_path / "run"
+    result = run_cli("train", "--config", str(REPO / "configs" / f"{config}.yaml"), f"data.train={photos_224}",
+                     f"data.val={photos_224}", "data.batch_size=8", "data.num_workers=1", "data.shuffle_buffer=16",
+                     "train.epochs=1", "sched.warmup_epochs=0.5", "train.mixed_precision=no",
+                     "model.channels_last=false",
+                     f"train.output_dir={out}", "tracking.wandb=false", "tracking.plots=false",
+                     "train.progress_bar=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 steps per epoch of 8 images" in result.stdout
+    meta = json.loads((out / "last" / "meta.json").read_text())
+    assert meta["step"] == 2 and math.isfinite(meta["metrics"]["val/loss"]) and "val/acc_top5" in meta["metrics"]
