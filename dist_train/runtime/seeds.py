@@ -31,8 +31,11 @@ class ForwardSeeds:
     def __init__(self, seed: int, rank: int, grad_accum_steps: int, device: torch.device):
         self.seed = seed
         self.first_micro_batch = rank * grad_accum_steps
-        self.generator = (torch.cuda.default_generators[device.index or 0] if device.type == "cuda"
-                          else torch.default_generator)
+        if device.type == "cuda":
+            torch.cuda.init()  # fills torch.cuda.default_generators (the model is on the device already)
+            self.generator = torch.cuda.default_generators[device.index or torch.cuda.current_device()]
+        else:
+            self.generator = torch.default_generator
 
     def at_step(self, step: int):
         """What train_step calls with each micro-batch's index (0..K-1) at optimizer step `step`."""
