@@ -22,6 +22,7 @@ class StepOnly:
     state: Any
     criterion: Any
     progress: Any
+    forward_seeds: Any  # the per-micro-batch seeding of dropout: part of the product's step
     mixer: Any = None
     device_stage: Any = None
 
@@ -36,6 +37,7 @@ def fit_steps(model, batches: Iterable, steps: int, optimizer, schedule, acceler
     as `fit` logs them. Returns the records."""
     from dist_train.config import Config
     from dist_train.data.order import OrderSpec
+    from dist_train.runtime.seeds import ForwardSeeds
     from dist_train.training.engine import optimizer_step
     from dist_train.training.progress import TrainProgress
     from dist_train.training.state import TrainState
@@ -44,7 +46,8 @@ def fit_steps(model, batches: Iterable, steps: int, optimizer, schedule, acceler
     progress.start_epoch(0, steps)
     order = OrderSpec(seed=0, global_batch=1, partitions=1, window=1)
     state = TrainState(accelerator, model, optimizer, schedule, order, steps_per_epoch=steps)
-    run = StepOnly(Config(), accelerator, state, criterion or torch.nn.CrossEntropyLoss(), progress,
+    forward_seeds = ForwardSeeds(0, accelerator.process_index, accum, accelerator.device)
+    run = StepOnly(Config(), accelerator, state, criterion or torch.nn.CrossEntropyLoss(), progress, forward_seeds,
                    device_stage=device_stage)
     micro_batches = iter(batches)
     records = []
