@@ -91,3 +91,21 @@ def test_reset_forgets_previous_epoch():
     values, confusion = metrics.compute()
     assert values["val/acc"] == 1.0
     assert sum(map(sum, confusion)) == 2
+
+
+def test_top5_stays_apart_when_a_first_batch_is_all_right():
+    """A MetricCollection merges metrics whose states are equal after the first update: top-1
+    and top-5 counts are equal on a batch where every top-1 is right, and merged they would
+    report one another's values from then on."""
+    num_classes = 10
+    gen = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, num_classes, (301,), generator=gen)
+    logits = torch.randn(301, num_classes, generator=gen) + 1.0 * torch.nn.functional.one_hot(labels, num_classes)
+    logits[:32] += 50 * torch.nn.functional.one_hot(labels[:32], num_classes)  # the first batch: all right
+    metrics = ValidationMetrics(num_classes)
+    for chunk in torch.split(torch.arange(301), [32, 100, 169]):
+        metrics.update(logits[chunk], labels[chunk])
+    values, _ = metrics.compute()
+    for name, value in sklearn_reference(logits, labels, num_classes).items():
+        assert values[name] == pytest.approx(value, abs=1e-5), name
+    assert values["val/acc_top5"] > values["val/acc"]

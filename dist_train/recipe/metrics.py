@@ -39,12 +39,9 @@ class ValidationMetrics:
     detail_key = "val/confusion_matrix"
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
-        top_k = {f"val/acc_top{TOP_K}": MulticlassAccuracy(num_classes, top_k=TOP_K, average="micro")
-                 } if num_classes > TOP_K else {}
         self.scores = MetricCollection(
             {
                 "val/acc": MulticlassAccuracy(num_classes, average="micro"),
-                **top_k,
                 "val/f1_macro": MulticlassF1Score(num_classes, average="macro"),
                 "val/precision_macro": MulticlassPrecision(num_classes, average="macro"),
                 "val/recall_macro": MulticlassRecall(num_classes, average="macro"),
@@ -53,6 +50,11 @@ class ValidationMetrics:
             },
         ).to(device)
         self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
+        # Apart from `scores`: a MetricCollection merges metrics whose states are equal after the
+        # first update into one compute group, and top-5 counts can equal top-1's on a batch
+        # (every top-1 right), after which F1 was computed from top-5's counts.
+        self.top_k = (MulticlassAccuracy(num_classes, top_k=TOP_K, average="micro").to(device)
+                      if num_classes > TOP_K else None)
         # Cross-entropy whatever the training loss, so runs with different losses compare.
         self.loss = MeanMetric().to(device)
 
@@ -60,6 +62,8 @@ class ValidationMetrics:
         logits = logits.float()
         probs = logits.softmax(dim=1)
         self.scores.update(probs, labels)
+        if self.top_k is not None:
+            self.top_k.update(probs, labels)
         self.confusion.update(probs, labels)
         self.loss.update(F.cross_entropy(logits, labels, reduction="none"))
 
@@ -67,6 +71,8 @@ class ValidationMetrics:
         """(scalar metrics, confusion matrix rows=true, cols=predicted); syncs across ranks."""
         self._shape_empty_predictions()
         values = {name: float(v) for name, v in self.scores.compute().items()}
+        if self.top_k is not None:
+            values[f"val/acc_top{TOP_K}"] = float(self.top_k.compute())
         values["val/loss"] = float(self.loss.compute())
         confusion = self.confusion.compute().long().tolist()
         return values, confusion
@@ -86,6 +92,8 @@ class ValidationMetrics:
 
     def reset(self) -> None:
         self.scores.reset()
+        if self.top_k is not None:
+            self.top_k.reset()
         self.confusion.reset()
         self.loss.reset()
 
