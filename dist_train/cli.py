@@ -236,16 +236,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from dist_train.commands.evaluate import evaluate_checkpoint
 
-    values, confusion, samples = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size)
+    values, confusion, samples, tta = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.batch_size)
     if not PartialState().is_main_process:
         return 0
     if args.json:
         detail = "val/per_label" if isinstance(confusion, dict) else "val/confusion_matrix"
-        print(json.dumps({**values, "samples": samples, detail: confusion}))
+        print(json.dumps({**values, "samples": samples, "tta": tta, detail: confusion}))
     else:
         for name, value in values.items():
             print(f"{name:22s} {value:.6f}")
         print(f"{'samples':22s} {samples}")
+        print(f"{'tta':22s} {tta}")  # data.tta of the checkpoint's config: how the numbers were made
     return 0
 
 
@@ -286,5 +287,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     loaded = load_for_inference(args.checkpoint)
     rows = write_predictions(loaded, args.input, args.out, top_k=args.top_k, batch_size=args.batch_size)
-    print(f"wrote {rows} predictions to {args.out}")
+    tta = " (flip test-time augmentation: data.tta of the checkpoint)" if loaded.cfg.data.tta == "flip" else ""
+    print(f"wrote {rows} predictions to {args.out}{tta}")
     return 0

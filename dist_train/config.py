@@ -60,6 +60,17 @@ class DataConfig:
     val_resize_size: int | None = None
     crop_pct: float = 0.875
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"  # of every resize and crop, train and eval
+    # Progressive resizing (data/resolution.py; FFCV's ResNet-50 recipe): the training crop grows
+    # from progressive_start_size at progressive_start_epoch to image_size at
+    # progressive_end_epoch (null: the last epoch), in multiples of progressive_step, per
+    # optimizer step. 0: image_size throughout.
+    progressive_start_size: int = 0
+    progressive_start_epoch: float = 0.0
+    progressive_end_epoch: float | None = None
+    progressive_step: int = 32
+    # Test-time augmentation of validation, eval and predict: flip, the mean of the logits of
+    # each image and its mirror. none: the image alone.
+    tta: Literal["none", "flip"] = "none"
     channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -401,6 +412,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.kwargs.{key} is set by dist-train from {owner}")
     if cfg.train.ema_decay is None and (cfg.train.ema_adjust != "none" or cfg.train.ema_copy_in_warmup):
         raise ConfigError("train.ema_adjust and train.ema_copy_in_warmup are about train.ema_decay, which is null")
+    _check_progressive(cfg)
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
         raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
     task = cfg.data.task
@@ -412,6 +424,19 @@ def validate(cfg: Config) -> None:
         if metric not in names:
             raise ConfigError(f"{key}: unknown metric {metric!r} for data.task={task}; choose from {names}")
     _check_task(cfg)
+
+
+def _check_progressive(cfg: Config) -> None:
+    d = cfg.data
+    if not d.progressive_start_size:
+        return
+    end = d.progressive_end_epoch if d.progressive_end_epoch is not None else cfg.train.epochs
+    if not d.progressive_start_epoch < end <= cfg.train.epochs:
+        raise ConfigError(f"data.progressive_end_epoch ({end:g}) must come after data.progressive_start_epoch "
+                          f"({d.progressive_start_epoch:g}), by train.epochs={cfg.train.epochs} at the latest")
+    if d.decode_on_device:
+        raise ConfigError("data.progressive_start_size needs the workers' transforms: data.decode_on_device "
+                          "crops at one size")
 
 
 def _check_task(cfg: Config) -> None:
@@ -505,6 +530,12 @@ def _check_ranges(cfg: Config) -> None:
           for key, size in (("data.val_crop_size", d.val_crop_size), ("data.val_resize_size", d.val_resize_size))
           if size is not None),
         ("data.crop_pct", d.crop_pct, 0.1 <= d.crop_pct <= 1, "in [0.1, 1]"),
+        ("data.progressive_start_size", d.progressive_start_size, 0 <= d.progressive_start_size <= MAX_IMAGE_SIZE,
+         f"in [0, {MAX_IMAGE_SIZE}]"),
+        ("data.progressive_step", d.progressive_step, 0 < d.progressive_step <= MAX_IMAGE_SIZE,
+         f"in [1, {MAX_IMAGE_SIZE}]"),
+        ("data.progressive_start_epoch", d.progressive_start_epoch, 0 <= d.progressive_start_epoch <= t.epochs,
+         f"in [0, train.epochs={t.epochs}]"),
         ("data.repeated_augment", d.repeated_augment, 1 <= d.repeated_augment <= MAX_REPEATS,
          f"in [1, {MAX_REPEATS}]"),
         ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer > 0, "positive"),

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
+from dist_train.recipe.metrics import ValidationMetrics
 from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, run_cli, run_reaped
@@ -235,6 +236,16 @@ def test_uneven_shards_prime_val_set_metrics_equal_sklearn_single_and_multi_labe
         assert synced["values"][name] == pytest.approx(value, abs=1e-5), name
     # Top-5 counts, summed over the ranks: sklearn's top_k_accuracy_score on the union, to 1e-6.
     assert synced["values"]["val/acc_top5"] == pytest.approx(expected["val/acc_top5"], abs=1e-6)
+    # Flip TTA: the metrics of the mean logits of each image and its mirror, averaged by hand.
+    per_rank = [torch.load(tmp_path / f"outputs-rank{rank}.pt", weights_only=True) for rank in range(2)]
+    tta_logits = torch.cat([o["tta_logits"] for o in per_rank])
+    one_process = ValidationMetrics(10)  # the same float32 AUROC over the union, in one process
+    one_process.update(tta_logits, labels)
+    tta_expected = sklearn_reference(tta_logits, labels, 10) | {"val/auroc_macro": one_process.compute()[0]
+                                                                 ["val/auroc_macro"]}
+    for name, value in tta_expected.items():
+        assert synced["tta_values"][name] == pytest.approx(value, abs=1e-6), name
+    assert synced["tta_values"]["val/loss"] != synced["values"]["val/loss"]
     assert np.array(synced["confusion"]).sum() == 101
 
     logits, labels, synced = _outputs(tmp_path / "multilabel", 101)

@@ -59,7 +59,7 @@ def test_global_batch_must_divide_into_partitions():
 
 
 def batches(digits_dir, workers: int, start_step: int = 0, world=1, rank=0, accum=1, repeats=1, partitions=1,
-            with_keys=False):
+            resolution=None):
     from dist_train.data.resolve import resolve_shards
 
     shard_set = resolve_shards(str(digits_dir), "train", 10)
@@ -67,7 +67,7 @@ def batches(digits_dir, workers: int, start_step: int = 0, world=1, rank=0, accu
     order = OrderSpec(0, 32, partitions, 100, repeats=repeats)
     spec = TrainStreamSpec(ShardSet(shard_set.shards, None), order, epoch=1, num_classes=10,
                            batch_size=32 // (world * accum), grad_accum_steps=accum, rank=rank, world_size=world,
-                           start_step=start_step)
+                           start_step=start_step, resolution=resolution)
     return list(make_train_loader(spec, cfg))
 
 

@@ -65,16 +65,20 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
 # the published recipes' options: a timm ViT built from model.kwargs with drop path (random per
 # step), trained at 12 px and validated at 16 (dynamic_img_size), repeated augmentation (2
 # copies, one per rank), BCE with a target threshold on the mixed targets, timm's LAMB (its
-# state has a per-group step tensor), and the EMA updated every 4 steps (the kill at step 30
-# falls between two updates).
+# state has a per-group step tensor), the EMA updated every 4 steps (the kill at step 30
+# falls between two updates), progressive resizing from 8 to 12 px whose crop changes mid-epoch
+# one step before the kill (8 -> 10 px at step 30) and one step after it (10 -> 12 px at
+# step 32), and flip test-time augmentation in every validation.
 RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
           "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "train.keep_best=2",
           "train.val_every_steps=8", "model.freeze=backbone", "model.freeze_epochs=1.5",
           "data.sampling=balanced", "data.samples_per_epoch=1437",
           "model.name=timm/vit_tiny_patch16_224", "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, "
-          "num_heads: 2, drop_path_rate: 0.1, dynamic_img_size: true}", "data.image_size=12", "data.val_crop_size=16",
-          "data.repeated_augment=2", "loss.name=bce", "loss.bce_target_threshold=0.2", "optim.name=lamb",
-          "optim.lr=0.005", "optim.weight_decay=0.02", "train.ema_every_steps=4")
+          "num_heads: 2, drop_path_rate: 0.1, dynamic_img_size: true, dynamic_img_pad: true}", "data.image_size=12",
+          "data.val_crop_size=16", "data.repeated_augment=2", "loss.name=bce", "loss.bce_target_threshold=0.2",
+          "optim.name=lamb", "optim.lr=0.005", "optim.weight_decay=0.02", "train.ema_every_steps=4",
+          "data.progressive_start_size=8", "data.progressive_step=2", "data.progressive_start_epoch=1.233",
+          "data.progressive_end_epoch=1.4603", "data.tta=flip")
 
 
 def recipe_reference_run(digits_dir: Path, out: Path) -> None:
@@ -136,6 +140,12 @@ def test_the_recipe_validates_mid_epoch_and_keeps_the_best_of_its_moving_average
     assert [r["step"] for r in records] == [8, 16, 22, 24, 32, 40, 44]
     assert [r["step"] for r in records if "train/epoch_loss" in r] == [22, 44]  # an epoch's figures at its end
     assert all(r["val_ema/loss"] != r["val/loss"] for r in records)
+    # The training crop of each step (train records every step): 8 px, then 10 from the 30th
+    # step on (the killed run checkpointed after it), 12 from the 32nd (the second after its resume).
+    sizes = {r["step"]: r["train/image_size"] for r in read_metrics(runs["reference"] / "metrics.jsonl")
+             if "train/loss" in r}
+    assert [sizes[s] for s in range(27, 35)] == [8, 8, 8, 10, 10, 12, 12, 12]
+    assert sizes[1] == 8 and sizes[44] == 12
     best = json.loads((runs["reference"] / "best" / "meta.json").read_text())
     ranked = sorted(records, key=lambda r: -r["val_ema/f1_macro"])  # stable: a tie keeps the earlier
     assert best["weights"] == "ema" and best["step"] == ranked[0]["step"]

@@ -16,7 +16,7 @@ from dist_train.training.engine import evaluate
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", batch_size: int | None = None):
     """Metrics of a saved model on shards: (values, confusion matrix or, for a multi-label model,
-    per-label scores, samples). Works in one process
+    per-label scores, samples, the test-time augmentation: data.tta). Works in one process
     or under `accelerate launch`, where each rank evaluates its share and metrics are synced."""
     from dist_train.commands.predict import load_for_inference
 
@@ -36,5 +36,5 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     stage = device_stage(cfg.data, accelerator.device)  # CUDA: uint8 batches, finished there
     loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda",
                               for_device_stage=stage is not None)
-    values, confusion = evaluate(model, loader, metrics, accelerator, stage)
-    return values, confusion, shards.samples
+    values, confusion = evaluate(model, loader, metrics, accelerator, stage, cfg.data.tta)
+    return values, confusion, shards.samples, cfg.data.tta

@@ -93,6 +93,8 @@ def _sidecar(loaded: LoadedModel, fmt: str, checkpoint: str | Path, diff: float)
         "eval_crop": ({"resize": [geometry.crop, geometry.crop]} if geometry.squash else
                       {"resize_short_side": geometry.resize, "center_crop": geometry.crop}),
         "interpolation": data.interpolation,
+        # flip: the model was validated on the mean logits of each image and its mirror
+        "tta": data.tta,
         "source_checkpoint": str(checkpoint),
         "max_abs_diff_vs_pytorch": diff,
         "config": loaded.meta.get("config"),

@@ -30,7 +30,7 @@ from dist_train.data.resolve import resolve_shards
 from dist_train.data.shard_format import IMAGE_EXTENSIONS, ShardSet
 from dist_train.data.transforms import build_transform
 from dist_train.errors import CheckpointError, ConfigError, DataError
-from dist_train.recipe.models import create_model
+from dist_train.recipe.models import create_model, logits_of
 
 
 @dataclass
@@ -159,7 +159,7 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
     with torch.no_grad():
         for loader in loaders:
             for batch, labels, sources in loader:
-                logits = loaded.model(batch.to(device)).float()
+                logits = logits_of(loaded.model, batch.to(device), loaded.cfg.data.tta).float()
                 probs = logits.sigmoid() if loaded.cfg.data.task == "multilabel" else logits.softmax(dim=1)
                 yield probs.cpu(), labels, sources
 

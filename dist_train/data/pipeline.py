@@ -29,6 +29,7 @@ import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
 
 from dist_train.config import DataConfig
 from dist_train.data import eval_split, workers
@@ -37,6 +38,7 @@ from dist_train.data.labels import MAX_LABEL_BYTES, label_reader
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
+from dist_train.data.resolution import ResolutionSchedule
 from dist_train.data.sample_index import node_index
 from dist_train.data.sampling import EpochSampler
 from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
@@ -83,6 +85,11 @@ class TrainStreamSpec:
     epochs: int = 0  # of the run (0: unknown); remote shards of the next epoch are fetched ahead
     # data.sampling other than uniform: what draws each epoch (data/sampling.py)
     sampler: EpochSampler | None = field(default=None, compare=False, repr=False)
+    resolution: ResolutionSchedule | None = None  # progressive resizing: the crop size of each step
+
+    def crop_size(self, order: EpochOrder, step: int) -> int | None:
+        """The training crop of step `step` of the order's epoch (None: data.image_size)."""
+        return self.resolution.size_at(order.epoch, step, order.steps) if self.resolution else None
 
     @property
     def node_ranks(self) -> range:
@@ -108,6 +115,8 @@ class SampleDecoder:
     def __init__(self, data_cfg: DataConfig, train: bool, num_classes: int, with_keys: bool = False,
                  for_device_stage: bool = False):
         self.transform = build_transform(data_cfg, train=train)
+        self.data_cfg, self.train = data_cfg, train
+        self.sized_transforms: dict[int, v2.Compose] = {}  # progressive resizing: one per crop size
         # for_device_stage: the device finishes the batches (`device_stage`): the images stay uint8,
         # or (data.decode_on_device) JPEG bytes and their transforms' seed
         self.encoded = for_device_stage and data_cfg.decode_on_device
@@ -120,7 +129,15 @@ class SampleDecoder:
         self.max_skipped = data_cfg.max_skipped
         self.max_pixels = data_cfg.max_image_pixels
 
-    def __call__(self, sample: dict) -> tuple:
+    def transform_for(self, size: int | None):
+        if size is None:
+            return self.transform
+        if size not in self.sized_transforms:
+            self.sized_transforms[size] = build_transform(self.data_cfg, train=self.train, size=size)
+        return self.sized_transforms[size]
+
+    def __call__(self, sample: dict, size: int | None = None) -> tuple:
+        """`size`: the training crop of this sample's step (progressive resizing)."""
         where = f"{sample['__url__']}: sample {sample['__key__']!r}"
         image_key = next((k for k in IMAGE_EXTENSIONS if k in sample), None)
         if image_key is None:
@@ -136,7 +153,7 @@ class SampleDecoder:
             prepared = (image, self.labels.target(label))
         else:
             image = decode_image(io.BytesIO(sample[image_key]), self.mode, self.max_pixels, f"{where}: .{image_key}")
-            prepared = (self.transform(image), self.labels.target(label))
+            prepared = (self.transform_for(size)(image), self.labels.target(label))
         if self.with_keys:
             prepared += (f"{sample['__url__']}#{sample['__key__']}",)
         return prepared
@@ -275,13 +292,14 @@ class TrainStream(IterableDataset):
                     reader.now, reader.next_use = step, node_plan.next_use_by_name(step, self.lag_steps)
                 positions = micro_batch_positions(step, micro, s.rank, s.world_size, s.grad_accum_steps,
                                                   s.batch_size, s.order.global_batch)
-                batch = self.decode.collate([self._prepare(order, reader, q) for q in positions])
+                size = s.crop_size(order, step)
+                batch = self.decode.collate([self._prepare(order, reader, q, size) for q in positions])
                 reader.release()  # remote copies this batch read may be evicted when done with
                 yield batch
         finally:
             reader.close()
 
-    def _prepare(self, order: EpochOrder, reader: ShardReader, position: int) -> tuple:
+    def _prepare(self, order: EpochOrder, reader: ShardReader, position: int, size: int | None = None) -> tuple:
         shard, index = order.sample(position)
         # A sample that does not decode (data.on_error=skip) is replaced by the shard's next
         # one: every batch keeps its size, so all ranks still run the same number of steps.
@@ -294,7 +312,7 @@ class TrainStream(IterableDataset):
             saved = torch.get_rng_state()
             torch.default_generator.manual_seed(derive_seed(self.spec.order.seed, order.epoch, position))
             try:
-                return self.decode(raw)
+                return self.decode(raw, size)
             except DataError as exc:
                 self.skipped.skip_or_raise(exc)
             finally:

@@ -51,13 +51,14 @@ def natural_images(cfg: DataConfig) -> bool:
     return cfg.augment == "standard" or cfg.augment in POLICIES
 
 
-def build_transform(cfg: DataConfig, train: bool) -> v2.Compose:
-    """PIL image -> uint8 tensor (C, H, W), augmented when `train`.
+def build_transform(cfg: DataConfig, train: bool, size: int | None = None) -> v2.Compose:
+    """PIL image -> uint8 tensor (C, H, W), augmented when `train`; `size`: the training crop
+    in place of data.image_size (progressive resizing, data/resolution.py).
 
     Random choices draw from torch's default generator, which the training pipeline seeds per
     sample (data/pipeline.py): a sample's augmentation is a function of (seed, epoch, position).
     """
-    size, interpolation = cfg.image_size, INTERPOLATIONS[cfg.interpolation]
+    size, interpolation = size or cfg.image_size, INTERPOLATIONS[cfg.interpolation]
     # Geometry and policies run on the PIL image (PIL's C kernels are several times faster per
     # image than tensor kernels on small images).
     if train and natural_images(cfg):

@@ -71,8 +71,8 @@ class ValidationMetrics:
         """(scalar metrics, confusion matrix rows=true, cols=predicted); syncs across ranks."""
         self._shape_empty_predictions()
         values = {name: float(v) for name, v in self.scores.compute().items()}
-        if self.top_k is not None:
-            values[f"val/acc_top{TOP_K}"] = float(self.top_k.compute())
+        if self.top_k is not None:  # shown next to top-1
+            values = {"val/acc": values.pop("val/acc"), f"val/acc_top{TOP_K}": float(self.top_k.compute()), **values}
         values["val/loss"] = float(self.loss.compute())
         confusion = self.confusion.compute().long().tolist()
         return values, confusion

@@ -119,3 +119,12 @@ def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
                 ))
                 return
     raise ConfigError(f"model has no Conv2d to adapt to {in_channels} input channels")
+
+
+def logits_of(model, images: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's logits (validation, eval, predict); with flip test-time augmentation
+    (data.tta=flip), the mean of the image's and its horizontal mirror's logits."""
+    outputs = model(images)
+    if tta == "flip":
+        outputs = (outputs + model(images.flip(-1))) / 2  # NCHW: the last dimension is the width
+    return outputs

@@ -20,6 +20,7 @@ import torch
 
 from dist_train.config import EMA_PREFIX, Config, TrainConfig
 from dist_train.data.datasets import Datasets
+from dist_train.recipe.models import logits_of
 from dist_train.runtime.accelerator import share_main_buffers
 from dist_train.training.progress import epoch_line
 from dist_train.training.run import FitResult, Run, start_run
@@ -61,9 +62,10 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
         progress.batch_done(loss, len(labels))
 
 
-def evaluate(model, loader, metrics: ValidationMetrics, accelerator, device_stage=None
+def evaluate(model, loader, metrics: ValidationMetrics, accelerator, device_stage=None, tta: str = "none"
              ) -> tuple[dict[str, float], list | dict]:
-    """Metrics over this rank's share of the validation set, synced across all ranks."""
+    """Metrics over this rank's share of the validation set, synced across all ranks.
+    `tta="flip"`: of the mean logits of each image and its mirror (data.tta)."""
     model.eval()
     metrics.reset()
     with torch.no_grad():
@@ -73,7 +75,7 @@ def evaluate(model, loader, metrics: ValidationMetrics, accelerator, device_stag
             if device_stage is not None:  # see train_step
                 images = device_stage(images)
             with accelerator.autocast():
-                outputs = model(images)
+                outputs = logits_of(model, images, tta)
             metrics.update(outputs, labels)
     return metrics.compute()
 
@@ -128,7 +130,7 @@ def fit(cfg: Config, datasets: Datasets | None = None) -> FitResult:
 
         due = due_after_step(state.step, cfg.train, run.layout.steps_per_epoch, run.stop.requested())
         if due.log:
-            run.tracker.log(run.progress.train_record(state.epoch_of_last_step, state.step, state.schedule.lr))
+            run.tracker.log(run.train_record())
         if due.validate:
             validate(run)
         if due.checkpoint:
@@ -145,15 +147,16 @@ def validate(run: Run) -> None:
     state, accelerator, monitor = run.state, run.accelerator, run.cfg.train.monitor
     # At an epoch's end, the epoch's training figures (timed before validation); mid-epoch
     # (train.val_every_steps) the epoch goes on.
-    epoch_stats = run.progress.end_epoch() if state.step_in_epoch == 0 else {}
+    epoch_stats = run.progress.end_epoch() | run.size_record() if state.step_in_epoch == 0 else {}
     val_loader = run.val_loader()
     share_main_buffers(state.model, accelerator)
     model = state.bare_model  # uncompiled: see train.compile
     # `confusion`: the confusion matrix, or with multi-label data the per-label scores.
-    values, confusion = evaluate(model, val_loader, run.metrics, accelerator, run.device_stage)
+    tta = run.cfg.data.tta
+    values, confusion = evaluate(model, val_loader, run.metrics, accelerator, run.device_stage, tta)
     if state.ema:  # the moving average too, as val_ema/*; its confusion matrix if it is monitored
         ema_values, ema_confusion = evaluate(state.ema.module_with_buffers_of(model), val_loader, run.metrics,
-                                             accelerator, run.device_stage)
+                                             accelerator, run.device_stage, tta)
         values |= {EMA_PREFIX + k.removeprefix("val/"): v for k, v in ema_values.items()}
         confusion = ema_confusion if monitor.startswith(EMA_PREFIX) else confusion
     state.schedule.after_validation(values)

@@ -118,4 +118,5 @@ def epoch_line(record: dict) -> str:
              else f"epoch {record['epoch']}, step {record['step']}: val ")
             + "  ".join(f"{k.removeprefix('val/')} {v:.4f}" for k, v in values.items())
             + (f" | {record['train/images_per_sec']:.0f} img/s" if train else "")
+            + (f" at {record['train/image_size']} px" if "train/image_size" in record else "")
             + (f" | skipped {skipped} damaged samples" if skipped is not None else ""))

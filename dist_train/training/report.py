@@ -354,6 +354,16 @@ def _launches(launches: list[dict[str, Any]]) -> list[str]:
                                       f"{launch['grad_accum_steps']} accumulation" for launch in launches)]
 
 
+def _resolution(data: dict) -> str:
+    """Training and evaluation sizes, and the test-time augmentation validation used."""
+    crop = data.get("val_crop_size") or data["image_size"]
+    train = (f"{data['progressive_start_size']} -> {data['image_size']} px (progressive)"
+             if data.get("progressive_start_size") else f"{data['image_size']} px")
+    tta = {"flip": "flip TTA (the mean of each image's and its mirror's logits)"}.get(data.get("tta", "none"),
+                                                                                      "no TTA")
+    return f"training crop {train}; evaluated at {crop} px, {tta}"
+
+
 def _summary(run: RunRecords, table: str) -> str:
     cfg = run.best["config"]
     best, last = run.best, run.last or run.best
@@ -377,6 +387,7 @@ def _summary(run: RunRecords, table: str) -> str:
         f"({layout['batch_size']} per process x {layout['grad_accum_steps']} accumulation), "
         f"base LR {layout['base_lr']:.6g}, mixed precision {last.get('mixed_precision', 'no')}",
         *_launches(last.get("launches", [])),
+        f"- {_resolution(cfg['data'])}",
         "",
         "| metric | best epoch | last epoch |",
         "| --- | --- | --- |",

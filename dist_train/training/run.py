@@ -38,6 +38,7 @@ from dist_train.data.damage import damage_record, report_damage
 from dist_train.data.datasets import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_stage, make_eval_loader
+from dist_train.data.resolution import resolution_schedule
 from dist_train.data.sampling import epoch_sampler
 from dist_train.recipe.ema import WeightsEma, ema_decay_per_update
 from dist_train.recipe.losses import build_loss
@@ -141,6 +142,22 @@ class Run:
     @property
     def monitors_ema(self) -> bool:
         return self.cfg.train.monitor.startswith(EMA_PREFIX)
+
+    def train_record(self) -> dict[str, Any]:
+        """The train record of the steps since the last one (collective), with the training
+        crop size in force when progressive resizing changes it."""
+        state = self.state
+        record = self.progress.train_record(state.epoch_of_last_step, state.step, state.schedule.lr)
+        return record | self.size_record()
+
+    def size_record(self) -> dict[str, int]:
+        """{"train/image_size": the crop of the last step} with progressive resizing, else {}."""
+        schedule = self.train_loader.stream.spec.resolution
+        if schedule is None:
+            return {}
+        last = max(self.state.step - 1, 0)
+        return {"train/image_size": schedule.size_at(*divmod(last, self.layout.steps_per_epoch),
+                                                      self.layout.steps_per_epoch)}
 
     def frozen_at(self, step: int) -> list[nn.Parameter]:
         """The parameters model.freeze holds still at optimizer step `step` (a pure function of
@@ -333,7 +350,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         world_size=layout.world_size, start_step=state.step_in_epoch,
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
-        sampler=sampler,
+        sampler=sampler, resolution=resolution_schedule(cfg.data, layout.epochs),
     ), cfg.data, pin_memory=accelerator.device.type == "cuda", for_device_stage=stage is not None)
     startup_clock.mark("training loader")
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)

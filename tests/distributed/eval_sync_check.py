@@ -49,19 +49,23 @@ def check(accelerator, pattern: str, num_classes: int, out: Path, multilabel: bo
     model = SmallCNN(num_classes, in_channels=1)
     metrics = MultilabelValidationMetrics(num_classes, threshold=0.5) if multilabel else ValidationMetrics(num_classes)
     values, confusion = evaluate(model, make_eval_loader(spec, data_cfg), metrics, accelerator)
+    # Flip test-time augmentation (data.tta=flip), synced the same way; its logits averaged by hand below.
+    tta_values, _ = evaluate(model, make_eval_loader(spec, data_cfg), metrics, accelerator, tta="flip")
 
     keyed = replace(spec, with_keys=True)
-    logits, labels, keys = [], [], []
+    logits, tta_logits, labels, keys = [], [], [], []
     with torch.no_grad():
         for images, batch_labels, batch_keys in make_eval_loader(keyed, data_cfg):
             logits.append(model(images))
+            tta_logits.append((model(images) + model(torch.flip(images, dims=[3]))) / 2)
             labels.append(batch_labels)
             keys.extend(batch_keys)
     rank = accelerator.process_index
-    torch.save({"logits": torch.cat(logits), "labels": torch.cat(labels)}, out / f"outputs-rank{rank}.pt")
+    torch.save({"logits": torch.cat(logits), "tta_logits": torch.cat(tta_logits), "labels": torch.cat(labels)},
+               out / f"outputs-rank{rank}.pt")
     (out / f"keys-rank{rank}.json").write_text(json.dumps(keys))
     if accelerator.is_main_process:
-        (out / "synced.json").write_text(json.dumps({"values": values, "confusion": confusion,
+        (out / "synced.json").write_text(json.dumps({"values": values, "confusion": confusion, "tta_values": tta_values,
                                                      "world_size": accelerator.num_processes}))
     accelerator.wait_for_everyone()
 
