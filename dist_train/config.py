@@ -90,7 +90,8 @@ class DataConfig:
     # Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler, timm's --aug-repeats): an
     # epoch reads about N/k distinct samples k times each, every copy augmented on its own and
     # in another micro-batch of the same optimizer step (another process when there are >= k).
-    # 1: off. Needs the global batch divisible by k x the run's first process count.
+    # 1: off. A step holds ceil(G / (k C)) x C distinct samples (G: the global batch, C: the
+    # run's first process count), the last ones k - 1 times where k copies do not all fit.
     repeated_augment: int = 1
     # Which training samples an epoch reads (data/sampling.py). uniform: each once. With
     # replacement, drawn per epoch from (seed, epoch) alone: balanced (every class equally
