@@ -276,11 +276,7 @@ def _progressive_speedup(sizes: Sizes) -> tuple[float, str]:
     cfg = DataConfig(image_size=PROGRESSIVE["end"], progressive_start_size=PROGRESSIVE["start"],
                      progressive_start_epoch=PROGRESSIVE["start_epoch"], progressive_end_epoch=PROGRESSIVE["end_epoch"],
                      progressive_step=PROGRESSIVE["step"])
-    schedule, per_epoch = resolution_schedule(cfg, PROGRESSIVE["epochs"]), 100
-    steps_at: dict[int, int] = {}
-    for step in range(per_epoch * PROGRESSIVE["epochs"]):
-        size = schedule.size_at(*divmod(step, per_epoch), per_epoch)
-        steps_at[size] = steps_at.get(size, 0) + 1
+    steps_at = resolution_schedule(cfg, PROGRESSIVE["epochs"]).steps_per_size(100, PROGRESSIVE["epochs"])
     steps = max(2, sizes.steps // 3)
     generator = torch.Generator().manual_seed(0)
     batches = {size: [(torch.randn(32, 3, size, size, generator=generator), torch.randint(0, 10, (32,)))] * steps

@@ -135,7 +135,7 @@ class EpochOrder:
 
     def partitions_of(self, rank: int, chunk: int) -> range:
         """The partitions rank `rank`'s run of `chunk` positions of every global batch reads: a
-        range (with repeats, a run of offsets taken modulo G/k, which wraps to all of them)."""
+        range (with repeats, a run of offsets taken modulo D, which wraps to all of them)."""
         distinct, per = self.spec.distinct_per_step, self.per_partition_step
         start = rank * chunk % distinct
         if chunk >= distinct or start + chunk > distinct:

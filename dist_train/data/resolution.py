@@ -37,21 +37,26 @@ class ResolutionSchedule:
         # Rounded to the step, but never past either end (an end that is no multiple of it).
         return min(max(round(size / self.step) * self.step, min(self.start, self.end)), max(self.start, self.end))
 
+    def size_of_step(self, step: int, steps_per_epoch: int) -> int:
+        """The crop size of global optimizer step `step` (from 0)."""
+        return self.size_at(*divmod(step, steps_per_epoch), steps_per_epoch)
+
+    def steps_per_size(self, steps_per_epoch: int, epochs: int) -> dict[int, int]:
+        """How many optimizer steps of the run train at each size, the sizes in the run's order."""
+        counts: dict[int, int] = {}
+        for step in range(steps_per_epoch * epochs):
+            size = self.size_of_step(step, steps_per_epoch)
+            counts[size] = counts.get(size, 0) + 1
+        return counts
+
     def first_step_at(self, size: int, steps_per_epoch: int, epochs: int) -> int | None:
         """The first global optimizer step (from 0) trained at `size`, None if none is."""
-        for step in range(steps_per_epoch * epochs):
-            if self.size_at(*divmod(step, steps_per_epoch), steps_per_epoch) == size:
-                return step
-        return None
+        return next((step for step in range(steps_per_epoch * epochs)
+                     if self.size_of_step(step, steps_per_epoch) == size), None)
 
     def sizes(self, steps_per_epoch: int, epochs: int) -> list[int]:
-        """Every size the run trains at, in order."""
-        seen: list[int] = []
-        for step in range(steps_per_epoch * epochs):
-            size = self.size_at(*divmod(step, steps_per_epoch), steps_per_epoch)
-            if not seen or seen[-1] != size:
-                seen.append(size)
-        return seen
+        """Every size the run trains at, in order (the schedule only grows)."""
+        return list(self.steps_per_size(steps_per_epoch, epochs))
 
 
 def resolution_schedule(cfg: DataConfig, epochs: int) -> ResolutionSchedule | None:

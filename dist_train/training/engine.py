@@ -147,7 +147,7 @@ def validate(run: Run) -> None:
     state, accelerator, monitor = run.state, run.accelerator, run.cfg.train.monitor
     # At an epoch's end, the epoch's training figures (timed before validation); mid-epoch
     # (train.val_every_steps) the epoch goes on.
-    epoch_stats = run.progress.end_epoch() | run.size_record() if state.step_in_epoch == 0 else {}
+    epoch_stats = (run.progress.end_epoch() | run.size_record()) if state.step_in_epoch == 0 else {}
     val_loader = run.val_loader()
     share_main_buffers(state.model, accelerator)
     model = state.bare_model  # uncompiled: see train.compile

@@ -25,6 +25,7 @@ import numpy as np
 
 from dist_train import atomic_file
 from dist_train.config import config_from_dict
+from dist_train.data.transforms import eval_geometry
 from dist_train.errors import DataError
 from dist_train.recipe.optim import lr_factor_fn, scaled_lr
 from dist_train.training.tracking import read_metrics
@@ -222,7 +223,9 @@ def _write_plots(run: RunRecords, scores: list[ClassScores]) -> None:
         (("val/acc", "accuracy"), ("val/acc_top5", "top-5 accuracy"), ("val/f1_macro", "F1 (macro)"),
          ("val/precision_macro", "precision (macro)"), ("val/recall_macro", "recall (macro)"),
          ("val/auroc_macro", "AUROC (macro)")))
-    for key, label in (shown for shown in shown_metrics if shown[0] in run.val[0]):  # top-5: > 5 classes
+    for key, label in shown_metrics:
+        if key not in run.val[0]:  # top-5: only with more than 5 classes
+            continue
         ax.plot(steps, [r[key] for r in run.val], "o-", label=label, markersize=3)
     ax.axvline(best_step, color="grey", linestyle="--", linewidth=1,
                label=f"best: epoch {best_epoch}, step {best_step}")
@@ -354,14 +357,13 @@ def _launches(launches: list[dict[str, Any]]) -> list[str]:
                                       f"{launch['grad_accum_steps']} accumulation" for launch in launches)]
 
 
-def _resolution(data: dict) -> str:
+def _resolution(cfg: dict) -> str:
     """Training and evaluation sizes, and the test-time augmentation validation used."""
-    crop = data.get("val_crop_size") or data["image_size"]
-    train = (f"{data['progressive_start_size']} -> {data['image_size']} px (progressive)"
-             if data.get("progressive_start_size") else f"{data['image_size']} px")
-    tta = {"flip": "flip TTA (the mean of each image's and its mirror's logits)"}.get(data.get("tta", "none"),
-                                                                                      "no TTA")
-    return f"training crop {train}; evaluated at {crop} px, {tta}"
+    data = config_from_dict(cfg).data
+    train = (f"{data.progressive_start_size} -> {data.image_size} px (progressive)"
+             if data.progressive_start_size else f"{data.image_size} px")
+    tta = "flip TTA (the mean of each image's and its mirror's logits)" if data.tta == "flip" else "no TTA"
+    return f"training crop {train}; evaluated at {eval_geometry(data).crop} px, {tta}"
 
 
 def _summary(run: RunRecords, table: str) -> str:
@@ -387,7 +389,7 @@ def _summary(run: RunRecords, table: str) -> str:
         f"({layout['batch_size']} per process x {layout['grad_accum_steps']} accumulation), "
         f"base LR {layout['base_lr']:.6g}, mixed precision {last.get('mixed_precision', 'no')}",
         *_launches(last.get("launches", [])),
-        f"- {_resolution(cfg['data'])}",
+        f"- {_resolution(cfg)}",
         "",
         "| metric | best epoch | last epoch |",
         "| --- | --- | --- |",

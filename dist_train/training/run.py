@@ -38,7 +38,7 @@ from dist_train.data.damage import damage_record, report_damage
 from dist_train.data.datasets import Datasets, cache_if_remote, resolve_datasets, train_class_counts
 from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_stage, make_eval_loader
-from dist_train.data.resolution import resolution_schedule
+from dist_train.data.resolution import ResolutionSchedule, resolution_schedule
 from dist_train.data.sampling import epoch_sampler
 from dist_train.recipe.ema import WeightsEma, ema_decay_per_update
 from dist_train.recipe.losses import build_loss
@@ -88,6 +88,7 @@ class Run:
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
     forward_seeds: ForwardSeeds  # dropout and drop path seeded per micro-batch (runtime/seeds.py)
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
+    resolution: ResolutionSchedule | None = None  # progressive resizing: the training loader's schedule
     # What finishes batches on the device: CUDA's uint8 ones normalized, data.decode_on_device's
     # JPEG bytes decoded and augmented (data/pipeline.py); None: the workers did it all.
     device_stage: Callable | None = None
@@ -152,12 +153,10 @@ class Run:
 
     def size_record(self) -> dict[str, int]:
         """{"train/image_size": the crop of the last step} with progressive resizing, else {}."""
-        schedule = self.train_loader.stream.spec.resolution
-        if schedule is None:
+        if self.resolution is None:
             return {}
         last = max(self.state.step - 1, 0)
-        return {"train/image_size": schedule.size_at(*divmod(last, self.layout.steps_per_epoch),
-                                                      self.layout.steps_per_epoch)}
+        return {"train/image_size": self.resolution.size_of_step(last, self.layout.steps_per_epoch)}
 
     def frozen_at(self, step: int) -> list[nn.Parameter]:
         """The parameters model.freeze holds still at optimizer step `step` (a pure function of
@@ -344,13 +343,14 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     if order.sampling != "uniform":  # what draws each epoch (data/sampling.py)
         sampler = epoch_sampler(cfg.data, datasets.train, datasets.num_classes,
                                 cache_if_remote([cfg.data.train], cfg.data))
+    resolution = resolution_schedule(cfg.data, layout.epochs)
     train_loader = TrainLoader(TrainStreamSpec(
         shards=datasets.train, order=order, epoch=state.epoch, num_classes=datasets.num_classes,
         batch_size=layout.batch_size, grad_accum_steps=layout.grad_accum_steps, rank=accelerator.process_index,
         world_size=layout.world_size, start_step=state.step_in_epoch,
         # Set by torchrun (and so by accelerate launch) on each node; ranks of a node are consecutive.
         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), epochs=layout.epochs,
-        sampler=sampler, resolution=resolution_schedule(cfg.data, layout.epochs),
+        sampler=sampler, resolution=resolution,
     ), cfg.data, pin_memory=accelerator.device.type == "cuda", for_device_stage=stage is not None)
     startup_clock.mark("training loader")
     tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
@@ -369,4 +369,5 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         mixer=make_mixer(cfg.data, datasets.num_classes, order.seed, accelerator.process_index,
                          layout.grad_accum_steps),
         device_stage=stage,
+        resolution=resolution,
     )

@@ -143,6 +143,9 @@ class _ModelWeights:
         self.state.bare_model.load_state_dict(state)
 
 
+GROUP = "group"  # the prefix of a parameter group's tensors in a flat optimizer state
+
+
 class _OptimizerState:
     """An optimizer's state dict, flat: tensors as `<param index>.<name>` (a parameter group's own,
     such as timm LAMB's step count, as `group<i>.<name>`), the rest JSON."""
@@ -178,8 +181,6 @@ class _OptimizerState:
             state.setdefault(int(index), {}).update(values)
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
-
-GROUP = "group"  # the prefix of a parameter group's tensors in a flat optimizer state
 
 
 class _Position:
