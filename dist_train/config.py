@@ -259,6 +259,20 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    # Knowledge distillation (dist_train/recipe/distill.py): the loss becomes
+    # (1 - alpha) x the task loss + alpha x T^2 KL(teacher || student) at temperature T.
+    # teacher: a dist-train model checkpoint (RUN/best), or with teacher_weights a model name as
+    # model.name takes (timm/<name>, a torchvision model) and its local weights file (.safetensors
+    # or .pth, head included). null: no distillation.
+    teacher: str | None = None
+    teacher_weights: str | None = None
+    teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # a named teacher's constructor options
+    alpha: float = 0.5  # DeiT's --distillation-alpha
+    temperature: float = 1.0  # DeiT's --distillation-tau; timm suggests 1-4
+
+
+@dataclass
 class TrackingConfig:  # every key applies on resume (RESUME_APPLIES_SECTIONS)
     wandb: bool = True  # log to wandb as well as metrics.jsonl (main process only)
     project: str = "dist-train"
@@ -277,6 +291,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -414,6 +429,7 @@ def validate(cfg: Config) -> None:
     if cfg.train.ema_decay is None and (cfg.train.ema_adjust != "none" or cfg.train.ema_copy_in_warmup):
         raise ConfigError("train.ema_adjust and train.ema_copy_in_warmup are about train.ema_decay, which is null")
     _check_progressive(cfg)
+    _check_distill(cfg)
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
         raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
     task = cfg.data.task
@@ -438,6 +454,31 @@ def _check_progressive(cfg: Config) -> None:
     if d.decode_on_device:
         raise ConfigError("data.progressive_start_size needs the workers' transforms: data.decode_on_device "
                           "crops at one size")
+
+
+MAX_TEMPERATURE = 100.0  # KD temperatures are 1-20; far beyond, every distribution is uniform
+
+
+def _check_distill(cfg: Config) -> None:
+    k = cfg.distill
+    if k.teacher is None:
+        if k.teacher_weights is not None or k.teacher_kwargs:
+            raise ConfigError("distill.teacher_weights and distill.teacher_kwargs are the teacher's: "
+                              "distill.teacher is null")
+        return
+    if not 0 < k.alpha <= 1:
+        raise ConfigError(f"distill.alpha must be in (0, 1] (the distillation term's weight), got {k.alpha}")
+    if not 0 < k.temperature <= MAX_TEMPERATURE:
+        raise ConfigError(f"distill.temperature must be in (0, {MAX_TEMPERATURE:g}], got {k.temperature}")
+    if cfg.data.task != "multiclass":
+        raise ConfigError("distill.teacher: logit distillation (a softmax over classes) is for data.task=multiclass")
+    if k.teacher_kwargs and k.teacher_weights is None:
+        raise ConfigError("distill.teacher_kwargs are a named teacher's (with distill.teacher_weights); a "
+                          "checkpoint teacher is rebuilt from its own config")
+    for key, owner in MODEL_KWARGS_OWNED.items():
+        if key in k.teacher_kwargs:
+            raise ConfigError(f"distill.teacher_kwargs.{key} is set by dist-train from "
+                              f"{owner.replace('model.weights', 'distill.teacher_weights')}")
 
 
 def _check_task(cfg: Config) -> None:

@@ -50,14 +50,29 @@ def imbalanced_digits(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def recipe_reference(imbalanced_digits, tmp_path_factory) -> Path:
+def recipe_teacher(tmp_path_factory) -> Path:
+    """The weights of a small CNN (with batch norm: its statistics must not move) that the
+    recipe's runs distill from: seeded, untrained, a teacher all the same."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dist_train.recipe.models import create_model
+
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("teacher") / "small_cnn.safetensors"
+    save_file(create_model("small_cnn", 10, 1).state_dict(), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def recipe_reference(imbalanced_digits, recipe_teacher, tmp_path_factory) -> Path:
     """An uninterrupted 2-process run of the imbalanced digits with balanced sampling and every
     recipe option on (test_resume.py), which resumed runs, local or from remote shards, must
     match bitwise."""
     from .test_resume import recipe_reference_run
 
     out = tmp_path_factory.mktemp("recipe") / "reference"
-    recipe_reference_run(imbalanced_digits, out)
+    recipe_reference_run(imbalanced_digits, out, recipe_teacher)
     return out
 
 

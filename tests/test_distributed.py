@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from dist_train.recipe.metrics import ValidationMetrics
 from dist_train.training.tracking import read_metrics
 
 from .conftest import DIGITS_CONFIG, REPO, run_cli, run_reaped
-from .distributed.accumulation_check import make_data, make_model
+from .distributed.accumulation_check import make_data, make_model, make_teacher
 from .test_metrics import sklearn_multilabel_reference, sklearn_reference
 
 pytestmark = pytest.mark.slow
@@ -147,44 +149,56 @@ def test_a_timm_model_trains_under_two_process_ddp_and_evaluates(digits_dir, tmp
 
 
 def test_accumulation_all_reduces_once_per_step_and_matches_one_big_batch(tmp_path):
+    """Plain, then distilled from a teacher (kd-): the teacher adds no all-reduce, its loss
+    averages over W x K x b as one batch's does, and it ends bitwise as it began."""
     accum, batch, steps = 4, 3, 5
     result = accelerate_launch(
         str(REPO / "tests" / "distributed" / "accumulation_check.py"),
         "--out", str(tmp_path), "--accum", str(accum), "--batch", str(batch), "--steps", str(steps),
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    for rank in range(2):
-        report = json.loads((tmp_path / f"allreduces-rank{rank}.json").read_text())
-        assert report["distributed_type"] == "MULTI_CPU" and report["world_size"] == 2
-        assert report["optimizer_steps"] == steps
-        # no_sync on the first K-1 micro-steps; one all-reduce (the model fits one bucket) on the last.
-        assert report["per_micro_step"] == ([0] * (accum - 1) + [1]) * steps
+    teacher = make_teacher()
+    assert all(torch.equal(v, teacher.model.state_dict()[k])
+               for k, v in load_file(str(tmp_path / "teacher-after.safetensors")).items())
+    for prefix in ("", "kd-"):
+        for rank in range(2):
+            report = json.loads((tmp_path / f"{prefix}allreduces-rank{rank}.json").read_text())
+            assert report["distributed_type"] == "MULTI_CPU" and report["world_size"] == 2
+            assert report["optimizer_steps"] == steps
+            # no_sync on the first K-1 micro-steps; one all-reduce (the model fits one bucket) on the last.
+            assert report["per_micro_step"] == ([0] * (accum - 1) + [1]) * steps, prefix
+        check_one_big_batch(tmp_path, prefix, 2 * accum * batch, steps, teacher if prefix else None)
 
-    # The same training in one process with batches of W*K*b = 24.
-    global_batch = 2 * accum * batch
-    images, labels = make_data(steps * global_batch, seed=1)
-    model = make_model(seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+def check_one_big_batch(out: Path, prefix: str, global_batch: int, steps: int, teacher) -> None:
+    """The same training in one process with batches of W*K*b = 24."""
     from dist_train.config import SchedConfig
     from dist_train.recipe.optim import Schedule
 
+    images, labels = make_data(steps * global_batch, seed=1)
+    model = make_model(seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     schedule = Schedule(optimizer, SchedConfig(name="cosine"), steps_per_epoch=steps, epochs=1)
+    no_autocast = SimpleNamespace(autocast=contextlib.nullcontext)
     for s in range(steps):
         chunk = slice(s * global_batch, (s + 1) * global_batch)
-        loss = torch.nn.functional.cross_entropy(model(images[chunk]), labels[chunk])
+        outputs = model(images[chunk])
+        loss = torch.nn.functional.cross_entropy(outputs, labels[chunk])
+        if teacher is not None:
+            loss = teacher.loss(loss, outputs, images[chunk], no_autocast)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         schedule.after_optimizer_step()
-    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+    ddp = load_file(str(out / f"{prefix}ddp.safetensors"))
     reference = model.state_dict()
     assert set(ddp) == set(reference)
     for name, value in reference.items():
-        assert torch.allclose(ddp[name], value, atol=1e-6, rtol=1e-5), name
+        assert torch.allclose(ddp[name], value, atol=1e-6, rtol=1e-5), (prefix, name)
     moved = sum((make_model(seed=0).state_dict()[k] - v).abs().sum() for k, v in reference.items())
     assert moved > 0.1  # the comparison is between trained weights, not two copies of the init
     # Each rank's moving average of the weights, kept with no collective: identical, bit for bit.
-    ema = [load_file(str(tmp_path / f"ema-rank{rank}.safetensors")) for rank in range(2)]
+    ema = [load_file(str(out / f"{prefix}ema-rank{rank}.safetensors")) for rank in range(2)]
     assert set(ema[0]) == set(ema[1]) and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
     assert not all(torch.equal(ema[0][k], ddp[k]) for k in ema[0])  # an average, not a copy
 

@@ -36,7 +36,7 @@ from dist_train.errors import ConfigError, DataError
 
 from .conftest import DIGITS_CONFIG, run_cli, run_reaped
 from .test_distributed import accelerate_launch_command
-from .test_resume import RECIPE, run_killed_at_step_30, train_args, val_records, weights
+from .test_resume import recipe, run_killed_at_step_30, train_args, val_records, weights
 
 SERVERS_NEEDED = "nginx and moto are installed by .ci/run"
 
@@ -229,15 +229,17 @@ def test_make_shards_publishes_to_s3_the_bytes_it_writes_locally(s3, digits_dir)
 
 
 @pytest.mark.slow
-def test_two_processes_from_s3_killed_and_resumed_end_bitwise_like_local_files(s3, recipe_reference, tmp_path):
+def test_two_processes_from_s3_killed_and_resumed_end_bitwise_like_local_files(s3, recipe_reference, recipe_teacher,
+                                                                              tmp_path):
     """Criteria 1 and 2: the S3 run is SIGKILLed mid-epoch (step 30 of 44) and resumed with
     train.resume=auto; it ends with the weights and validations of the local, uninterrupted run.
     (Balanced sampling of the imbalanced digits, test_resume's RECIPE: the prefetch follows the
     sampled order.)"""
     data = "s3://datasets/imbalanced"
     cache = f"data.cache_dir={tmp_path / 'cache'}"
-    run_killed_at_step_30(data, tmp_path / "run", cache, env=s3.env)
-    cmd, env = accelerate_launch_command(*train_args(data, tmp_path / "run", *RECIPE, cache, "train.resume=auto"))
+    run_killed_at_step_30(data, tmp_path / "run", recipe_teacher, cache, env=s3.env)
+    cmd, env = accelerate_launch_command(*train_args(data, tmp_path / "run", *recipe(recipe_teacher), cache,
+                                                     "train.resume=auto"))
     result = run_reaped(cmd, env={**env, **s3.env}, timeout=420)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from" in result.stdout and "at epoch 1" in result.stdout

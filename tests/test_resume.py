@@ -17,7 +17,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dist_train.checkpoint import find_resumable, load_model_checkpoint, load_resumable
+from dist_train.checkpoint import find_resumable, load_model_checkpoint, load_resumable, sha256_file
 from dist_train.errors import CheckpointError
 from dist_train.runtime.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from dist_train.training.tracking import read_metrics
@@ -68,7 +68,8 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 240) -> Non
 # state has a per-group step tensor), the EMA updated every 4 steps (the kill at step 30
 # falls between two updates), progressive resizing from 8 to 12 px whose crop changes mid-epoch
 # one step before the kill (8 -> 10 px at step 30) and one step after it (10 -> 12 px at
-# step 32), and flip test-time augmentation in every validation.
+# step 32), and flip test-time augmentation in every validation; and knowledge distillation
+# from a teacher with batch norm (`recipe`), which sees the mixed images at the progressive sizes.
 RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_alpha=0.2", "data.cutmix_alpha=1.0",
           "train.ema_decay=0.9", "train.ema_warmup=true", "train.monitor=val_ema/f1_macro", "train.keep_best=2",
           "train.val_every_steps=8", "model.freeze=backbone", "model.freeze_epochs=1.5",
@@ -81,17 +82,25 @@ RECIPE = ("data.augment=randaugment", "data.random_erasing=0.25", "data.mixup_al
           "data.progressive_end_epoch=1.4603", "data.tta=flip")
 
 
-def recipe_reference_run(digits_dir: Path, out: Path) -> None:
+def recipe(teacher: Path) -> tuple[str, ...]:
+    """RECIPE, distilled from conftest's `recipe_teacher`."""
+    return (*RECIPE, "distill.teacher=small_cnn", f"distill.teacher_weights={teacher}", "distill.alpha=0.3",
+            "distill.temperature=2")
+
+
+def recipe_reference_run(digits_dir: Path, out: Path, teacher: Path) -> None:
     """The uninterrupted 2-process run with every recipe option (conftest's `recipe_reference`)."""
-    result = accelerate_launch(*train_args(digits_dir, out, *RECIPE))
+    result = accelerate_launch(*train_args(digits_dir, out, *recipe(teacher)))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "distilling from small_cnn" in result.stdout
 
 
-def run_killed_at_step_30(data: str | Path, out: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+def run_killed_at_step_30(data: str | Path, out: Path, teacher: Path, *extra: str,
+                          env: dict[str, str] | None = None) -> None:
     """The reference's run, killed with SIGKILL (launcher and ranks) once it has checkpointed step 30."""
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()),
-           *train_args(data, out, *RECIPE, *extra)]
+           *train_args(data, out, *recipe(teacher), *extra)]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     process = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -104,26 +113,29 @@ def run_killed_at_step_30(data: str | Path, out: Path, *extra: str, env: dict[st
 
 
 @pytest.fixture(scope="module")
-def runs(imbalanced_digits, recipe_reference, tmp_path_factory):
+def runs(imbalanced_digits, recipe_reference, recipe_teacher, tmp_path_factory):
     """An uninterrupted 2-process run, and a copy of another killed with SIGKILL mid-epoch,
     both with every recipe option on."""
     base = tmp_path_factory.mktemp("resume")
     killed = base / "killed"
-    run_killed_at_step_30(imbalanced_digits, killed)
-    return {"reference": recipe_reference, "killed": killed, "base": base}
+    run_killed_at_step_30(imbalanced_digits, killed, recipe_teacher)
+    return {"reference": recipe_reference, "killed": killed, "base": base, "recipe": recipe(recipe_teacher),
+            "teacher": recipe_teacher}
 
 
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(runs, imbalanced_digits):
     resumed = runs["base"] / "resumed-2"
     shutil.copytree(runs["killed"], resumed)
     assert not (resumed / "last").exists()
-    result = accelerate_launch(*train_args(imbalanced_digits, resumed, *RECIPE, "train.resume=auto"))
+    result = accelerate_launch(*train_args(imbalanced_digits, resumed, *runs["recipe"], "train.resume=auto"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "resuming from" in result.stdout and "at epoch 1" in result.stdout
     reference, ours = weights(runs["reference"]), weights(resumed)
     assert set(reference) == set(ours)
     assert all(torch.equal(reference[k], ours[k]) for k in reference)  # bitwise
     assert val_records(resumed) == val_records(runs["reference"])
+    teacher = json.loads((resumed / "last" / "meta.json").read_text())["distill"]
+    assert teacher["sha256"] == sha256_file(runs["teacher"])  # recorded, and the same file it began with
     # The moving average (last checkpoint), best/ (the average's weights) and the top-2, bitwise.
     last = f"checkpoints/step-{2 * STEPS_PER_EPOCH:08d}"
     top = sorted(p.name for p in (runs["reference"] / "top").iterdir())
@@ -159,7 +171,7 @@ def test_resume_on_one_process_instead_of_two(runs, imbalanced_digits):
     # One thread, as each of the two ranks had (torchrun sets OMP_NUM_THREADS=1): with two, the
     # CPU kernels sum in another order and the weights drift by float rounding alone (3.9e-5
     # after 14 steps here); with one, the resumed run is bitwise the reference.
-    result = run_cli(*train_args(imbalanced_digits, resumed, *RECIPE, "train.resume=auto")[2:],
+    result = run_cli(*train_args(imbalanced_digits, resumed, *runs["recipe"], "train.resume=auto")[2:],
                      env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "train.grad_accum_steps 1 -> 2" in result.stdout  # the global batch of 64 is kept

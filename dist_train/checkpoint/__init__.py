@@ -13,6 +13,7 @@ from dist_train.checkpoint.resumable import (
     load_resumable,
     save_resumable,
     saved_config,
+    saved_meta,
     verify,
 )
 
@@ -24,6 +25,7 @@ __all__ = [
     "save_model_checkpoint",
     "save_resumable",
     "saved_config",
+    "saved_meta",
     "sha256_file",
     "verify",
 ]

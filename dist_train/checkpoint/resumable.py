@@ -172,15 +172,25 @@ def _check_index(index: dict[str, Any], path: Path) -> None:
                               "missing or out of range)")
 
 
-def saved_config(path: Path) -> dict[str, Any] | None:
-    """The config a resumable checkpoint was written with (its meta.json); None if it has none."""
+def saved_meta(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's meta.json; None if it has none."""
     try:
         meta = json.loads((path / META_NAME).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / META_NAME}: unreadable ({exc})") from None
-    config = meta.get("config") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META_NAME}: damaged or altered (not a JSON object)")
+    return meta
+
+
+def saved_config(path: Path) -> dict[str, Any] | None:
+    """The config a resumable checkpoint was written with (its meta.json); None if it has none."""
+    meta = saved_meta(path)
+    if meta is None:
+        return None
+    config = meta.get("config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / META_NAME}: damaged or altered (no config object)")
     return config

@@ -30,12 +30,14 @@ if TYPE_CHECKING:
 
 
 def train_step(model, micro_batches, criterion, optimizer, accelerator, progress, clip_grad_norm=None,
-               mix=None, frozen=(), device_stage=None, seed_forward=None) -> None:
+               mix=None, frozen=(), device_stage=None, seed_forward=None, teacher=None) -> None:
     """One optimizer step over this rank's micro-batches of it. `frozen`: parameters that do not
     train at this step (model.freeze): their gradients are dropped before clipping and the step.
     `seed_forward(micro)`: seeds the micro-batch's dropout and drop path (runtime/seeds.py).
     `device_stage`: what finishes a batch on the device (CUDA's uint8 batches normalized there;
-    data.decode_on_device's JPEG bytes decoded and augmented there: data/pipeline.py)."""
+    data.decode_on_device's JPEG bytes decoded and augmented there: data/pipeline.py).
+    `teacher`: knowledge distillation, the teacher's logits of the same images blended into the
+    loss (recipe/distill.py)."""
     model.train()
     for micro, (images, labels) in enumerate(micro_batches):
         images = images.to(accelerator.device, non_blocking=True)  # from pinned memory on CUDA
@@ -51,6 +53,8 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
         with accelerator.accumulate(model):
             outputs = model(images)
             loss = criterion(outputs, labels)
+            if teacher is not None:  # frozen, outside DDP: no gradient of its own, no all-reduce
+                loss = teacher.loss(loss, outputs, images, accelerator)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 for param in frozen:
@@ -87,7 +91,7 @@ def optimizer_step(run: Run, micro_batches) -> None:
     state = run.state
     train_step(state.model, micro_batches, run.criterion, state.optimizer, run.accelerator, run.progress,
                run.cfg.train.clip_grad_norm, run.mixer.at_step(state.step) if run.mixer else None,
-               run.frozen_at(state.step), run.device_stage, run.forward_seeds.at_step(state.step))
+               run.frozen_at(state.step), run.device_stage, run.forward_seeds.at_step(state.step), run.teacher)
     state.step += 1
     state.schedule.after_optimizer_step()
     if state.ema and state.ema.due(state.step):  # every rank alike, from identical weights: no collective

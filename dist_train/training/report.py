@@ -366,6 +366,13 @@ def _resolution(cfg: dict) -> str:
     return f"training crop {train}; evaluated at {eval_geometry(data).crop} px, {tta}"
 
 
+def _distilled(teacher: dict[str, Any] | None) -> list[str]:
+    if not teacher:
+        return []
+    return [f"- distilled from {teacher['source']} (sha256 {teacher['sha256'][:12]}...): alpha {teacher['alpha']:g}, "
+            f"temperature {teacher['temperature']:g}; the metrics are the student's"]
+
+
 def _summary(run: RunRecords, table: str) -> str:
     cfg = run.best["config"]
     best, last = run.best, run.last or run.best
@@ -390,6 +397,7 @@ def _summary(run: RunRecords, table: str) -> str:
         f"base LR {layout['base_lr']:.6g}, mixed precision {last.get('mixed_precision', 'no')}",
         *_launches(last.get("launches", [])),
         f"- {_resolution(cfg)}",
+        *_distilled(last.get("distill")),
         "",
         "| metric | best epoch | last epoch |",
         "| --- | --- | --- |",

@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from dist_train import __version__
-from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config
+from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config, saved_meta
 from dist_train.config import (
     ALL_EMA_METRIC_NAMES,
     ALL_METRIC_NAMES,
@@ -40,6 +40,7 @@ from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_stage, make_eval_loader
 from dist_train.data.resolution import ResolutionSchedule, resolution_schedule
 from dist_train.data.sampling import epoch_sampler
+from dist_train.recipe.distill import Teacher, check_teacher_unchanged, load_teacher, teacher_identity
 from dist_train.recipe.ema import WeightsEma, ema_decay_per_update
 from dist_train.recipe.losses import build_loss
 from dist_train.recipe.mixing import BatchMixer, make_mixer
@@ -93,6 +94,7 @@ class Run:
     # JPEG bytes decoded and augmented (data/pipeline.py); None: the workers did it all.
     device_stage: Callable | None = None
     pretrained: dict[str, Any] | None = None  # what model.weights loaded, at this launch
+    teacher: Teacher | None = None  # knowledge distillation (distill.teacher)
     _metrics: ValidationMetrics | None = None
 
     @property
@@ -201,6 +203,7 @@ class Run:
             # What model.weights loaded (a resumed launch took its weights from the checkpoint).
             "pretrained": self.pretrained or ({"source": self.cfg.model.weights, "loaded": "at the first launch"}
                                                if self.cfg.model.weights else None),
+            "distill": self.teacher.meta if self.teacher else None,  # the teacher: source, file, SHA-256
             "stopped_early": self.stopped_improving(),
             "epoch": epoch,
             "step": self.state.step,
@@ -288,6 +291,13 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
     # Refused before anything in the run directory changes; what applies is said below.
     changes = check_resume_config(saved_config(resume_from), cfg, str(resume_from)) if resume_from else []
+    teacher = None
+    if cfg.distill.teacher:  # refused here too if it does not fit or changed since the checkpoint
+        teacher_id = teacher_identity(cfg.distill)
+        if resume_from:
+            check_teacher_unchanged(saved_meta(resume_from), teacher_id, str(resume_from))
+        memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
+        teacher = load_teacher(cfg, datasets.num_classes, teacher_id).to(accelerator.device, memory_format)
     prepare_run_dir(cfg, out, accelerator, resuming=resume_from is not None)
     set_seed(cfg.train.seed)  # the same on every rank: DDP also broadcasts rank 0's weights
     # find_resume_checkpoint has just checked every file's hash.
@@ -338,6 +348,9 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     report_damage(accelerator, datasets)
     criterion = build_loss(cfg.loss, datasets.num_classes, lambda: train_class_counts(cfg.data, datasets),
                            task=cfg.data.task)
+    if teacher:
+        accelerator.print(f"distilling from {cfg.distill.teacher} (sha256 {teacher.identity.sha256[:12]}...): "
+                          f"alpha {cfg.distill.alpha:g}, temperature {cfg.distill.temperature:g}")
     stage = device_stage(cfg.data, accelerator.device)
     sampler = None
     if order.sampling != "uniform":  # what draws each epoch (data/sampling.py)
@@ -370,4 +383,5 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
                          layout.grad_accum_steps),
         device_stage=stage,
         resolution=resolution,
+        teacher=teacher,
     )

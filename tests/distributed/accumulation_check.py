@@ -1,7 +1,9 @@
 """Run under `accelerate launch` (2 CPU processes): train a model without batch-norm with
 K-step accumulation through dist-train's own `train_step`, count the gradient
 all-reduces DDP makes at each micro-step, and save the final parameters (rank 0) and each
-rank's moving average of them (dist_train/recipe/ema.py, updated as the loop does).
+rank's moving average of them (dist_train/recipe/ema.py, updated as the loop does). Then the
+same again distilled from a teacher (`--teacher` names its prefix `kd-`): its gradient-free
+forward must add no all-reduce, and its loss must average over W x K x b as the task loss does.
 
 The data layout is the one data/order.py gives: at optimizer step s, rank r's micro-batch k
 holds samples [s*G + (r*K + k)*b, ... + b) of the epoch, where G = W*K*b.
@@ -19,7 +21,8 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from dist_train.config import SchedConfig, TrainConfig
+from dist_train.config import DistillConfig, SchedConfig, TrainConfig
+from dist_train.recipe.distill import Teacher, TeacherIdentity
 from dist_train.recipe.ema import WeightsEma
 from dist_train.recipe.optim import Schedule
 from dist_train.runtime.accelerator import make_accelerator
@@ -40,6 +43,14 @@ def make_data(samples: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(samples, 1, 8, 8, generator=gen), torch.randint(0, 5, (samples,), generator=gen)
 
 
+def make_teacher() -> Teacher:
+    """A teacher of another shape (with batch norm, whose statistics must not move)."""
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(6 * 6 * 6, 5))
+    return Teacher(model, DistillConfig(teacher="test", alpha=0.4, temperature=2.0), TeacherIdentity("test", "", ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -48,6 +59,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     accelerator = make_accelerator(TrainConfig(grad_accum_steps=args.accum, cpu=True))
+    for prefix, teacher in (("", None), ("kd-", make_teacher())):
+        train(accelerator, args, Path(args.out), prefix, teacher)
+
+
+def train(accelerator, args, out: Path, prefix: str, teacher: Teacher | None) -> None:
     world, rank, k, b = accelerator.num_processes, accelerator.process_index, args.accum, args.batch
     global_batch = world * k * b
     images, labels = make_data(args.steps * global_batch, seed=1)
@@ -82,21 +98,23 @@ def main() -> None:
     micro_batches = loader()
     optimizer_steps = 0  # steps on which accelerate synced the gradients, as the loop counts them
     for _ in range(args.steps):
-        train_step(model, islice(micro_batches, k), torch.nn.CrossEntropyLoss(), optimizer, accelerator, progress)
+        train_step(model, islice(micro_batches, k), torch.nn.CrossEntropyLoss(), optimizer, accelerator, progress,
+                   teacher=teacher)
         optimizer_steps += accelerator.sync_gradients
         schedule.after_optimizer_step()
         ema.update(accelerator.unwrap_model(model))
     assert next(micro_batches, None) is None  # also counts the last micro-step's all-reduces
-    out = Path(args.out)
-    (out / f"allreduces-rank{rank}.json").write_text(json.dumps({
+    (out / f"{prefix}allreduces-rank{rank}.json").write_text(json.dumps({
         "per_micro_step": per_micro_step, "optimizer_steps": optimizer_steps, "world_size": world,
         "distributed_type": accelerator.distributed_type.value, "final_lr": schedule.lr,
     }))
     averaged = {k: v.contiguous() for k, v in ema.state_dict().items() if isinstance(v, torch.Tensor)}
-    save_file(averaged, str(out / f"ema-rank{rank}.safetensors"))
+    save_file(averaged, str(out / f"{prefix}ema-rank{rank}.safetensors"))
     if accelerator.is_main_process:
         state = accelerator.unwrap_model(model).state_dict()
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "ddp.safetensors"))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"{prefix}ddp.safetensors"))
+        if teacher is not None:  # after training: its weights and batch-norm statistics, to compare
+            save_file(teacher.model.state_dict(), str(out / "teacher-after.safetensors"))
     accelerator.wait_for_everyone()
 
 
