@@ -191,12 +191,13 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    name: Literal["constant", "step", "cosine", "plateau"] = "cosine"
-    warmup_epochs: float = 0.0  # linear warmup in front of step or cosine
+    # linear: from the peak (after warmup) straight down to min_lr at the last step
+    name: Literal["constant", "step", "cosine", "linear", "plateau"] = "cosine"
+    warmup_epochs: float = 0.0  # linear warmup in front of step, cosine or linear
     warmup_start_factor: float = 0.01
     step_size_epochs: float = 30.0  # step: multiply by gamma every step_size_epochs
     gamma: float = 0.1
-    min_lr: float = 0.0  # cosine: the LR reached at the last step
+    min_lr: float = 0.0  # cosine and linear: the LR reached at the last step
     plateau_factor: float = 0.1  # plateau: multiply by this when the metric stalls
     plateau_patience: int = 5  # plateau: validations without improvement before a cut
     plateau_monitor: str = "val/loss"
@@ -431,7 +432,7 @@ def validate(cfg: Config) -> None:
     _check_progressive(cfg)
     _check_distill(cfg)
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
-        raise ConfigError("sched.warmup_epochs is supported with step and cosine, not plateau")
+        raise ConfigError("sched.warmup_epochs is supported with step, cosine and linear, not plateau")
     task = cfg.data.task
     names = metric_names(task) + ema_metric_names(task)
     for key, metric in (("train.monitor", cfg.train.monitor),

@@ -49,7 +49,7 @@ def test_resolved_config_round_trips(tmp_path):
         (["data.channels=3", "data.mean=[0.1, 0.2]"], "data.mean has 2 values"),
         (["optim=1"], "optim must be a mapping"),
         (["train.epochs"], "not of the form key.sub=value"),
-        (["sched.name=plateau", "sched.warmup_epochs=1"], "warmup_epochs is supported with step and cosine"),
+        (["sched.name=plateau", "sched.warmup_epochs=1"], "warmup_epochs is supported with step, cosine and linear"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):

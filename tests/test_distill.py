@@ -22,7 +22,9 @@ from dist_train.recipe.distill import Teacher, TeacherIdentity, distillation_los
 from dist_train.recipe.models import create_model
 from dist_train.training.engine import fit, train_step
 
-from .conftest import DIGITS_CONFIG
+from .conftest import DIGITS_CONFIG, REPO
+
+DISTILL_CONFIG = REPO / "configs" / "digits_distill_cpu.yaml"
 
 NO_AUTOCAST = SimpleNamespace(autocast=contextlib.nullcontext)
 
@@ -152,23 +154,27 @@ def test_a_teacher_that_does_not_fit_is_refused_in_one_line(tmp_path):
 
 
 def test_a_resume_refuses_a_teacher_whose_weights_changed(digits_dir, tmp_path):
-    """One line, before the run directory changes (the same file unchanged resumes: test_resume.py)."""
+    """The shipped example (configs/digits_distill_cpu.yaml) with a named teacher: recorded in
+    meta.json and summary.md; a resume after its file changed is refused in one line, before
+    the run directory changes (the same file unchanged resumes bitwise: test_resume.py)."""
     teacher = tmp_path / "teacher.safetensors"
     weights = load_file(str(write_teacher_checkpoint(tmp_path) / "model.safetensors"))
     save_file(weights, str(teacher))
     out = tmp_path / "run"
     overrides = [f"data.train={digits_dir}", f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=1",
-                 "data.num_workers=0", "tracking.wandb=false", "tracking.plots=false", "train.progress_bar=false",
+                 "data.num_workers=0", "tracking.wandb=false", "train.progress_bar=false",
                  "distill.teacher=small_cnn", f"distill.teacher_weights={teacher}"]
-    fit(load_config(DIGITS_CONFIG, overrides))
+    fit(load_config(DISTILL_CONFIG, overrides))
     meta = json.loads((out / "best" / "meta.json").read_text())
     assert meta["distill"] == {"source": "small_cnn", "weights": str(teacher.resolve()),
-                               "sha256": sha256_file(teacher), "alpha": 0.5, "temperature": 1.0}
+                               "sha256": sha256_file(teacher), "alpha": 0.5, "temperature": 4.0}
+    assert meta["config"]["model"]["kwargs"] == {"width": 8}  # the student is the small one
+    assert f"distilled from small_cnn (sha256 {sha256_file(teacher)[:12]}...)" in (out / "summary.md").read_text()
     records = (out / "metrics.jsonl").read_text()
     weights["head.bias"] = weights["head.bias"] + 1e-3  # retrained, or another file under the same name
     save_file(weights, str(teacher))
     resume = [*overrides[:3], "train.epochs=2", *overrides[4:], "train.resume=auto"]
     with pytest.raises(ConfigError) as caught:
-        fit(load_config(DIGITS_CONFIG, resume))
+        fit(load_config(DISTILL_CONFIG, resume))
     assert str(caught.value).startswith(f"distill.teacher: {teacher.resolve()} changed since ")
     assert "\n" not in str(caught.value) and (out / "metrics.jsonl").read_text() == records

@@ -23,6 +23,7 @@ from dist_train.recipe.losses import build_loss
 from dist_train.recipe.models import create_model, model_from_config
 from dist_train.recipe.optim import build_optimizer
 from dist_train.training.state import _OptimizerState
+from dist_train.training.tracking import read_metrics
 
 BILINEAR, BICUBIC = v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC
 
@@ -176,8 +177,11 @@ def test_model_kwargs_reach_timm_and_torchvision_and_a_wrong_one_is_named():
     assert max(m.p for m in convnext.modules() if type(m).__name__ == "StochasticDepth") == pytest.approx(0.2)
     with pytest.raises(ConfigError, match=r"model\.kwargs .*do not fit resnet18"):
         create_model("resnet18", 10, 3, {"stochastic_depth_prob": 0.2})
-    with pytest.raises(ConfigError, match="small_cnn takes none"):
+    with pytest.raises(ConfigError, match=r"model\.kwargs .*do not fit small_cnn"):
         create_model("small_cnn", 10, 1, {"drop_rate": 0.1})
+    assert create_model("small_cnn", 10, 1, {"width": 8}).head.in_features == 16
+    with pytest.raises(ConfigError, match="width of small_cnn_gn must be a multiple of 8"):
+        create_model("small_cnn_gn", 10, 1, {"width": 12})
     with pytest.raises(ConfigError, match=r"model\.kwargs\.checkpoint_path is set by dist-train"):
         load_config(None, ["model.kwargs={checkpoint_path: /tmp/x.pth}"])
 
@@ -264,8 +268,12 @@ def photos_224(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["imagenet_resnet50", "imagenet_resnet50_rsb_a3", "imagenet_deit_small"])
-def test_the_published_recipes_load_and_train_two_steps_on_the_cpu(config, photos_224, tmp_path):
+@pytest.mark.parametrize(("config", "extra"), [
+    ("imagenet_resnet50", ()), ("imagenet_resnet50_rsb_a3", ()), ("imagenet_deit_small", ()),
+    # FFCV's ramp within the one epoch: step 0 at 160 px, step 1 at 192.
+    ("imagenet_resnet50_fast", ("data.progressive_start_epoch=0.25", "data.progressive_end_epoch=0.75")),
+])
+def test_the_published_recipes_load_and_train_two_steps_on_the_cpu(config, extra, photos_224, tmp_path):
     """Each recipe as shipped, with only the data, the batch (8: its repeats still fit), a
     warmup that fits one epoch and the CPU's execution settings overridden."""
     from .conftest import REPO, run_cli
@@ -274,10 +282,49 @@ def test_the_published_recipes_load_and_train_two_steps_on_the_cpu(config, photo
     result = run_cli("train", "--config", str(REPO / "configs" / f"{config}.yaml"), f"data.train={photos_224}",
                      f"data.val={photos_224}", "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16",
                      "train.epochs=1", "sched.warmup_epochs=0.5", "train.mixed_precision=no",
-                     "model.channels_last=false",
+                     "model.channels_last=false", "train.log_every_steps=1",
                      f"train.output_dir={out}", "tracking.wandb=false", "tracking.plots=false",
-                     "train.progress_bar=false")
+                     "train.progress_bar=false", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 steps per epoch of 8 images" in result.stdout
     meta = json.loads((out / "last" / "meta.json").read_text())
     assert meta["step"] == 2 and math.isfinite(meta["metrics"]["val/loss"]) and "val/acc_top5" in meta["metrics"]
+    if extra:
+        sizes = [r["train/image_size"] for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]
+        assert sizes == [160, 192]
+
+
+def ffcv_resolution(epoch: int, min_res=160, max_res=192, start_ramp=17, end_ramp=20) -> int:
+    """FFCV's ImageNetTrainer.get_resolution (train_imagenet.py), with rn50_24_epochs.yaml's values."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    return int(np.round(np.interp([epoch], [start_ramp, end_ramp], [min_res, max_res])[0] / 32)) * 32
+
+
+def ffcv_lr(epoch: float, lr=1.7, epochs=24, lr_peak_epoch=2) -> float:
+    """FFCV's get_cyclic_lr, which its train loop interpolates per iteration."""
+    return float(np.interp([epoch], [0, lr_peak_epoch, epochs], [1e-4 * lr, lr, 0])[0])
+
+
+def test_the_fast_recipe_ramps_its_size_and_lr_at_ffcvs_steps_and_evaluates_as_ffcv():
+    """configs/imagenet_resnet50_fast.yaml on 8 GPUs x 512: every step's crop is FFCV's size of
+    its epoch, every step's LR FFCV's per-iteration one; evaluation 292 -> 256 px with flips."""
+    from dist_train.data.resolution import resolution_schedule
+    from dist_train.data.transforms import eval_geometry
+    from dist_train.recipe.optim import lr_factor_fn
+
+    from .conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "imagenet_resnet50_fast.yaml")
+    steps = 1_281_167 // (8 * cfg.data.batch_size)  # ImageNet's training set, a global batch of 4096
+    schedule = resolution_schedule(cfg.data, cfg.train.epochs)
+    for epoch in range(cfg.train.epochs):
+        assert {schedule.size_at(epoch, s, steps) for s in range(steps)} == {ffcv_resolution(epoch)}, epoch
+    factor = lr_factor_fn(cfg.sched, steps, cfg.train.epochs, base_lr=cfg.optim.lr)
+    for t in range(0, steps * cfg.train.epochs, 97):
+        assert cfg.optim.lr * factor(t) == pytest.approx(ffcv_lr(t / steps), rel=1e-9, abs=1e-12), t
+    assert cfg.optim.lr_base_batch == 8 * cfg.data.batch_size
+    geometry = eval_geometry(cfg.data)
+    assert (geometry.resize, geometry.crop, cfg.data.tta) == (292, 256, "flip")

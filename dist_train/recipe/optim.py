@@ -1,13 +1,14 @@
 """Optimizers and learning-rate schedules chosen by config.
 
-Step and cosine schedules (with optional linear warmup in front) are closed-form functions of
-the optimizer step, so they are exact at any step and trivially resumable:
+Step, cosine and linear schedules (with optional linear warmup in front) are closed-form
+functions of the optimizer step, so they are exact at any step and trivially resumable:
 
     step:    lr = base * gamma ** floor(t / step_size)          (like torch's StepLR)
     cosine:  lr = min + (base - min) * (1 + cos(pi * t' / T)) / 2  (like CosineAnnealingLR)
+    linear:  lr = min + (base - min) * (1 - t' / T)              (FFCV's "cyclic": up, then down)
     warmup:  lr = base * (start + (1 - start) * t / warmup) for t < warmup
 
-where t counts optimizer steps from 0, and for cosine t' = t - warmup runs over the
+where t counts optimizer steps from 0, and for cosine and linear t' = t - warmup runs over the
 T = total - warmup steps after warmup. Epoch-denominated settings (`warmup_epochs`,
 `step_size_epochs`) are converted with the exact number of steps per epoch. ReduceLROnPlateau
 is stepped after each validation with the monitored metric.
@@ -187,10 +188,11 @@ def lr_factor_fn(cfg: SchedConfig, steps_per_epoch: int, epochs: int, base_lr: f
             return cfg.warmup_start_factor + (1.0 - cfg.warmup_start_factor) * t / warmup
         if cfg.name == "step":
             return cfg.gamma ** (t // step_size)
+        progress = min(1.0, (t - warmup) / max(1, total - warmup))
         if cfg.name == "cosine":
-            span = max(1, total - warmup)
-            progress = min(1.0, (t - warmup) / span)
             return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.name == "linear":
+            return min_ratio + (1.0 - min_ratio) * (1.0 - progress)
         return 1.0
 
     return factor
