@@ -24,7 +24,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import atomic_file
+from dist_train.data.local_dirs import private_temp_dir, usable_dir
 from dist_train.data.resolve import usable_index
 from dist_train.data.shard_format import Shard
 from dist_train.data.tar_index import read_sample
@@ -74,10 +74,9 @@ def node_index(shards: Sequence[Shard]) -> SampleIndex:
     local = [s for s in shards if not s.remote]
     firsts = np.cumsum([0, *(s.samples for s in local)]).tolist()
     path = index_dir() / f"spans-{_identity(local)}.npy"
-    if not _complete(path, firsts[-1]):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if not _complete(path, local, firsts):
         with _locked(path.with_suffix(".lock")):
-            if not _complete(path, firsts[-1]):  # not built meanwhile by another process
+            if not _complete(path, local, firsts):  # not built meanwhile by another process
                 spans = [_shard_spans(s) for s in local]
                 with atomic_file.replacing(path) as tmp, open(tmp, "wb") as f:
                     np.save(f, np.concatenate(spans) if spans else np.zeros((0, 2), np.int64), allow_pickle=False)
@@ -85,8 +84,11 @@ def node_index(shards: Sequence[Shard]) -> SampleIndex:
 
 
 def index_dir() -> Path:
-    default = Path(tempfile.gettempdir()) / f"dist-train-index-{os.getuid()}"
-    return Path(os.environ.get("DIST_TRAIN_INDEX_DIR") or default)
+    """$DIST_TRAIN_INDEX_DIR, else a directory private to the user (data/local_dirs.py): an
+    index planted there would be trusted for where each sample lies."""
+    if chosen := os.environ.get("DIST_TRAIN_INDEX_DIR"):
+        return usable_dir(chosen, "DIST_TRAIN_INDEX_DIR")
+    return private_temp_dir("dist-train-index", "DIST_TRAIN_INDEX_DIR")
 
 
 def _identity(shards: Sequence[Shard]) -> str:
@@ -101,12 +103,22 @@ def _identity(shards: Sequence[Shard]) -> str:
     return hashlib.blake2b(json.dumps([FORMAT, described]).encode(), digest_size=12).hexdigest()
 
 
-def _complete(path: Path, samples: int) -> bool:
-    """Whether `path` holds an index of `samples` rows (a file cut short or damaged does not)."""
+def _complete(path: Path, shards: Sequence[Shard], firsts: list[int]) -> bool:
+    """Whether `path` holds these shards' index: `firsts[-1]` rows of int64 spans, each shard's
+    in order, apart and inside its file. A file cut short, damaged or not written by us (the
+    spans of one sample repeated, say) is not; it is built again."""
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False).shape == (samples, 2)
+        spans = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError):
         return False
+    if spans.dtype != np.int64 or spans.shape != (firsts[-1], 2):
+        return False
+    for shard, first, end in zip(shards, firsts, firsts[1:], strict=False):
+        rows = np.asarray(spans[first:end])
+        if len(rows) and not ((rows[:, 0] >= 0).all() and (rows[:, 1] > rows[:, 0]).all()
+                              and (rows[1:, 0] >= rows[:-1, 1]).all() and rows[-1, 1] <= os.path.getsize(shard.url)):
+            return False
+    return True
 
 
 @contextmanager

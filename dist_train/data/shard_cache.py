@@ -16,6 +16,10 @@ a process that dies leaves nothing locked:
   exclusive lock without waiting, so a copy in use is never evicted. Eviction only unlinks:
   a file already open stays whole for whoever has it open.
 
+The cache owns only the files it names (`<16 hex digits>-<name>`, `.<same>.<bytes>.part`,
+`.lock`): anything else in the directory (a user's file, a folder) is neither counted nor
+evicted. The default directory is private to the user (data/local_dirs.py).
+
 Which copies to evict is the caller's knowledge (data/prefetch.py `NodePlan`: when each shard
 is next needed): the one needed last (or never) goes first, and never one needed sooner than
 the shard it makes room for.
@@ -27,7 +31,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import tempfile
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from typing import BinaryIO
 
 from dist_train.config import DataConfig, parse_bytes
 from dist_train.data import remote
+from dist_train.data.local_dirs import private_temp_dir, usable_dir
 from dist_train.errors import DataError
 
 NEVER = float("inf")
@@ -56,11 +61,15 @@ class RemoteObject:
     sha256: str = ""  # from the manifest, when it has one
 
 
+# The names of the files the cache writes: a complete copy, a download in progress.
+_COPY = re.compile(r"[0-9a-f]{16}-[^/]+")
+_PART = re.compile(r"\.([0-9a-f]{16}-[^/]+)\.(\d{1,15})\.part")
+
+
 class ShardCache:
     def __init__(self, directory: str | Path, limit: int):
-        self.directory = Path(directory)
+        self.directory = usable_dir(directory, "data.cache_dir")
         self.limit = limit
-        self.directory.mkdir(parents=True, exist_ok=True)
         self._parts: dict[Path, BinaryIO] = {}  # downloads of this process, locked
 
     def path(self, url: str) -> Path:
@@ -119,8 +128,11 @@ class ShardCache:
 
     def _reserve(self, obj: RemoteObject, next_use: NextUse | None, needed_at: float,
                  keep_needed: bool) -> Path | None:
-        """Evict what must go and create the download's `.part` file, locked; None: no room."""
-        entries = list(self._entries())
+        """Evict what must go and create the download's `.part` file, locked; None: no room.
+        Under the budget lock, where every `.part` is created and locked at once: one that is
+        unlocked here was left by a process that died, and its reserved bytes are freed."""
+        entries = [(path, size, is_part) for path, size, is_part in self._entries()
+                   if not (is_part and _reclaimed(path))]
         free = self.limit - sum(size for _, size, _ in entries)
         if free < obj.bytes:
             candidates = []
@@ -169,15 +181,19 @@ class ShardCache:
         return None
 
     def _entries(self) -> Iterator[tuple[Path, int, bool]]:
-        """(path, bytes, is a download in progress) of everything the budget counts."""
+        """(path, bytes, is a download in progress) of the cache's own files (module docstring):
+        regular files by its names only, never another file or a folder found there."""
         for entry in os.scandir(self.directory):
             name = entry.name
-            if name.endswith(".part") and name.startswith("."):
-                with contextlib.suppress(ValueError):
-                    yield Path(entry.path), int(name.rsplit(".", 2)[1]), True
-            elif not name.startswith("."):
-                with contextlib.suppress(FileNotFoundError):
-                    yield Path(entry.path), entry.stat().st_size, False
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if part := _PART.fullmatch(name):
+                    yield Path(entry.path), int(part.group(2)), True
+                elif _COPY.fullmatch(name):
+                    yield Path(entry.path), entry.stat(follow_symlinks=False).st_size, False
+            except FileNotFoundError:  # evicted or finished while we looked
+                continue
 
     @contextlib.contextmanager
     def _budget_lock(self) -> Iterator[None]:
@@ -201,8 +217,8 @@ def evicted_last(cache: ShardCache, urls) -> NextUse:
 
 def cache_for(data_cfg: DataConfig) -> ShardCache:
     """The node's shard cache as the config sets it: node-local by default (under the system's
-    temporary directory, one per user)."""
-    directory = data_cfg.cache_dir or os.path.join(tempfile.gettempdir(), f"dist-train-shards-{os.getuid()}")
+    temporary directory, one per user, private: data/local_dirs.py)."""
+    directory = data_cfg.cache_dir or private_temp_dir("dist-train-shards", "data.cache_dir")
     return ShardCache(directory, parse_bytes(data_cfg.cache_limit))
 
 
@@ -232,6 +248,15 @@ def _wait_for_unlock(part: Path) -> None:
             fcntl.flock(f.fileno(), fcntl.LOCK_SH)
     except FileNotFoundError:
         pass  # done already
+
+
+def _reclaimed(part: Path) -> bool:
+    """Remove a `.part` no live download holds (its process died); True if it is gone."""
+    if _locked(part):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()
+    return True
 
 
 def _locked(path: Path) -> bool:
