@@ -64,6 +64,22 @@ def test_label_reader_reads_lists_and_json_and_checks_them():
     assert LabelReader(5).member({"json": b""}) is None  # one label per image: `.cls` only
 
 
+@pytest.mark.parametrize(("raw", "multilabel", "problem"), [
+    (b"+3", False, "not an integer"), (b"1_0", False, "not an integer"), (b"0_9", False, "not an integer"),
+    ("\u00b3".encode(), False, "not an integer"), (b"1,+2", True, "comma-separated"),
+    (b"1_0,2", True, "comma-separated"),
+    # 65,537 bytes: refused whole, not cut to a prefix that parses ("0,0,...,0,1" of the 19 lost).
+    (b"0," * 32768 + b"19", True, "longer than 65536 bytes"), (b"3" * 65537, False, "longer than 65536 bytes"),
+    (b"0,1,2,3,4,0", True, "6 labels, more than data.num_classes=5"),
+    (b"[" * 30000 + b"]" * 30000, True, r"not JSON \(or nested too deep\)"),
+])
+def test_a_label_is_decimal_digits_within_limits_or_refused(raw, multilabel, problem):
+    """What int() would take (+3, 1_0, a superscript) or a cut prefix would make of it."""
+    member = "json" if raw.startswith(b"[") else "cls"
+    with pytest.raises(DataError, match=problem):
+        LabelReader(5 if multilabel else 20, multilabel=multilabel).read(raw, member, "shard.tar: sample 'k'")
+
+
 def test_make_shards_from_a_csv_file(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -84,6 +100,31 @@ def test_make_shards_from_a_csv_file(tmp_path):
     (tmp_path / "bad.csv").write_text("path,labels\nimages/missing.png,even\n")
     with pytest.raises(DataError, match=r"bad.csv, line 2: 'images/missing.png' is not an image file"):
         csv_list(tmp_path / "bad.csv", multilabel=True)
+
+
+def test_a_csv_cannot_pack_a_file_it_should_not(tmp_path):
+    """A `.png` symlink to a file outside the CSV's folder, a non-image named .png, a label
+    with a control character or a superscript digit: one line each, nothing packed."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0\n")
+    folder = tmp_path / "listed"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "ok.png").write_bytes(encode_png(PIXELS[0]))
+    (folder / "images" / "leak.png").symlink_to(secret)
+    (folder / "images" / "inside.png").symlink_to(folder / "images" / "ok.png")  # a link within: fine
+    (folder / "images" / "text.png").write_text("not an image")
+
+    def refusal(row: str) -> str:
+        (folder / "list.csv").write_text(f"path,labels\nimages/ok.png,0\n{row}\n")
+        with pytest.raises(DataError) as caught:
+            csv_list(folder / "list.csv")
+        return str(caught.value)
+
+    assert refusal("images/leak.png,1").endswith(f"'images/leak.png' is a symlink to {secret}, outside {folder}")
+    assert refusal("images/text.png,1").endswith("'images/text.png' is not a JPEG, PNG or WebP image")
+    assert "holds a control character" in refusal('images/ok.png,"a\x00b"')
+    (folder / "list.csv").write_text("path,labels\nimages/ok.png,2\nimages/inside.png,\u00b2\n")
+    assert csv_list(folder / "list.csv").class_names == ["2", "\u00b2"]  # two names, no int() of "²"
 
 
 def test_digit_tags_give_every_digit_a_tag():

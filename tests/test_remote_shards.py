@@ -28,7 +28,7 @@ from dist_train.config import DataConfig
 from dist_train.data import remote, sources
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, check_room
-from dist_train.data.resolve import resolve_shards
+from dist_train.data.resolve import inside_remote_directory, resolve_shards
 from dist_train.data.shard_cache import RemoteObject, ShardCache, cache_for
 from dist_train.data.shard_format import Shard
 from dist_train.data.shard_writer import make_shards
@@ -388,3 +388,14 @@ def test_a_sha256_in_the_manifest_is_the_shards(small_digits):
     for entry in manifest["splits"]["train"]["shards"]:
         data = (small_digits / entry["file"]).read_bytes()
         assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(("name", "inside"), [
+    ("train-000000.tar", True), ("sub/train-000000.tar", True), ("./train.tar", True),
+    ("../train.tar", False), ("/etc/train.tar", False), ("a/../../train.tar", False), ("s3://other/x.tar", False),
+    # The URL library decodes these after the check: %2e%2e/ is ../ (nginx serves /outside/...).
+    ("%2e%2e/outside/train-000000.tar", False), ("..%2Foutside.tar", False), ("a\\..\\..\\x.tar", False),
+    ("train.tar?x=1", False), ("train.tar#x", False), ("train\n.tar", False),
+])
+def test_a_remote_manifest_names_only_files_inside_its_directory(name, inside):
+    assert inside_remote_directory(name) is inside

@@ -4,14 +4,18 @@
     multilabel   `.cls` holds the labels separated by commas ("3,7"; "" for none), or a
                  `.json` member holds them as a list ([3, 7]) or {"labels": [3, 7]}
 
+A label is ASCII decimal digits and nothing else (not `+3`, `1_0` or `³`, which Python's int()
+would take); a member longer than 64 KiB is refused whole, never cut and its prefix parsed.
 Every label must lie in 0..num_classes-1; a multi-label sample's list may be empty only with
-`data.allow_empty_labels`. Errors are one line naming the sample (`where`: shard and key). The
-same reader checks labels at indexing (data/resolve.py) and decodes them in the pipeline.
+`data.allow_empty_labels`, and hold no more labels than there are classes. Errors are one line
+naming the sample (`where`: shard and key). The same reader checks labels at indexing
+(data/resolve.py) and decodes them in the pipeline.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +26,7 @@ from dist_train.errors import DataError
 
 LABEL_MEMBERS = ("cls", "json")  # where a sample's label may be; multiclass reads `.cls` only
 MAX_LABEL_BYTES = 1 << 16  # a label member longer than this is not a label list
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -39,11 +44,15 @@ class LabelReader:
 
     def read(self, raw: bytes, member: str, where: str) -> int | tuple[int, ...]:
         """The label (multiclass) or the sorted labels (multilabel) of one sample."""
+        if len(raw) > MAX_LABEL_BYTES:
+            raise DataError(f"{where}: its .{member} label member is longer than {MAX_LABEL_BYTES} bytes: not a label")
         if not self.multilabel:
             return self._one(raw, where)
         labels = self._json_list(raw, where) if member == "json" else self._cls_list(raw, where)
         if not labels and not self.allow_empty:
             raise DataError(f"{where}: an empty label list (data.allow_empty_labels=false)")
+        if self.num_classes and len(labels) > self.num_classes:
+            raise DataError(f"{where}: {len(labels)} labels, more than data.num_classes={self.num_classes}")
         for label in labels:
             self._check_range(label, where)
         return tuple(sorted(set(labels)))
@@ -63,25 +72,24 @@ class LabelReader:
         if "," in text:
             raise DataError(f"{where}: label {raw[:20]!r} is a list: a multi-label sample, and data.task is "
                             "multiclass (set data.task=multilabel)")
-        try:
-            label = int(text)
-        except ValueError:
-            raise DataError(f"{where}: label {raw[:20]!r} is not an integer") from None
+        if not _DECIMAL.fullmatch(text):
+            raise DataError(f"{where}: label {raw[:20]!r} is not an integer (decimal digits)")
+        label = int(text)
         self._check_range(label, where)
         return label
 
     def _cls_list(self, raw: bytes, where: str) -> list[int]:
         text = raw.decode("ascii", "replace").strip()
-        try:
-            return [int(part) for part in text.split(",")] if text else []
-        except ValueError:
-            raise DataError(f"{where}: label {raw[:20]!r} is not a comma-separated list of integers") from None
+        parts = [part.strip() for part in text.split(",")] if text else []
+        if not all(_DECIMAL.fullmatch(part) for part in parts):
+            raise DataError(f"{where}: label {raw[:20]!r} is not a comma-separated list of integers")
+        return [int(part) for part in parts]
 
     def _json_list(self, raw: bytes, where: str) -> list[int]:
         try:
             value = json.loads(raw)
-        except ValueError:
-            raise DataError(f"{where}: .json label {raw[:20]!r} is not JSON") from None
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
+            raise DataError(f"{where}: .json label {raw[:20]!r} is not JSON (or nested too deep)") from None
         if isinstance(value, dict):
             value = value.get("labels")
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):

@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 from dist_train.config import DataConfig
 from dist_train.data import eval_split, workers
 from dist_train.data.device_decode import DeviceStage, EncodedImages, encoded_jpeg
-from dist_train.data.labels import MAX_LABEL_BYTES, label_reader
+from dist_train.data.labels import label_reader
 from dist_train.data.order import EpochOrder, OrderSpec, micro_batch_positions
 from dist_train.data.prefetch import NodePlan, Prefetcher, check_room, steps_in_flight
 from dist_train.data.random_access import ShardReader
@@ -42,7 +42,7 @@ from dist_train.data.resolution import ResolutionSchedule
 from dist_train.data.sample_index import node_index
 from dist_train.data.sampling import EpochSampler
 from dist_train.data.shard_cache import ShardCache, cache_for, evicted_last
-from dist_train.data.shard_format import IMAGE_EXTENSIONS, Shard, ShardSet
+from dist_train.data.shard_format import IMAGE_EXTENSIONS, IMAGE_FORMATS, Shard, ShardSet
 from dist_train.data.transforms import build_batch_normalize, build_transform
 from dist_train.errors import DataError
 from dist_train.runtime.seeds import derive_seed
@@ -145,7 +145,7 @@ class SampleDecoder:
         member = self.labels.member(sample)
         if member is None:
             raise DataError(f"{where} {self.labels.missing()}")
-        label = self.labels.read(sample[member][:MAX_LABEL_BYTES], member, where)
+        label = self.labels.read(sample[member], member, where)
         if self.encoded:
             # The seed TrainStream set for this sample: the device draws its transforms from it.
             image = (encoded_jpeg(sample[image_key], self.max_pixels, f"{where}: .{image_key}"),
@@ -159,10 +159,6 @@ class SampleDecoder:
         return prepared
 
 
-# The formats a dataset's images may have: a member's name does not choose its decoder (a
-# ".png" member that is a TIFF, PCX or SGI file would be read by that decoder), this list does.
-# A JPEG named .png, as real datasets hold, still decodes.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 # 16-bit grayscale (PNG "I;16", and "I" from some writers) spans 0..65535; PIL's convert("L")
 # clips it at 255, which would make most 16-bit images white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")

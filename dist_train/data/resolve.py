@@ -227,12 +227,18 @@ def _remote_manifest(directory: str, required: bool) -> dict | None:
             raise DataError(f"{directory}: no {MANIFEST_NAME} there ({url} not found); give the dataset "
                             "directory's URL, or shard URLs as a brace pattern") from None
         return None
+    return _checked_manifest(text, url, inside_remote_directory)
 
-    def inside(file: str) -> bool:
-        normal = posixpath.normpath(file)
-        return "://" not in file and not normal.startswith(("/", "..")) and normal != "."
 
-    return _checked_manifest(text, url, inside)
+def inside_remote_directory(file: str) -> bool:
+    """Whether a remote manifest's file name stays inside its directory once joined to its URL.
+    No `%` (the URL library would decode `%2e%2e/` to `../` after this check), `\\`, `?`, `#`
+    or control characters: make-shards never writes them, and a server may read them as
+    anything; then no absolute path, no `..` after normalising."""
+    if not file.isprintable() or any(c in file for c in "%\\?#") or "://" in file:
+        return False
+    normal = posixpath.normpath(file)
+    return not normal.startswith(("/", "..")) and normal != "."
 
 
 def _from_manifest(directory: Path, split: str, skip_damaged: bool) -> tuple[list[Shard], dict]:
@@ -345,7 +351,8 @@ def _sample_problems(path: str, entries: TarIndex, labels: LabelReader, stop_at_
                 offset, size = members[member]
                 f.seek(offset)
                 try:
-                    found.append(labels.read(f.read(min(size, MAX_LABEL_BYTES)), member, where=f"sample {key!r}"))
+                    # One byte past the limit at most: enough for the reader to refuse it whole.
+                    found.append(labels.read(f.read(min(size, MAX_LABEL_BYTES + 1)), member, where=f"sample {key!r}"))
                 except DataError as exc:
                     problem = str(exc)
             if problem:

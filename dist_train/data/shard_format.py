@@ -21,8 +21,12 @@ MANIFEST_NAME = "dataset.json"
 MANIFEST_VERSION = 2  # 2: class_counts per shard and split, and the task (and, optional, spans)
 SPANS_SUFFIX = ".spans.npy"  # <split>.spans.npy: every sample's byte span (data/sample_index.py)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # an image member's name; its bytes decide the decoder
-__all__ = ["IMAGE_EXTENSIONS", "LABEL_MEMBERS", "MANIFEST_NAME", "MANIFEST_VERSION", "SPANS_SUFFIX", "Damage",
-           "Shard", "ShardSet"]
+# The formats a dataset's images may have: a member's name does not choose its decoder (a
+# ".png" member that is a TIFF, PCX or SGI file would be read by that decoder), this list does.
+# A JPEG named .png, as real datasets hold, still decodes.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
+__all__ = ["IMAGE_EXTENSIONS", "IMAGE_FORMATS", "LABEL_MEMBERS", "MANIFEST_NAME", "MANIFEST_VERSION",
+           "SPANS_SUFFIX", "Damage", "Shard", "ShardSet"]
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from dist_train.data.shard_format import IMAGE_EXTENSIONS
+from dist_train.data.shard_format import IMAGE_EXTENSIONS, IMAGE_FORMATS
 from dist_train.errors import DataError
 
 
@@ -109,11 +110,27 @@ def image_folder(root: str | Path) -> LabeledImages:
             ext = path.suffix.lower().lstrip(".")
             if not path.is_file() or ext not in IMAGE_EXTENSIONS:
                 continue
+            checked_image(path, root, str(path))
             key = _key_for(path.relative_to(root), used_keys)
             samples.append(RawSample(key, path.read_bytes, ext, label))
     if not samples:
         raise DataError(f"{root}: no images with extensions {IMAGE_EXTENSIONS}")
     return LabeledImages([d.name for d in class_dirs], samples)
+
+
+def checked_image(image: Path, folder: Path, where: str) -> None:
+    """An image make-shards may pack: not a symlink leading out of the source's folder (a
+    `leak.png` linked to /etc/shadow would become a shard member, readable by all, perhaps
+    published), and a JPEG, PNG or WebP file by its header (what the training decoders accept;
+    its name does not choose). Only the header is read here."""
+    real, named = Path(os.path.realpath(image)), Path(os.path.abspath(image))
+    if real != Path(os.path.normpath(named)) and not real.is_relative_to(os.path.realpath(folder)):
+        raise DataError(f"{where} is a symlink to {real}, outside {folder}")
+    try:
+        with Image.open(image, formats=IMAGE_FORMATS):
+            pass
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise DataError(f"{where} is not a JPEG, PNG or WebP image") from None
 
 
 def _key_for(relative: Path, used: set[str]) -> str:
@@ -147,14 +164,17 @@ def csv_list(path: str | Path, multilabel: bool = False) -> LabeledImages:
         if not multilabel and len(names) != 1:
             raise DataError(f"{path}, line {line}: {len(names)} labels ({row['labels']!r}); one per image "
                             "(or --multilabel)")
+        if bad := next((n for n in names if not n.isprintable()), None):
+            raise DataError(f"{path}, line {line}: label {bad[:40]!r} holds a control character")
         image = Path(row["path"] or "")
         image = image if image.is_absolute() else path.parent / image
         ext = image.suffix.lower().lstrip(".")
         if ext not in IMAGE_EXTENSIONS or not image.is_file():
             raise DataError(f"{path}, line {line}: {row['path']!r} is not an image file ({'/'.join(IMAGE_EXTENSIONS)})")
+        checked_image(image, path.parent, f"{path}, line {line}: {row['path']!r}")
         listed.append((image, ext, names))
     every = {n for _, _, names in listed for n in names}
-    numeric = all(n.isdigit() for n in every)
+    numeric = all(re.fullmatch(r"[0-9]+", n) for n in every)  # ASCII digits: "²".isdigit() too
     classes = sorted(every, key=lambda n: (int(n) if numeric else 0, n))
     index = {name: i for i, name in enumerate(classes)}
     samples: list[RawSample] = []
