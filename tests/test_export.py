@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -66,6 +67,50 @@ def test_a_failed_export_leaves_nothing_and_names_the_difference(tmp_path):
         export_model(best, "onnx", tmp_path / "m.onnx", tolerance=1e-30)
     assert (tmp_path / "m.onnx").read_bytes() == b"the previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "m.onnx"]
+
+
+def test_a_sidecar_goes_only_with_its_own_model(tmp_path, monkeypatch):
+    """The model is renamed first and the sidecar last; a failed sidecar rename takes the new
+    model with it; a sidecar of another export, or one whose classes or image size the ONNX
+    graph contradicts, is refused by predict in one line, never used to name predictions."""
+    first, second = checkpoint(tmp_path / "a", "small_cnn"), checkpoint(tmp_path / "b", "small_cnn", image_size=24)
+    out = tmp_path / "m.onnx"
+    export_model(first, "onnx", out)
+    sidecar = out.with_name("m.onnx.json")
+    kept = sidecar.read_text()
+    real_replace = os.replace
+
+    def failing_for_the_sidecar(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_for_the_sidecar)
+    with pytest.raises(CheckpointError, match=r"cannot write it \(No space left on device\); nothing written"):
+        export_model(second, "onnx", out)
+    monkeypatch.undo()
+    assert not out.exists() and sidecar.read_text() == kept  # no new model beside the old sidecar
+    with pytest.raises(CheckpointError, match=r"needs the file and its m\.onnx\.json"):
+        load_for_inference(out)
+    export_model(second, "onnx", out)
+    sidecar.write_text(kept)  # the first export's sidecar beside the second's model
+    with pytest.raises(CheckpointError, match=r"m.onnx.json was written for another model than .*m.onnx"):
+        load_for_inference(out)
+    export_model(first, "onnx", out)
+    info = json.loads(sidecar.read_text())
+    for change, problem in [({"class_names": [str(i) for i in range(12)]}, "classes 10 differ from its sidecar's 12"),
+                            ({"class_names": "0123456789"}, "class_names must be a list of names")]:
+        sidecar.write_text(json.dumps({k: v for k, v in info.items() if k != "model_sha256"} | change))
+        with pytest.raises(CheckpointError, match=problem):
+            load_for_inference(out)
+
+
+def test_export_onto_a_directory_is_one_line(tmp_path):
+    best = checkpoint(tmp_path / "best", "small_cnn")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CheckpointError, match=r"export --out .*out: a directory; name the model file"):
+        export_model(best, "onnx", tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 @pytest.mark.slow

@@ -8,13 +8,15 @@ digits.onnx` prepares images exactly as training validated them). The input is a
 batch, normalized; the batch dimension is dynamic. On export the file is loaded back (ONNX:
 by onnxruntime) and run on two sample batches of different sizes: the largest difference from
 PyTorch's logits is printed, and over `tolerance` nothing is written. Both files are written
-under temporary names and renamed. TorchScript (torch.jit.trace) is deprecated by PyTorch and
+under temporary names and renamed, the model first; the sidecar holds the model's SHA-256,
+which `predict` checks. TorchScript (torch.jit.trace) is deprecated by PyTorch and
 offered for runtimes that still need it; prefer ONNX.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from dist_train import atomic_file
+from dist_train.checkpoint import sha256_file
 from dist_train.commands.predict import LoadedModel, load_for_inference
 from dist_train.data.transforms import eval_geometry
 from dist_train.errors import CheckpointError
@@ -48,15 +50,33 @@ def export_model(checkpoint: str | Path, fmt: Literal["onnx", "torchscript"], ou
     samples = [torch.randn(n, data.channels, side, side, generator=generator)
                for n in SAMPLE_BATCHES]
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file.replacing(out) as tmp, torch.no_grad():
-        run = (_export_onnx if fmt == "onnx" else _export_torchscript)(model, samples[0], tmp)
-        diff = max(float((run(x) - model(x)).abs().max()) for x in samples)
+    sidecar = out.with_name(out.name + ".json")
+    if out.is_dir():
+        raise CheckpointError(f"export --out {out}: a directory; name the model file (e.g. {out}/model.{fmt})")
+    model_tmp, sidecar_tmp = (p.with_name(f".{p.name}.tmp") for p in (out, sidecar))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            run = (_export_onnx if fmt == "onnx" else _export_torchscript)(model, samples[0], model_tmp)
+            diff = max(float((run(x) - model(x)).abs().max()) for x in samples)
         if not diff <= tolerance:
             raise CheckpointError(f"export to {fmt}: outputs differ from PyTorch's by {diff:.3g} "
                                   f"(more than {tolerance:g}); nothing written")
-        sidecar = out.with_name(out.name + ".json")
-        atomic_file.write_text(sidecar, json.dumps(_sidecar(loaded, fmt, checkpoint, diff), indent=2) + "\n")
+        info = _sidecar(loaded, fmt, checkpoint, diff) | {"model_sha256": sha256_file(model_tmp)}
+        sidecar_tmp.write_text(json.dumps(info, indent=2) + "\n")
+        # The model first, its sidecar last: a sidecar names the model it goes with (its hash),
+        # and if its rename fails the new model goes too; predict refuses a pair that differs.
+        os.replace(model_tmp, out)
+        try:
+            os.replace(sidecar_tmp, sidecar)
+        except OSError:
+            out.unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise CheckpointError(f"export --out {out}: cannot write it ({exc.strerror or exc}); nothing written") from None
+    finally:
+        for tmp in (model_tmp, sidecar_tmp):
+            tmp.unlink(missing_ok=True)
     return Exported(out, sidecar, diff)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dist_train.atomic_file import replacing
-from dist_train.checkpoint import load_model_checkpoint
+from dist_train.checkpoint import load_model_checkpoint, sha256_file
 from dist_train.config import Config, config_from_dict
 from dist_train.data import workers
 from dist_train.data.datasets import cache_if_remote
@@ -28,7 +28,7 @@ from dist_train.data.pipeline import Collate, EvalStreamSpec, decode_image, make
 from dist_train.data.remote import is_remote
 from dist_train.data.resolve import resolve_shards
 from dist_train.data.shard_format import IMAGE_EXTENSIONS, ShardSet
-from dist_train.data.transforms import build_transform
+from dist_train.data.transforms import build_transform, eval_geometry
 from dist_train.errors import CheckpointError, ConfigError, DataError
 from dist_train.recipe.models import create_model, logits_of
 
@@ -93,13 +93,32 @@ def _load_onnx(path: Path) -> LoadedModel:
         info = json.loads(sidecar.read_text())
         cfg = config_from_dict(info["config"])
         class_names = info["class_names"]
-    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{sidecar}: not a dist-train export sidecar ({exc})") from None
+    except (OSError, ValueError, KeyError, TypeError, ConfigError, RecursionError) as exc:
+        raise CheckpointError(f"{sidecar}: not a dist-train export sidecar ({str(exc)[:200]})") from None
+    if not isinstance(class_names, list) or not class_names or not all(isinstance(c, str) for c in class_names):
+        raise CheckpointError(f"{sidecar}: class_names must be a list of names")
+    if "model_sha256" in info and info["model_sha256"] != sha256_file(path):
+        raise CheckpointError(f"{sidecar} was written for another model than {path} (its SHA-256 differs); "
+                              "export again")
     try:
         model = OnnxClassifier(path)
     except Exception as exc:  # onnxruntime's own errors share no base class
         raise CheckpointError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:200]})") from None
+    _check_onnx_fits(model, cfg, class_names, path)
     return LoadedModel(model, cfg, class_names, info)
+
+
+def _check_onnx_fits(model: OnnxClassifier, cfg: Config, class_names: list[str], path: Path) -> None:
+    """The sidecar's images and classes are the ONNX model's: its input's channels and size and
+    its output's classes, where the graph fixes them."""
+    (given,), (output,) = model.session.get_inputs(), model.session.get_outputs()
+    side = eval_geometry(cfg.data).crop
+    expected = {"input channels": (given.shape[1:2], cfg.data.channels), "input height": (given.shape[2:3], side),
+                "input width": (given.shape[3:4], side), "classes": (output.shape[-1:], len(class_names))}
+    for what, (dims, wanted) in expected.items():
+        if len(dims) != 1 or (isinstance(dims[0], int) and dims[0] != wanted):
+            raise CheckpointError(f"{path}: the model's {what} {dims[0] if dims else 'missing'} differ from its "
+                                  f"sidecar's {wanted}")
 
 
 class ImageFiles(Dataset):
