@@ -102,7 +102,7 @@ def test_a_server_away_for_a_moment_costs_retries_not_the_download(nginx, tmp_pa
     restart = threading.Timer(1.2, nginx.start)
     restart.start()
     try:
-        remote.download(url, str(tmp_path / "copy.tar"))
+        remote.download(url, str(tmp_path / "copy.tar"), (nginx.root / "small" / "train-000003.tar").stat().st_size)
     finally:
         restart.join()
     assert (tmp_path / "copy.tar").read_bytes() == (nginx.root / "small" / "train-000003.tar").read_bytes()

@@ -7,7 +7,15 @@ from the environment or the usual config files (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOI
 Every call is retried: a transient failure (connection refused or reset, a timeout, a 5xx
 answer, S3 throttling) waits with exponential backoff and tries again, each retry one line
 on stderr with its number; a missing or forbidden object (404/403, NoSuchKey) is a DataError
-naming the URL at once, as is a transient failure that outlasts the retry budget.
+naming the URL at once, as is a transient failure that outlasts the retry budget (a count and
+a wall-clock deadline).
+
+Timeouts are of inactivity, never of a whole transfer: a connection must open within
+CONNECT_TIMEOUT_S and some bytes must come every READ_TIMEOUT_S, so a slow but live server is
+waited for (aiohttp's default cuts every GET at 300 s, whatever its progress) and a stalled
+one is retried. A shard is downloaded in Range requests of CHUNK_BYTES appended to its
+`.part`, so a retry resumes from the last whole chunk instead of byte 0. A manifest is read
+to MAX_MANIFEST_BYTES at most (a never-ending answer cannot fill the memory).
 """
 
 from __future__ import annotations
@@ -26,6 +34,11 @@ REMOTE_SCHEMES = ("http://", "https://", "s3://")
 RETRIES = 8  # attempts after the first: backoff 0.5, 1, 2, 4, 8, 10, 10, 10 s (about 45 s)
 FIRST_WAIT_S = 0.5
 MAX_WAIT_S = 10.0
+RETRY_DEADLINE_S = 600.0  # no retry of a call starts later than this after its first attempt
+CONNECT_TIMEOUT_S = 30.0
+READ_TIMEOUT_S = 60.0  # no byte for this long: the transfer is stalled, not slow
+CHUNK_BYTES = 16 << 20
+MAX_MANIFEST_BYTES = 64 << 20  # dataset.json of 1.28M samples in 1,000 shards is ~0.3 MB
 
 T = TypeVar("T")
 
@@ -62,8 +75,20 @@ def sizes(urls: list[str]) -> list[int]:
         return list(pool.map(size, urls))
 
 
-def read_bytes(url: str) -> bytes:
-    return with_retries(url, lambda: _fs(url).cat_file(url))
+def read_bytes(url: str, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """The whole (small) object; more than `limit` bytes is an error, read no further."""
+    def bounded() -> bytes:
+        chunks, total = [], 0
+        with _fs(url).open(url, "rb") as f:
+            while total <= limit and (chunk := f.read(limit + 1 - total)):  # a stream gives what came so far
+                chunks.append(chunk)
+                total += len(chunk)
+        return b"".join(chunks)
+
+    data = with_retries(url, bounded)
+    if len(data) > limit:
+        raise DataError(f"{url}: larger than {limit >> 20} MiB, not a manifest")
+    return data
 
 
 def exists(url: str) -> bool:
@@ -74,9 +99,21 @@ def exists(url: str) -> bool:
     return True
 
 
-def download(url: str, local_path: str) -> None:
-    """The whole object into `local_path` (which the caller renames once it is checked)."""
-    with_retries(url, lambda: _fs(url).get_file(url, local_path))
+def download(url: str, local_path: str, size: int) -> None:
+    """The object's `size` bytes appended to `local_path` from where it ends (which the caller
+    renames once it is checked), in Range requests of CHUNK_BYTES each retried on its own."""
+    try:
+        with open(local_path, "ab") as f:
+            while (have := f.tell()) < size:
+                end = min(have + CHUNK_BYTES, size)
+                chunk = with_retries(url, lambda: _fs(url).cat_file(url, start=have, end=end))  # noqa: B023
+                if len(chunk) != end - have:
+                    raise DataError(f"{url}: asked for bytes {have}-{end}, got {len(chunk)} (changed on the server, "
+                                    "or a server that ignores Range requests)")
+                f.write(chunk)
+    except OSError as exc:  # the local disk, not the network: retrying cannot help
+        raise DataError(f"{local_path}: cannot write the copy of {url} ({exc.strerror or exc}); free the disk or "
+                        "set data.cache_dir") from None
 
 
 def upload(local_path: str, url: str) -> None:
@@ -106,6 +143,7 @@ class MissingObject(DataError):
 def with_retries(url: str, call: Callable[[], T], retries: int | None = None) -> T:
     """`call()`, retried with backoff while it fails for a reason that may pass."""
     retries = RETRIES if retries is None else retries
+    deadline = time.monotonic() + RETRY_DEADLINE_S
     for attempt in range(retries + 1):
         try:
             return call()
@@ -118,9 +156,10 @@ def with_retries(url: str, call: Callable[[], T], retries: int | None = None) ->
                 raise MissingObject(f"{url}: {_missing_reason(exc)}") from None
             if reason is None:
                 raise DataError(f"{url}: {_short(exc)}") from None
-            if attempt == retries:
-                raise DataError(f"{url}: still failing after {retries} retries ({reason})") from None
             wait = min(FIRST_WAIT_S * 2**attempt, MAX_WAIT_S)
+            if attempt == retries or time.monotonic() + wait > deadline:
+                raise DataError(f"{url}: still failing after {attempt} retries in "
+                                f"{time.monotonic() - deadline + RETRY_DEADLINE_S:.0f} s ({reason})") from None
             print(f"dist-train: warning: {url}: {reason}; retry {attempt + 1} of {retries} in {wait:g} s",
                   file=sys.stderr, flush=True)
             time.sleep(wait)
@@ -181,9 +220,13 @@ def _fs(url: str):
 
     protocol = url.partition("://")[0]
     if protocol in ("http", "https"):
+        import aiohttp
+
         # No listing of directories and no cache of responses: we ask for known objects only.
-        return fsspec.filesystem(protocol, block_size=0)
-    fs = fsspec.filesystem(protocol)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        return fsspec.filesystem(protocol, block_size=0, client_kwargs={"timeout": timeout})
+    fs = fsspec.filesystem(protocol, config_kwargs={"connect_timeout": CONNECT_TIMEOUT_S,
+                                                    "read_timeout": READ_TIMEOUT_S})
     # s3fs retries failures itself, five times with growing waits; one layer of retries
     # (ours: counted, logged, with one budget for both schemes) is enough.
     fs.retries = 1

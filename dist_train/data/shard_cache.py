@@ -159,7 +159,7 @@ class ShardCache:
     def _download(self, obj: RemoteObject, part: Path, path: Path) -> None:
         f = self._parts.pop(part)
         try:
-            remote.download(obj.url, str(part))
+            remote.download(obj.url, str(part), obj.bytes)
             got = part.stat().st_size
             if got != obj.bytes:
                 raise DataError(f"{obj.url}: downloaded {got} bytes, expected {obj.bytes} (changed on the server?)")

@@ -1,0 +1,134 @@
+"""Remote reads against a misbehaving web server (a small one written here, run in a thread:
+it fails, stalls or never ends on purpose, which nginx does not): a cut download resumes
+from its last whole chunk, a stalled one is retried after an inactivity timeout and given up
+within the deadline, a never-ending manifest is refused at its limit, a full disk is one line."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from dist_train.data import remote
+from dist_train.errors import DataError
+
+BODY = bytes(range(256)) * 40  # 10,240 bytes
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.ranges: list[str] = []  # the Range header of every GET
+        self.fail_request = -1  # this GET (counted from 0) is answered 503
+        self.stall = False  # answer nothing, keep the connection open
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:
+        server = self.server
+        server.ranges.append(self.headers.get("Range", ""))
+        if server.stall:
+            time.sleep(30)
+            return
+        if len(server.ranges) - 1 == server.fail_request:
+            self.send_error(503)
+            return
+        if self.path.endswith("endless.json"):  # chunked, and never done
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            chunk = b"[" * 65536
+            try:
+                while True:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                return
+        start, end = 0, len(BODY) - 1
+        if spec := self.headers.get("Range"):
+            first, last = spec.removeprefix("bytes=").split("-")
+            start, end = int(first), min(int(last), len(BODY) - 1)
+        self.send_response(206 if spec else 200)
+        self.send_header("Content-Length", str(end - start + 1))
+        self.end_headers()
+        self.wfile.write(BODY[start:end + 1])
+
+
+@pytest.fixture
+def server():
+    server = Server()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(remote, "FIRST_WAIT_S", 0.01)
+    monkeypatch.setattr(remote, "MAX_WAIT_S", 0.02)
+
+
+def test_a_cut_download_resumes_from_its_last_whole_chunk(server, quick_retries, tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(remote, "CHUNK_BYTES", 4096)
+    server.fail_request = 2  # the third chunk's first try
+    remote.download(f"{server.url}/shard.tar", str(tmp_path / "copy"), len(BODY))
+    assert (tmp_path / "copy").read_bytes() == BODY
+    assert server.ranges == ["bytes=0-4095", "bytes=4096-8191", "bytes=8192-10239", "bytes=8192-10239"]
+    assert "HTTP 503; retry 1 of 8" in capfd.readouterr().err
+
+
+def test_a_stalled_server_is_retried_after_the_read_timeout_and_given_up_by_the_deadline(server, quick_retries,
+                                                                                        tmp_path, monkeypatch):
+    monkeypatch.setattr(remote, "READ_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(remote, "RETRY_DEADLINE_S", 1.2)
+    server.stall = True
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"shard\.tar: still failing after \d retries in \d s"):
+        remote.download(f"{server.url}/shard.tar", str(tmp_path / "copy"), len(BODY))
+    assert 1.0 < time.monotonic() - started < 5 and len(server.ranges) >= 2  # retried, then stopped
+
+
+def test_a_never_ending_manifest_is_refused_at_its_limit(server, monkeypatch):
+    monkeypatch.setattr(remote, "MAX_MANIFEST_BYTES", 1 << 20)
+    with pytest.raises(DataError, match=r"endless\.json: larger than 1 MiB, not a manifest"):
+        remote.read_bytes(f"{server.url}/endless.json", limit=1 << 20)
+
+
+def test_a_full_disk_is_one_line_not_a_network_retry(server, tmp_path, monkeypatch):
+    real_open = open
+
+    class Full:
+        def __init__(self, path, mode):
+            self.f = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def tell(self):
+            return self.f.tell()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", lambda path, mode="r", *a, **k: Full(path, mode)
+                        if str(path).endswith("copy") else real_open(path, mode, *a, **k))
+    with pytest.raises(DataError, match=r"copy: cannot write the copy of .*shard\.tar \(No space left on device\)"):
+        remote.download(f"{server.url}/shard.tar", str(tmp_path / "copy"), len(BODY))
+    assert len(server.ranges) == 1
