@@ -105,12 +105,15 @@ def test_a_sidecar_goes_only_with_its_own_model(tmp_path, monkeypatch):
             load_for_inference(out)
 
 
-def test_export_onto_a_directory_is_one_line(tmp_path):
+def test_export_onto_a_directory_or_of_an_onnx_file_is_one_line(tmp_path):
     best = checkpoint(tmp_path / "best", "small_cnn")
     (tmp_path / "out").mkdir()
     with pytest.raises(CheckpointError, match=r"export --out .*out: a directory; name the model file"):
         export_model(best, "onnx", tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+    export_model(best, "onnx", tmp_path / "m.onnx")
+    with pytest.raises(CheckpointError, match=r"m\.onnx: an ONNX file is an export already"):
+        export_model(tmp_path / "m.onnx", "onnx", tmp_path / "again.onnx")
 
 
 @pytest.mark.slow

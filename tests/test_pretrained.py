@@ -88,6 +88,30 @@ def test_a_pickle_that_would_run_code_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
+def test_a_zip_bomb_is_refused_before_it_is_inflated(tmp_path):
+    """A .pth whose records declare far more than the file holds (torch.save stores them
+    uncompressed): 64 MiB of zeros deflated to about 64 kB."""
+    import zipfile
+
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\0" * (64 << 20))
+    with pytest.raises(CheckpointError, match=r"bomb.pth: its records declare 67,108,864 bytes inside a file of"):
+        load_pretrained(create_model("resnet18", 10), path)
+    # What torch.save writes declares about its own size, and loads.
+    assert load_pretrained(create_model("small_cnn", 10, 1), save(create_model("small_cnn", 10, 1).state_dict(),
+                                                                   tmp_path / "ok.pth")).loaded > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_weights_of_integer_or_bool_values_are_refused_for_float_parameters(tmp_path, dtype):
+    state = {k: (v != 0).to(dtype) if k == "head.weight" else v
+             for k, v in create_model("small_cnn", 10, 1).state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"head.weight holds {str(dtype).removeprefix('torch.')} values, "
+                                              r"the model's are float32"):
+        load_pretrained(create_model("small_cnn", 10, 1), save(state, tmp_path / "q.safetensors"))
+
+
 def test_a_dist_train_checkpoint_loads_with_its_hash_checked(tmp_path):
     torch.manual_seed(1)
     source = create_model("small_cnn", 10, 1)

@@ -217,3 +217,16 @@ def test_balanced_sampling_lifts_the_recall_of_rare_classes(imbalanced_digits, t
               f"mean {np.mean(values):.3f}")
     for seed in (0, 1, 2):
         assert recall["balanced", seed] >= recall["uniform", seed] + 0.3, recall
+
+
+def test_a_sampled_epoch_too_long_to_draw_is_one_line_before_training(digits_dir, tmp_path):
+    """10**12 samples an epoch would be a numpy MemoryError in every process; a hundred times the
+    training set is the most a sampled epoch may draw."""
+    from dist_train.training.engine import fit
+
+    cfg = load_config(DIGITS_CONFIG, [f"data.train={digits_dir}", f"data.val={digits_dir}", "data.sampling=balanced",
+                                      "data.samples_per_epoch=1000000000000", f"train.output_dir={tmp_path / 'run'}",
+                                      "tracking.wandb=false", "data.num_workers=0"])
+    with pytest.raises(ConfigError, match=r"^data\.samples_per_epoch=1,000,000,000,000 is more than 143,800 \(100 x "
+                                          r"the training set's 1,438 samples, at most 20,000,000\)$"):
+        fit(cfg)

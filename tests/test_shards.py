@@ -125,3 +125,9 @@ def test_a_manifest_naming_files_outside_or_counts_that_are_no_counts_is_refused
     (copy / "dataset.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=rf"dataset\.json: split 'train': .*{message}"):
         resolve_shards(str(copy), "train", 10)
+
+
+def test_a_manifest_nested_thousands_deep_is_one_line(tmp_path):
+    (tmp_path / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"dataset\.json: not a readable dist-train manifest"):
+        resolve_shards(str(tmp_path), "train", 10)

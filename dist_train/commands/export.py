@@ -42,6 +42,9 @@ class Exported:
 
 def export_model(checkpoint: str | Path, fmt: Literal["onnx", "torchscript"], out: str | Path,
                  tolerance: float = TOLERANCE) -> Exported:
+    if str(checkpoint).endswith(".onnx"):
+        raise CheckpointError(f"export --checkpoint {checkpoint}: an ONNX file is an export already; give the "
+                              "checkpoint directory it came from (RUN/best)")
     loaded = load_for_inference(checkpoint)
     model = loaded.model.eval()
     data = loaded.cfg.data

@@ -88,8 +88,8 @@ def _checked_manifest(text: str, where: str, inside) -> dict:
         manifest = json.loads(text)
         manifest["splits"]
         manifest["classes"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{where}: not a readable dist-train manifest ({exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested thousands deep
+        raise DataError(f"{where}: not a readable dist-train manifest ({str(exc)[:200]})") from None
     problem = _manifest_problem(manifest, inside)
     if problem:
         raise DataError(f"{where}: {problem}")

@@ -18,6 +18,7 @@ loaded, new and ignored, for the run log and meta.json.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,7 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(f"model.weights: {path}: expected .safetensors, {', '.join(TORCH_SUFFIXES)} "
                               "or a checkpoint directory")
+    _check_declared_sizes(path)
     try:
         # Tensors and plain containers only: a pickle that would build other objects (and so
         # could run code) is refused by the loader before anything of it runs.
@@ -80,6 +82,24 @@ def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
     except (OSError, RuntimeError, EOFError) as exc:
         raise CheckpointError(f"model.weights: {path} is not a readable torch file ({exc})") from None
     return _state_dict_in(loaded, path)
+
+
+def _check_declared_sizes(path: Path) -> None:
+    """torch.save writes a zip whose records are stored, not compressed: what its records
+    declare is about the file's own size. Far more is a zip bomb (a 1.3 MB file that inflates
+    a pickle of 1 GiB), refused before torch.load inflates it. (Legacy non-zip files are
+    read by torch.load's own bounded reader.)"""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"model.weights: {path} is not a readable torch file ({exc})") from None
+    size = path.stat().st_size
+    if declared > 2 * size + (1 << 20):
+        raise CheckpointError(f"model.weights: {path}: its records declare {declared:,} bytes inside a file of "
+                              f"{size:,} (a zip bomb?); refused unread")
 
 
 def _state_dict_in(loaded, path: Path) -> dict[str, torch.Tensor]:
@@ -106,6 +126,10 @@ def load_pretrained(model: nn.Module, source: str | Path) -> WeightsReport:
             report.new.append(key)
             continue
         value = weights[key]
+        if target.is_floating_point() and not value.is_floating_point():
+            raise CheckpointError(f"model.weights: {source}: {key} holds {str(value.dtype).removeprefix('torch.')} "
+                                  f"values, the model's are {str(target.dtype).removeprefix('torch.')} "
+                                  "(quantized or not weights at all)")
         if value.shape == target.shape:
             chosen[key] = value
         elif key == first_conv and _only_channels_differ(value, target):

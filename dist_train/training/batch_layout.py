@@ -33,6 +33,10 @@ class RunLayout:
         return self.steps_per_epoch * self.epochs
 
 
+MAX_EPOCH_FACTOR = 100  # a sampled epoch oversamples rare classes a few times, not a hundred
+MAX_SAMPLES_PER_EPOCH = 20_000_000  # its drawn order: about 460 MB a process
+
+
 def plan_layout(cfg: Config, accelerator: Accelerator, train_samples: int,
                 saved_order: OrderSpec | None = None) -> tuple[OrderSpec, RunLayout]:
     """The training order (a resumed run's own, else a new one) and this launch's layout.
@@ -54,6 +58,10 @@ def plan_layout(cfg: Config, accelerator: Accelerator, train_samples: int,
                           f"batch of {order.global_batch} on {world} process(es)")
     accelerator.gradient_accumulation_steps = accum
     epoch_samples = order.samples_per_epoch or train_samples  # a sampled epoch may be set longer or shorter
+    most = min(MAX_EPOCH_FACTOR * train_samples, MAX_SAMPLES_PER_EPOCH)
+    if epoch_samples > most:  # each process draws the epoch's order at once: ~23 bytes a sample
+        raise ConfigError(f"data.samples_per_epoch={epoch_samples:,} is more than {most:,} ({MAX_EPOCH_FACTOR} x "
+                          f"the training set's {train_samples:,} samples, at most {MAX_SAMPLES_PER_EPOCH:,})")
     steps = steps_per_epoch(epoch_samples, order.global_batch)
     if steps == 0:
         raise DataError(
