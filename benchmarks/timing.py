@@ -25,6 +25,7 @@ class StepOnly:
     forward_seeds: Any  # the per-micro-batch seeding of dropout: part of the product's step
     mixer: Any = None
     device_stage: Any = None
+    teacher: Any = None  # knowledge distillation (recipe/distill.py): none in the timed steps
 
     def frozen_at(self, step: int) -> list:
         return []
