@@ -65,12 +65,11 @@ def nginx(small_digits, digits_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3(digits_dir, imbalanced_digits):
+def s3(imbalanced_digits):
     server = S3Server()
     server.make_bucket("datasets")
     old = {key: os.environ.get(key) for key in server.env}
     os.environ.update(server.env)
-    remote.publish(str(digits_dir), "s3://datasets/digits")
     remote.publish(str(imbalanced_digits), "s3://datasets/imbalanced")  # the recipe runs' data
     yield server
     for key, value in old.items():
