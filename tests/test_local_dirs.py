@@ -21,8 +21,8 @@ from dist_train.errors import DataError
 @pytest.fixture
 def fake_downloads(monkeypatch):
     """remote.download writing `size` zero bytes, as a server would send the object whole."""
-    def download(url: str, local_path: str) -> None:
-        Path(local_path).write_bytes(b"\0" * int(url.rsplit("-", 1)[1].removesuffix(".tar")))
+    def download(url: str, local_path: str, size: int) -> None:
+        Path(local_path).write_bytes(b"\0" * size)
 
     monkeypatch.setattr(remote, "download", download)
 
@@ -99,3 +99,24 @@ def test_a_planted_index_of_the_right_shape_is_rebuilt(digits_dir, tmp_path, mon
     assert np.array_equal(np.load(again.path), true_spans)
     np.save(built.path, true_spans.astype(np.float64))  # another dtype: also rebuilt, no traceback
     assert np.array_equal(np.load(sample_index.node_index(shards).path), true_spans)
+
+
+def test_a_shard_replaced_with_its_size_and_mtime_kept_is_caught_by_its_sha256(digits_dir, tmp_path, monkeypatch):
+    """Its manifest's sha256 is checked as the index is built; the change time (which no user
+    can set back) makes a replaced file a new index, so a copy that keeps size and mtime is seen."""
+    import shutil
+
+    monkeypatch.setenv("DIST_TRAIN_INDEX_DIR", str(tmp_path / "index"))
+    data = tmp_path / "data"
+    shutil.copytree(digits_dir, data)
+    shards = resolve_shards(str(data), "train", 10).shards
+    sample_index.node_index(shards)  # built and checked: the shards are make-shards' own
+    shard = data / "train-000002.tar"
+    before = shard.stat()
+    damaged = bytearray(shard.read_bytes())
+    damaged[-2048] ^= 0xFF  # a byte of the last sample's image, say
+    shard.write_bytes(bytes(damaged))
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert shard.stat().st_size == before.st_size and shard.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(DataError, match=r"train-000002\.tar: its sha256 differs from its dataset\.json's"):
+        sample_index.node_index(resolve_shards(str(data), "train", 10).shards)

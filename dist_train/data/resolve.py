@@ -173,6 +173,7 @@ def _resolve_one(spec: str, split: str, labels: LabelReader, skip_damaged: bool)
 
 
 def _from_entry(url: str, entry: dict, **extra) -> Shard:
+    extra.setdefault("sha256", str(entry.get("sha256") or ""))  # checked: on download, or as the index is built
     return Shard(url, int(entry["samples"]), class_counts=tuple(entry.get("class_counts", ())), **extra)
 
 

@@ -14,7 +14,11 @@ it to every worker.)
 
 The file lies in $DIST_TRAIN_INDEX_DIR, else in the temporary directory (node-local where
 Slurm gives jobs their own TMPDIR), named by a hash of the shards' paths, sizes, modification
-times and exclusions: a shard that changes gets a new index. Remote shards are not in it:
+and change times and exclusions: a shard that changes gets a new index (the change time,
+which no user can set, tells a file replaced by another of the same size and mtime). When
+the index is built, each shard whose dataset.json gives a sha256 is hashed and checked
+(in parallel, once per node and shard version): a shard replaced or damaged since make-shards
+wrote it stops the run in one line. Remote shards are not in it:
 each is indexed when its copy in the shard cache is first read (data/random_access.py).
 """
 
@@ -25,6 +29,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_train import atomic_file
+from dist_train.checkpoint.atomic import sha256_file
 from dist_train.data.local_dirs import private_temp_dir, usable_dir
 from dist_train.data.resolve import usable_index
 from dist_train.data.shard_format import Shard
@@ -77,9 +83,15 @@ def node_index(shards: Sequence[Shard]) -> SampleIndex:
     if not _complete(path, local, firsts):
         with _locked(path.with_suffix(".lock")):
             if not _complete(path, local, firsts):  # not built meanwhile by another process
+                check_hashes(local)
                 spans = [_shard_spans(s) for s in local]
-                with atomic_file.replacing(path) as tmp, open(tmp, "wb") as f:
-                    np.save(f, np.concatenate(spans) if spans else np.zeros((0, 2), np.int64), allow_pickle=False)
+                try:
+                    with atomic_file.replacing(path) as tmp, open(tmp, "wb") as f:
+                        np.save(f, np.concatenate(spans) if spans else np.zeros((0, 2), np.int64),
+                                allow_pickle=False)
+                except OSError as exc:
+                    raise DataError(f"{path}: cannot write the training index ({exc.strerror or exc}); set "
+                                    "DIST_TRAIN_INDEX_DIR to a writable directory with room") from None
     return SampleIndex(str(path), {s.url: first for s, first in zip(local, firsts, strict=False)})
 
 
@@ -91,6 +103,17 @@ def index_dir() -> Path:
     return private_temp_dir("dist-train-index", "DIST_TRAIN_INDEX_DIR")
 
 
+def check_hashes(shards: Sequence[Shard]) -> None:
+    """Each shard with a sha256 from its manifest hashed (threads: hashlib releases the GIL, and
+    shards are many) and compared; the first that differs is named."""
+    checked = [s for s in shards if s.sha256]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for shard, digest in zip(checked, pool.map(lambda s: sha256_file(Path(s.url)), checked), strict=True):
+            if digest != shard.sha256:
+                raise DataError(f"{shard.url}: its sha256 differs from its dataset.json's (replaced or damaged since "
+                                "make-shards wrote it)")
+
+
 def _identity(shards: Sequence[Shard]) -> str:
     described = []
     for s in shards:
@@ -98,8 +121,8 @@ def _identity(shards: Sequence[Shard]) -> str:
             stat = os.stat(s.url)
         except OSError as exc:
             raise DataError(f"{s.url}: unreadable shard ({exc})") from None
-        described.append([os.path.abspath(s.url), stat.st_size, stat.st_mtime_ns, s.samples, sorted(s.exclude),
-                          s.truncated])
+        described.append([os.path.abspath(s.url), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, s.samples,
+                          sorted(s.exclude), s.truncated, s.sha256])
     return hashlib.blake2b(json.dumps([FORMAT, described]).encode(), digest_size=12).hexdigest()
 
 
