@@ -46,6 +46,12 @@ class Handler(BaseHTTPRequestHandler):
         if len(server.ranges) - 1 == server.fail_request:
             self.send_error(503)
             return
+        if self.path.endswith("loop.json"):  # a redirect to itself
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if self.path.endswith("endless.json"):  # chunked, and never done
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -132,3 +138,8 @@ def test_a_full_disk_is_one_line_not_a_network_retry(server, tmp_path, monkeypat
     with pytest.raises(DataError, match=r"copy: cannot write the copy of .*shard\.tar \(No space left on device\)"):
         remote.download(f"{server.url}/shard.tar", str(tmp_path / "copy"), len(BODY))
     assert len(server.ranges) == 1
+
+
+def test_a_redirect_loop_says_so(server):
+    with pytest.raises(DataError, match=r"loop\.json: too many redirects \(a redirect loop on the server\?\)$"):
+        remote.read_bytes(f"{server.url}/loop.json")

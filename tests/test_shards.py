@@ -131,3 +131,14 @@ def test_a_manifest_nested_thousands_deep_is_one_line(tmp_path):
     (tmp_path / "dataset.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match=r"dataset\.json: not a readable dist-train manifest"):
         resolve_shards(str(tmp_path), "train", 10)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", r"empty shard \(no samples\)"),
+    (b"<!DOCTYPE html><html><body>Sign in</body></html>", r"not a tar shard but a web page \(it begins b'<!DOCTYPE"),
+    (b"PK\x03\x04 a zip file, not a tar", r"not a tar shard \(it begins b'PK"),
+])
+def test_a_shard_without_samples_says_what_it_is(tmp_path, content, problem):
+    (tmp_path / "train-000000.tar").write_bytes(content)
+    with pytest.raises(DataError, match=problem):
+        resolve_shards(str(tmp_path / "train-000000.tar"), "train", 10)

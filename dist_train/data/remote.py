@@ -140,6 +140,10 @@ class MissingObject(DataError):
     """The object does not exist or may not be read: retrying cannot help."""
 
 
+class AccessDenied(MissingObject):
+    """It may exist, and may not be read with these credentials (403)."""
+
+
 def with_retries(url: str, call: Callable[[], T], retries: int | None = None) -> T:
     """`call()`, retried with backoff while it fails for a reason that may pass."""
     retries = RETRIES if retries is None else retries
@@ -152,10 +156,13 @@ def with_retries(url: str, call: Callable[[], T], retries: int | None = None) ->
             # tells a server that is away from an object that is not there.
             cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else None
             reason = _transient_reason(exc) or (cause and _transient_reason(cause))
+            if cause is not None and type(cause).__name__ == "TooManyRedirects":  # fsspec says "not found"
+                raise DataError(f"{url}: {_described(cause)}") from None
             if reason is None and isinstance(exc, (FileNotFoundError, PermissionError)):
-                raise MissingObject(f"{url}: {_missing_reason(exc)}") from None
+                missing = AccessDenied if isinstance(exc, PermissionError) else MissingObject
+                raise missing(f"{url}: {_missing_reason(exc)}") from None
             if reason is None:
-                raise DataError(f"{url}: {_short(exc)}") from None
+                raise DataError(f"{url}: {_described(exc)}") from None
             wait = min(FIRST_WAIT_S * 2**attempt, MAX_WAIT_S)
             if attempt == retries or time.monotonic() + wait > deadline:
                 raise DataError(f"{url}: still failing after {attempt} retries in "
@@ -208,6 +215,13 @@ def _is_client_connection_error(exc: Exception) -> bool:
     return bool(names & {"ClientConnectionError", "ServerDisconnectedError", "ClientPayloadError",
                          "EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
                          "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError"})
+
+
+def _described(exc: Exception) -> str:
+    """A failure that will not pass, in words (aiohttp's own say "0, message=''" of some)."""
+    if type(exc).__name__ == "TooManyRedirects":
+        return "too many redirects (a redirect loop on the server?)"
+    return _short(exc) or type(exc).__name__
 
 
 def _short(exc: Exception) -> str:

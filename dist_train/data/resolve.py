@@ -223,6 +223,8 @@ def _remote_manifest(directory: str, required: bool) -> dict | None:
     url = remote.join(directory, MANIFEST_NAME)
     try:
         text = remote.read_bytes(url).decode("utf-8", "replace")
+    except remote.AccessDenied:
+        raise  # says so: "not found" would send the user looking for a file that is there
     except remote.MissingObject:
         if required:
             raise DataError(f"{directory}: no {MANIFEST_NAME} there ({url} not found); give the dataset "
@@ -276,11 +278,23 @@ def index_labels(path: str, labels: LabelReader, where: str = "") -> tuple[int, 
     except DataError as exc:
         raise DataError(str(exc).replace(path, where)) from None
     if not entries:
-        raise DataError(f"{where}: empty shard (no samples); remove it, or set data.on_error=skip")
+        raise DataError(f"{where}: {_no_samples(path)}; remove it, or set data.on_error=skip")
     problems, found = _sample_problems(path, entries, labels, stop_at_first=True)
     if problems:
         raise DataError(f"{where}: {problems[0][1]}")
     return len(entries), class_counts(found, labels.num_classes)
+
+
+def _no_samples(path: str) -> str:
+    """Why a shard holds no sample: it is empty, or it is not a tar file at all (an HTML login
+    or error page that a server answered in its place, say)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head.strip(b"\0"):
+        return "empty shard (no samples)"
+    if head.lstrip().startswith(b"<"):  # <!DOCTYPE html>, <html>, <?xml ...>: S3 and web servers' errors
+        return f"not a tar shard but a web page (it begins {head[:32]!r}): an error or login page from the server?"
+    return f"not a tar shard (it begins {head[:32]!r})"
 
 
 def scan_shard(path: str, labels: LabelReader, expected: int = -1) -> tuple[Shard, list[Damage]]:
