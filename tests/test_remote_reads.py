@@ -143,3 +143,25 @@ def test_a_full_disk_is_one_line_not_a_network_retry(server, tmp_path, monkeypat
 def test_a_redirect_loop_says_so(server):
     with pytest.raises(DataError, match=r"loop\.json: too many redirects \(a redirect loop on the server\?\)$"):
         remote.read_bytes(f"{server.url}/loop.json")
+
+
+def test_a_stop_signal_during_start_up_ends_the_wait_for_a_failing_server(server, tmp_path, monkeypatch):
+    """SIGTERM while start-up retries a server that answers 503: the process stops at the next
+    wait (exit 75 through TrainingStopped), not after 8 retries or the 600 s deadline."""
+    import os
+    import signal
+
+    from dist_train.runtime import preemption
+
+    monkeypatch.setattr(remote, "FIRST_WAIT_S", 2.0)
+    server.fail_request = 0
+    preemption.catch_stop_signals()
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        with pytest.raises(preemption.TrainingStopped, match=r"signal 15 \(SIGTERM\) during start-up, while waiting "
+                                                            r"for http://.*/dataset\.json") as caught:
+            remote.read_bytes(f"{server.url}/dataset.json")
+        assert caught.value.exit_code == preemption.EXIT_PREEMPTED and time.monotonic() - started < 1.5
+    finally:
+        preemption.release_stop_signals()

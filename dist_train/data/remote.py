@@ -169,8 +169,19 @@ def with_retries(url: str, call: Callable[[], T], retries: int | None = None) ->
                                 f"{time.monotonic() - deadline + RETRY_DEADLINE_S:.0f} s ({reason})") from None
             print(f"dist-train: warning: {url}: {reason}; retry {attempt + 1} of {retries} in {wait:g} s",
                   file=sys.stderr, flush=True)
-            time.sleep(wait)
+            _wait(wait, url)
     raise AssertionError("unreachable")
+
+
+def _wait(seconds: float, url: str) -> None:
+    """Sleep before a retry; a stop signal received during start-up ends the wait (and the run)."""
+    from dist_train.runtime.preemption import stop_if_requested_in_startup
+
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        stop_if_requested_in_startup(url)
+        time.sleep(min(left, 0.1))
+    stop_if_requested_in_startup(url)
 
 
 def _missing_reason(exc: OSError) -> str:

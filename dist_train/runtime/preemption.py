@@ -14,7 +14,9 @@ process group, and end with the training process.
 
 `catch_stop_signals()` runs first thing in `dist-train train`: a signal that arrives while the
 process still imports or indexes shards is remembered, not fatal (SIGUSR1's default action
-kills), and honoured after the first step. Under Slurm every process of a job step receives
+kills), and honoured after the first step, or sooner where start-up waits on a server that
+fails (`stop_if_requested_in_startup`: between retries, with nothing to save yet). Under
+Slurm every process of a job step receives
 the signal, DataLoader workers included: they ignore it (`stop_signals_in_workers`) and leave
 the decision to the training process, which shuts them down.
 
@@ -31,6 +33,7 @@ import multiprocessing.util  # noqa: F401 - its exit hook must be registered bef
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # kept light: `catch_stop_signals` runs before torch is imported
@@ -58,6 +61,8 @@ class TrainingStopped(Exception):
 
 _received: list[int] = []  # the stop signals this process has received, in order
 _previous: dict[int, object] = {}
+_training = False  # a StopRequest exists: the loop honours a stop at its next step boundary
+_catching_pid = 0  # the training process (catch_stop_signals), not a worker forked from it
 # Set once the training process stops caring about signals (at exit, or when `fit` ends).
 # Its DataLoader workers read it: until then a SIGTERM is not theirs to act on. Made with
 # the first workers, in their multiprocessing context (`stop_signals_in_workers`).
@@ -99,6 +104,8 @@ def _remember(signum, frame) -> None:
 
 def catch_stop_signals() -> None:
     """From now on SIGTERM, SIGUSR1 and SIGINT only set the stop flag (idempotent)."""
+    global _catching_pid
+    _catching_pid = os.getpid()
     for sig in SIGNALS:
         if signal.getsignal(sig) is not _remember:
             _previous[sig] = signal.signal(sig, _remember)
@@ -106,8 +113,22 @@ def catch_stop_signals() -> None:
         _releasing.clear()
 
 
+def stop_if_requested_in_startup(waiting_for: str) -> None:
+    """During start-up (no training step to end yet), a stop signal already received ends the
+    process here: a wait for a failing server must not outlast a scheduler's notice."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    in_startup = not _training and os.getpid() == _catching_pid and main_thread
+    if _received and in_startup:
+        signum = _received[0]
+        raise TrainingStopped(f"stopped by signal {signum} ({signal.Signals(signum).name}) during start-up, while "
+                              f"waiting for {waiting_for}; no step was trained, nothing to save",
+                              EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED)
+
+
 def release_stop_signals() -> None:
     """Give the signals back to the handlers they had before `catch_stop_signals`."""
+    global _training
+    _training = False
     _release_workers()
     for sig, handler in _previous.items():
         signal.signal(sig, handler)
@@ -154,9 +175,11 @@ class StopRequest:
     def __init__(self, accelerator: Accelerator):
         import torch
 
+        global _training
         self.accelerator = accelerator
         self._flag = torch.zeros(1, device=accelerator.device)
         catch_stop_signals()
+        _training = True
 
     @property
     def received(self) -> int | None:
