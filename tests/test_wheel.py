@@ -61,6 +61,10 @@ def test_the_wheel_holds_the_package_and_its_launch_files_only(wheel_venv):
     assert not [n for n in package if "bench" in n or "local_servers" in n or n.startswith("dist_train/tests")]
     assert {"dist_train/assets/slurm/train.sbatch", "dist_train/assets/launch/cpu-ddp.yaml",
             "dist_train/assets/launch/multi-node.yaml"} <= set(names)
+    # PEP 639: the SPDX expression and the license text (setuptools warned at every build of
+    # the old `license = {text = ...}` table that builds stop accepting it in 2027).
+    metadata = zipfile.ZipFile(wheel).read("dist_train-0.1.0.dist-info/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata and "dist_train-0.1.0.dist-info/licenses/LICENSE" in names
 
 
 def test_submit_dry_run_from_the_wheel_names_a_script_that_exists(wheel_venv, tmp_path):
