@@ -139,3 +139,20 @@ def test_predict_with_the_onnx_file_gives_the_checkpoints_top_1(digits_dir, tmp_
         with open(tmp_path / f"{name}.csv") as f:
             rows[name] = [(r["source"], r["predicted"]) for r in csv.DictReader(f)]
     assert len(rows["onnx"]) == 359 and rows["onnx"] == rows["checkpoint"]
+
+
+def test_export_and_predict_without_the_export_extra_name_the_pip_command(tmp_path, monkeypatch):
+    import importlib.util
+
+    from dist_train.errors import ConfigError
+
+    best = checkpoint(tmp_path / "best", "small_cnn")
+    export_model(best, "onnx", tmp_path / "m.onnx")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("onnx") else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^export --format onnx needs onnx, onnxscript, onnxruntime: "
+                                          r"pip install 'dist-train\[export\]'$"):
+        export_model(best, "onnx", tmp_path / "again.onnx")
+    with pytest.raises(ConfigError, match=r"m\.onnx: an ONNX model needs onnxruntime: pip install"):
+        load_for_inference(tmp_path / "m.onnx")

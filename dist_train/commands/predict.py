@@ -73,6 +73,10 @@ class OnnxClassifier:
     """An exported ONNX model run by onnxruntime, called like the PyTorch model (CPU)."""
 
     def __init__(self, path: Path):
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ConfigError(f"{path}: an ONNX model needs onnxruntime: pip install 'dist-train[export]'")
         import onnxruntime
 
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -102,6 +106,8 @@ def _load_onnx(path: Path) -> LoadedModel:
                               "export again")
     try:
         model = OnnxClassifier(path)
+    except ConfigError:
+        raise
     except Exception as exc:  # onnxruntime's own errors share no base class
         raise CheckpointError(f"{path}: onnxruntime cannot load it ({' '.join(str(exc).split())[:200]})") from None
     _check_onnx_fits(model, cfg, class_names, path)
