@@ -34,9 +34,15 @@ ALLOCATION_4X8 = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "4", "SLURM_JOB_NODELI
     ("n[1-2]", ["n1", "n2"]),
     ("gpu[08-10,12],login1", ["gpu08", "gpu09", "gpu10", "gpu12", "login1"]),
     ("a[1-2]-ib,b7", ["a1-ib", "a2-ib", "b7"]),
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
+    ("n[1-3,7],gpu[10-11]", ["n1", "n2", "n3", "n7", "gpu10", "gpu11"]),
 ])
 def test_expand_hostlist(hostlist, hosts):
     assert slurm.expand_hostlist(hostlist) == hosts
+    if shutil.which("scontrol"):  # Slurm's own reading agrees (where Slurm is installed and configured: CI)
+        out = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30)
+        assert out.returncode != 0 or out.stdout.split() == hosts, out.stderr
+    assert slurm.job_hosts(hostlist) == hosts
 
 
 @pytest.mark.parametrize("node_rank", [0, 3])

@@ -60,22 +60,50 @@ class NodeLaunch:
         return self.num_nodes * self.processes_per_node
 
 
+def job_hosts(hostlist: str) -> list[str]:
+    """The allocation's host names in order: `scontrol show hostnames` (Slurm's own reading of
+    its host lists), or where scontrol cannot say, `expand_hostlist`."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    return out or expand_hostlist(hostlist)
+
+
 def expand_hostlist(hostlist: str) -> list[str]:
-    """Slurm's compressed host list, e.g. `gpu[01-03,07],login1` -> gpu01 gpu02 gpu03 gpu07 login1."""
+    """Slurm's compressed host list, e.g. `gpu[01-03,07],login1` -> gpu01 gpu02 gpu03 gpu07 login1;
+    any number of bracket groups in a name (`rack[1-2]-node[01-02]`: four hosts, rack by rack)."""
     hosts: list[str] = []
-    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?([^,]*)", hostlist):
-        prefix, ranges, suffix = match.groups()
-        if not ranges:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            first, _, last = part.partition("-")
-            if not last:
-                hosts.append(f"{prefix}{first}{suffix}")
-                continue
-            width = len(first)  # keep zero padding: gpu[08-10] -> gpu08 gpu09 gpu10
-            hosts.extend(f"{prefix}{i:0{width}d}{suffix}" for i in range(int(first), int(last) + 1))
+    for item in _top_level_items(hostlist):
+        hosts.extend(_expanded(item))
     return hosts
+
+
+def _top_level_items(hostlist: str) -> list[str]:
+    """The list split at its commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(hostlist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            items.append(hostlist[start:i])
+            start = i + 1
+    items.append(hostlist[start:])
+    return [item for item in items if item]
+
+
+def _expanded(name: str) -> list[str]:
+    """One name's hosts: its first bracket group expanded, then the rest of the name the same way."""
+    match = re.search(r"\[([^\]]*)\]", name)
+    if match is None:
+        return [name]
+    prefix, rest = name[:match.start()], _expanded(name[match.end():])
+    values: list[str] = []
+    for part in match.group(1).split(","):
+        first, _, last = part.partition("-")
+        width = len(first)  # keep zero padding: gpu[08-10] -> gpu08 gpu09 gpu10
+        values += [first] if not last else [f"{i:0{width}d}" for i in range(int(first), int(last) + 1)]
+    return [prefix + value + tail for value in values for tail in rest]
 
 
 def node_address(host: str) -> str:
@@ -105,7 +133,7 @@ def node_launch_from_env(env: Mapping[str, str], cuda_devices: int | None = None
     uses_gpus = gpus > 0
     # One process per GPU, or one on a CPU node, unless PROCESSES_PER_NODE says otherwise.
     per_node = int(env.get("PROCESSES_PER_NODE") or (gpus if uses_gpus else 1))
-    main_host = expand_hostlist(env["SLURM_JOB_NODELIST"])[0]
+    main_host = job_hosts(env["SLURM_JOB_NODELIST"])[0]
     address = env.get("MAIN_PROCESS_ADDR") or node_address(main_host)
     # One port per job, so that jobs sharing a node do not collide; stable across requeues.
     port = int(env.get("MAIN_PROCESS_PORT") or 20000 + int(env["SLURM_JOB_ID"]) % 20000)
