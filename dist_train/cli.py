@@ -1,7 +1,8 @@
-"""The `dist-train` command: train, eval, predict, export, report, bench, make-shards, submit.
+"""The `dist-train` command: train, config, eval, predict, export, report, bench, make-shards, submit.
 
     dist-train make-shards --source digits --out data/digits
     dist-train train --config configs/digits_cpu.yaml optim.lr=0.05 train.epochs=3
+    dist-train config --config configs/digits_cpu.yaml   (the resolved config; --defaults, --reference)
     dist-train eval --checkpoint runs/digits/best --data data/digits --json
     dist-train predict --checkpoint runs/digits/best --input images/ --out preds.csv
     dist-train export --checkpoint runs/digits/best --format onnx --out digits.onnx
@@ -92,13 +93,21 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-train", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"dist-train {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_HelpWithEpilog)
 
-    train = _command(sub, "train", cmd_train, "train a classifier from a config")
+    train = _command(sub, "train", cmd_train, "train a classifier from a config", epilog=_config_keys_help)
     train.add_argument("--config", help="experiment YAML (e.g. configs/digits_cpu.yaml)")
     train.add_argument("--profile-startup", action="store_true",
                        help="print how long each start-up phase took, up to the first optimizer step")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config and the data, print the run's layout, and exit without training")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+
+    cf = _command(sub, "config", cmd_config, "print the resolved config as YAML (a valid --config)")
+    cf.add_argument("--config", help="experiment YAML; without it, the defaults with the overrides")
+    cf.add_argument("--defaults", action="store_true", help="the whole default tree")
+    cf.add_argument("--reference", action="store_true", help="every key with its type, default and comment")
+    cf.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
     shards = _command(sub, "make-shards", cmd_make_shards, "write webdataset shards + dataset.json")
     shards.add_argument("--source", required=True, choices=["digits", "digit-tags", "synthetic", "imagefolder", "csv"],
@@ -159,10 +168,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(sub, name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+def _command(sub, name: str, handler: Callable, help_text: str,
+             epilog: Callable[[], str] | None = None) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.epilog_source = epilog
     parser.set_defaults(handler=handler)
     return parser
+
+
+class _HelpWithEpilog(argparse.ArgumentParser):
+    """An epilog built when help is shown (every config key: reading config.py costs
+    milliseconds that `dist-train train` itself need not spend)."""
+
+    epilog_source: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_source is not None:
+            self.epilog, self.formatter_class = self.epilog_source(), argparse.RawDescriptionHelpFormatter
+        return super().format_help()
+
+
+def _config_keys_help() -> str:
+    from dist_train.config_reference import help_text
+
+    return help_text()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from dist_train.config import Config, load_config, to_dict
+
+    if args.reference:
+        from dist_train.config_reference import reference_table
+
+        print(reference_table(), end="")
+        return 0
+    if args.defaults and (args.config or args.overrides):
+        raise UserInputError("config --defaults prints the default tree: it takes no --config or overrides")
+    cfg = Config() if args.defaults else load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -178,6 +224,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         startup_clock.enable()
     cfg = load_config(args.config, args.overrides)
     startup_clock.mark("python and config")
+    if args.dry_run:
+        return _dry_run(cfg)
     workers.start_helpers(fork_server=False)
     startup_clock.mark("helpers")
     from dist_train.data.datasets import resolve_datasets
@@ -194,6 +242,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.data.num_workers > 0 and workers.fork_server_from_here():
         startup_clock.mark("fork server")
     fit(cfg, datasets)
+    return 0
+
+
+def _dry_run(cfg) -> int:
+    """What `train` would run, from the config and the data alone: nothing is written and no
+    process starts. The process count is this launch's (WORLD_SIZE, as accelerate and torchrun set)."""
+    import os
+
+    from dist_train.data.datasets import resolve_datasets
+    from dist_train.training.batch_layout import steps_per_epoch
+
+    datasets = resolve_datasets(cfg.data)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    global_batch = world * cfg.train.grad_accum_steps * cfg.data.batch_size
+    epoch = cfg.data.samples_per_epoch or datasets.train.samples
+    print(f"dry run: {datasets.train.samples} train / {datasets.val.samples} val samples, {datasets.num_classes} "
+          f"classes; {steps_per_epoch(epoch, global_batch)} steps per epoch of {global_batch} images ({world} "
+          f"process(es) x {cfg.train.grad_accum_steps} accumulation x {cfg.data.batch_size}), {cfg.train.epochs} "
+          f"epochs, into {cfg.train.output_dir}")
     return 0
 
 

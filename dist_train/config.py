@@ -11,6 +11,7 @@ directory (`to_dict`), which `load_config` reads back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import reprlib
@@ -72,8 +73,9 @@ class DataConfig:
     # each image and its mirror. none: the image alone.
     tta: Literal["none", "flip"] = "none"
     channels: Literal[1, 3] = 3  # images are converted to grayscale (1) or RGB (3)
+    # per channel, of pixels in [0, 1] (ImageNet's)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # per channel: x -> (x - mean) / std
     # none: resize only; light: small affine jitter (digits, documents);
     # standard: random-resized crop and horizontal flip (natural images);
     # randaugment, trivialaugment, autoaugment: standard, then that torchvision policy
@@ -163,7 +165,7 @@ class LossConfig:
     # the training set's class counts, sklearn's "balanced"). null: none.
     class_weights: str | list[float] | None = None
     asl_gamma_neg: float = 4.0  # asl: focusing of the negatives (the paper's defaults)
-    asl_gamma_pos: float = 0.0
+    asl_gamma_pos: float = 0.0  # asl: focusing of the positives
     asl_clip: float = 0.05  # asl: a negative's probability is shifted down by this (0: none)
 
 
@@ -172,10 +174,10 @@ class OptimConfig:
     # sgd and adamw are torch's; any other name is timm's optimizer factory's
     # (timm.optim.create_optimizer_v2: lamb, lars, lion, adopt, nadamw, rmsproptf, adafactor, ...).
     name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
+    lr: float = 0.1  # the peak LR, after warmup (scaled by lr_base_batch when set)
+    momentum: float = 0.9  # SGD's momentum (timm's optimizers that take one)
+    nesterov: bool = False  # SGD with Nesterov momentum
+    weight_decay: float = 5e-4  # decoupled for AdamW and timm's; L2 for SGD
     betas: list[float] | None = None  # null: the optimizer's own (AdamW's 0.9, 0.999; Lion's 0.9, 0.99)
     eps: float | None = None  # null: the optimizer's own default
     # Weight decay on biases and normalization parameters rarely helps and often hurts.
@@ -194,30 +196,32 @@ class SchedConfig:
     # linear: from the peak (after warmup) straight down to min_lr at the last step
     name: Literal["constant", "step", "cosine", "linear", "plateau"] = "cosine"
     warmup_epochs: float = 0.0  # linear warmup in front of step, cosine or linear
-    warmup_start_factor: float = 0.01
+    warmup_start_factor: float = 0.01  # the warmup starts at lr x this
     step_size_epochs: float = 30.0  # step: multiply by gamma every step_size_epochs
-    gamma: float = 0.1
+    gamma: float = 0.1  # step: the LR's factor at each step
     min_lr: float = 0.0  # cosine and linear: the LR reached at the last step
     plateau_factor: float = 0.1  # plateau: multiply by this when the metric stalls
     plateau_patience: int = 5  # plateau: validations without improvement before a cut
-    plateau_monitor: str = "val/loss"
-    plateau_mode: Literal["min", "max"] = "min"
+    plateau_monitor: str = "val/loss"  # plateau: the metric it watches
+    plateau_mode: Literal["min", "max"] = "min"  # plateau: min (a loss) or max (an accuracy)
 
 
 @dataclass
 class TrainConfig:
+    # training epochs
     epochs: int = field(default=10, metadata=applied_on_resume("the LR schedule is re-planned for the new length"))
+    # the run directory: checkpoints, metrics.jsonl, plots
     output_dir: str = field(default="runs/default", metadata=applied_on_resume())
-    seed: int = 0
-    grad_accum_steps: int = field(
+    seed: int = 0  # the data order, augmentation, initialization and dropout: a run is a function of it
+    grad_accum_steps: int = field(  # micro-batches per optimizer step
         default=1, metadata=applied_on_resume("the global batch is kept, the accumulation steps follow"))
     # null: use the accelerate launch config's setting (or "no" without one).
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
-    clip_grad_norm: float | None = field(
+    clip_grad_norm: float | None = field(  # clip the gradients' global norm to this (null: no clipping)
         default=None, metadata=applied_on_resume("clipping changes from the resume step on"))
     monitor: str = "val/f1_macro"  # metric that picks the best checkpoint
     threshold: float = 0.5  # multilabel: a label is predicted when its probability is at least this
-    monitor_mode: Literal["min", "max"] = "max"
+    monitor_mode: Literal["min", "max"] = "max"  # max for accuracies and F1, min for a loss
     log_every_steps: int = field(  # train records in metrics.jsonl, every N optimizer steps
         default=50, metadata=applied_on_resume())
     # Validation (and the choice of best/) after every epoch, and also every N optimizer steps
@@ -239,7 +243,7 @@ class TrainConfig:
     # an improvement of `monitor`. null: never.
     early_stop_patience: int | None = field(
         default=None, metadata=applied_on_resume("validations without improvement so far still count"))
-    progress_bar: bool = field(default=True, metadata=applied_on_resume())
+    progress_bar: bool = field(default=True, metadata=applied_on_resume())  # a tqdm bar on a terminal
     cpu: bool = field(default=False, metadata=applied_on_resume())  # force the CPU even where CUDA is available
     # torch.compile the model (after the DDP wrap). Validation runs the uncompiled module: compiling
     # it too cost more than it saved on the digits config (README, "Recipe options").
@@ -276,9 +280,9 @@ class DistillConfig:
 @dataclass
 class TrackingConfig:  # every key applies on resume (RESUME_APPLIES_SECTIONS)
     wandb: bool = True  # log to wandb as well as metrics.jsonl (main process only)
-    project: str = "dist-train"
+    project: str = "dist-train"  # the wandb project
     run_name: str | None = None  # None: the output directory's name
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # wandb tags
     # auto: online when a W&B API key is configured, else offline (files under RUN/wandb/)
     mode: Literal["auto", "online", "offline"] = "auto"
     plots: bool = True  # PNG plots and summary.md in the run directory at the end
@@ -731,7 +735,9 @@ def _build(cls: type, tree: Any, prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in tree:
         if key not in names:
-            raise ConfigError(f"unknown config key: {_shown(f'{prefix}{key}')}")
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.75)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key: {_shown(f'{prefix}{key}')}{hint}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in tree:

@@ -78,7 +78,7 @@ def test_config_yaml_in_repo_is_plain_yaml():
 def test_cli_reports_config_errors_in_one_line_with_exit_2():
     result = run_cli("train", "--config", str(DIGITS_CONFIG), "optim.lrr=0.1")
     assert result.returncode == 2
-    assert result.stderr.strip() == "dist-train: error: unknown config key: optim.lrr"
+    assert result.stderr.strip() == "dist-train: error: unknown config key: optim.lrr (did you mean optim.lr?)"
 
 
 def test_every_shipped_config_is_valid():
@@ -137,3 +137,58 @@ def test_a_billion_laughs_file_is_refused_at_once_in_a_short_line(tmp_path):
 def test_numbers_that_would_train_on_nan_or_fail_late_are_refused(override, message):
     with pytest.raises(ConfigError, match=f"^{message}$"):
         load_config(DIGITS_CONFIG, [override])
+
+
+def test_config_defaults_round_trip_and_the_resolved_config_is_a_valid_config(tmp_path):
+    """`dist-train config --defaults` written out and given back as --config is the default
+    tree; `dist-train config --config C overrides` is C with them, loadable as is."""
+    from dist_train.config import Config, to_dict
+
+    defaults = run_cli("config", "--defaults")
+    assert defaults.returncode == 0, defaults.stderr
+    (tmp_path / "defaults.yaml").write_text(defaults.stdout)
+    assert to_dict(load_config(tmp_path / "defaults.yaml")) == to_dict(Config())
+    resolved = run_cli("config", "--config", str(DIGITS_CONFIG), "optim.lr=0.05", "data.tta=flip")
+    assert resolved.returncode == 0, resolved.stderr
+    (tmp_path / "resolved.yaml").write_text(resolved.stdout)
+    expected = to_dict(load_config(DIGITS_CONFIG, ["optim.lr=0.05", "data.tta=flip"]))
+    assert to_dict(load_config(tmp_path / "resolved.yaml")) == expected
+    wrong = run_cli("config", "--config", str(DIGITS_CONFIG), "trian.epochs=3")
+    assert wrong.returncode == 2 and wrong.stderr.strip() == ("dist-train: error: unknown config key: trian "
+                                                              "(did you mean train?)")
+
+
+def test_every_key_is_in_the_docs_reference_and_the_help_with_its_type_default_and_comment():
+    """docs/config.md holds the table `dist-train config --reference` prints, generated from
+    config.py: a key added without its entry there fails here (regenerate the table with
+    `dist-train config --reference`)."""
+    import dataclasses
+
+    from dist_train.config import Config
+    from dist_train.config_reference import config_keys, help_text, reference_table
+
+    keys = config_keys()
+    every = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
+             for f in dataclasses.fields(getattr(Config(), s.name))}
+    assert {k.key for k in keys} == every
+    assert all(k.comment for k in keys), [k.key for k in keys if not k.comment]
+    docs = (DIGITS_CONFIG.parent.parent / "docs" / "config.md").read_text()
+    marker = "<!-- keys: start -->\n"
+    start, end = docs.index(marker) + len(marker), docs.index("<!-- keys: end -->")
+    assert docs[start:end] == reference_table(), "docs/config.md: regenerate with `dist-train config --reference`"
+    shown = run_cli("train", "--help").stdout
+    assert shown.count("\n  data.") == sum(k.startswith("data.") for k in every)
+    assert help_text().split("\n")[1] in shown
+    assert "  optim.lr (float, default 0.1)" in shown
+
+
+def test_train_dry_run_checks_config_and_data_prints_the_layout_and_writes_nothing(digits_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--config", str(DIGITS_CONFIG), "--dry-run", f"data.train={digits_dir}",
+                     f"data.val={digits_dir}", f"train.output_dir={out}", "train.grad_accum_steps=2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (f"dry run: 1438 train / 359 val samples, 10 classes; 22 steps per epoch of 64 "
+                                     f"images (1 process(es) x 2 accumulation x 32), 15 epochs, into {out}")
+    assert not out.exists()
+    missing = run_cli("train", "--config", str(DIGITS_CONFIG), "--dry-run", f"data.train={tmp_path / 'none'}")
+    assert missing.returncode == 2 and "dist-train: error: " in missing.stderr
