@@ -12,6 +12,7 @@ import shutil
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
 from torch import nn
 
@@ -51,6 +52,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # accelerate compiles the model last in prepare(), after the DDP wrap: compiling before it
     # stalls (timm 2693, pytorch 108966).
     dynamo = TorchDynamoPlugin(backend="inductor", mode=cfg.compile_mode) if cfg.compile else None
+    # A run before this one in the same process (a notebook's second `fit`) left accelerate's
+    # state set: its mixed precision would be refused as a change. The process group
+    # (PartialState) stays: it is the launch's, not the run's.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     return Accelerator(cpu=on_cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum_steps,
                        kwargs_handlers=[DDP_SETTINGS], dynamo_plugin=dynamo)
 

@@ -70,6 +70,9 @@ class FitResult:
     best_metrics: dict[str, float]
     best_epoch: int
     output_dir: Path
+    # The trained network (its last weights, unwrapped from DDP and torch.compile): RUN/best
+    # holds the best ones, `load_for_inference(RUN / "best")` reads them back.
+    model: nn.Module | None = None
 
 
 @dataclass
@@ -267,7 +270,7 @@ class Run:
         )
         self.tracker.close()
         self.accelerator.end_training()  # also closes the wandb run
-        return FitResult(best.metrics or {}, best.epoch, self.out)
+        return FitResult(best.metrics or {}, best.epoch, self.out, self.state.bare_model)
 
 def _last_validation(out: Path) -> dict[str, Any]:
     """The newest validation record a resumed run's metrics.jsonl holds."""

@@ -1,0 +1,36 @@
+"""The Python API: `from dist_train import fit, load_config`, as in a notebook: `fit` returns
+the trained model with the best metrics, two runs in one process may differ in precision, and
+importing the package costs no torch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from .conftest import DIGITS_CONFIG, REPO
+
+
+def test_two_fits_in_one_process_with_another_precision_return_their_trained_models(digits_dir, tmp_path):
+    from dist_train import fit, load_config
+
+    common = [f"data.train={digits_dir}", f"data.val={digits_dir}", "train.epochs=1", "data.image_size=8",
+              "data.num_workers=0", "tracking.wandb=false", "tracking.plots=false", "train.progress_bar=false"]
+    first = fit(load_config(DIGITS_CONFIG, [*common, f"train.output_dir={tmp_path / 'fp32'}"]))
+    second = fit(load_config(DIGITS_CONFIG, [*common, f"train.output_dir={tmp_path / 'bf16'}",
+                                             "train.mixed_precision=bf16"]))
+    for result in (first, second):
+        saved = load_file(str(result.output_dir / "last" / "model.safetensors"))
+        assert all(torch.equal(value.cpu(), saved[key]) for key, value in result.model.state_dict().items())
+        assert result.best_epoch == 0 and 0 < result.best_metrics["val/acc"] <= 1
+    meta = json.loads((tmp_path / "bf16" / "best" / "meta.json").read_text())
+    assert meta["mixed_precision"] == "bf16" and meta["config"]["train"]["mixed_precision"] == "bf16"
+
+
+def test_importing_the_package_imports_no_torch():
+    code = "import sys, dist_train; print('torch' in sys.modules, dist_train.load_config.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert out.split() == ["False", "dist_train.config"]
