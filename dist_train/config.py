@@ -243,7 +243,8 @@ class TrainConfig:
     # an improvement of `monitor`. null: never.
     early_stop_patience: int | None = field(
         default=None, metadata=applied_on_resume("validations without improvement so far still count"))
-    progress_bar: bool = field(default=True, metadata=applied_on_resume())  # a tqdm bar on a terminal
+    # progress: a tqdm bar on a terminal, else (a Slurm log, nohup) a line per train.log_every_steps
+    progress_bar: bool = field(default=True, metadata=applied_on_resume())
     cpu: bool = field(default=False, metadata=applied_on_resume())  # force the CPU even where CUDA is available
     # torch.compile the model (after the DDP wrap). Validation runs the uncompiled module: compiling
     # it too cost more than it saved on the digits config (README, "Recipe options").

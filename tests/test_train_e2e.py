@@ -27,11 +27,23 @@ def digits_run(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "digits"
     result = run_cli(
         "train", "--config", str(DIGITS_CONFIG), "--profile-startup", f"data.train={digits_dir}",
-        f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=6", "train.progress_bar=false",
-    )
+        f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=6",
+    )  # the progress as a log shows it: stdout is no terminal here
     assert result.returncode == 0, result.stderr[-3000:]
     (out.parent / "stdout.txt").write_text(result.stdout)
     return out
+
+
+def test_without_a_terminal_progress_is_a_line_per_train_record(digits_run):
+    """As under nohup or in a Slurm log: no bar, a line every train.log_every_steps (10) with
+    the epoch, the step in it, the loss of the record metrics.jsonl holds, the LR and images/s."""
+    stdout = (digits_run.parent / "stdout.txt").read_text()
+    lines = re.findall(r"^epoch (\d+), step (\d+) of 44: loss (\d+\.\d{4}) \| lr (\S+) \| (\d+) img/s$", stdout,
+                       re.MULTILINE)
+    train = [r for r in read_metrics(digits_run / "metrics.jsonl") if "train/loss" in r]
+    assert [(int(e), int(s) + 44 * int(e)) for e, s, *_ in lines] == [(r["epoch"], r["step"]) for r in train]
+    assert [loss for *_, loss, _, _ in lines] == [f"{r['train/loss']:.4f}" for r in train]
+    assert "\r" not in stdout  # no bar redrawn into the log
 
 
 def test_profile_startup_names_each_phase_to_the_first_step(digits_run):

@@ -1,5 +1,8 @@
 """Training progress: a tqdm bar per epoch on the main process, and the train statistics that
-metrics.jsonl records (mean loss and images/s per logging window and per epoch).
+metrics.jsonl records (mean loss and images/s per logging window and per epoch). Where there
+is no terminal (a Slurm log, `nohup`, CI), a line per train record instead of the bar:
+
+    epoch 0, step 10 of 44: loss 1.5123 | lr 0.0227 | 1234 img/s
 
 Losses are accumulated as tensors on the device and read back only when shown or logged,
 so the training step never waits on a device-to-host copy. A loss read back as NaN or
@@ -44,16 +47,21 @@ class _Totals:
 class TrainProgress:
     def __init__(self, accelerator: Accelerator, show_bar: bool):
         self.accelerator = accelerator
-        # Only on a terminal: in log files (CI, Slurm) a redrawn bar is noise.
+        # Only on a terminal: in log files (CI, Slurm) a redrawn bar is noise; a line per train
+        # record says the same there.
         self.show_bar = show_bar and accelerator.is_main_process and sys.stderr.isatty()
+        self.show_lines = show_bar and accelerator.is_main_process and not self.show_bar
+        self.step_in_epoch = self.steps_per_epoch = 0  # for the lines
         self.bar: tqdm | None = None
         self.epoch = _Totals(accelerator.device)
         self.window = _Totals(accelerator.device)  # since the last train record
 
-    def start_epoch(self, epoch: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, steps: int, steps_per_epoch: int | None = None) -> None:
         """An epoch (or the rest of one, after a resume) of `steps` optimizer steps begins."""
         self.bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not self.show_bar, dynamic_ncols=True,
                         leave=False)
+        self.steps_per_epoch = steps_per_epoch or steps
+        self.step_in_epoch = self.steps_per_epoch - steps
         now = time.perf_counter()
         self.epoch.start(now)
         self.window.start(now)
@@ -64,6 +72,7 @@ class TrainProgress:
         self.window.add(loss, batch_size)
 
     def step_done(self, lr: float) -> None:
+        self.step_in_epoch += 1
         self.bar.update(1)
         if self.show_bar and self.bar.n % BAR_REFRESH_STEPS == 0:
             rate = self._rate(self.epoch, time.perf_counter())
@@ -78,6 +87,9 @@ class TrainProgress:
         record = {"epoch": epoch, "step": step, "train/loss": loss, "lr": lr,
                   "images_per_sec": self._rate(self.window, now)}
         self.window.start(now)
+        if self.show_lines:
+            print(f"epoch {epoch}, step {self.step_in_epoch} of {self.steps_per_epoch}: loss {loss:.4f} | "
+                  f"lr {lr:.3g} | {record['images_per_sec']:.0f} img/s", flush=True)
         return record
 
     def end_epoch(self) -> dict:

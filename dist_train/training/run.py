@@ -121,7 +121,7 @@ class Run:
             first = start_in_epoch if epoch == start_epoch else 0
             self.train_loader.set_position(epoch, first)
             batches = iter(self.train_loader)
-            self.progress.start_epoch(epoch, steps - first)  # timed from here: workers are up
+            self.progress.start_epoch(epoch, steps - first, steps)  # timed from here: workers are up
             for step in range(first, steps):
                 yield islice(batches, accum)
                 if step == first and epoch == start_epoch:  # the first optimizer step is done
