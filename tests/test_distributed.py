@@ -67,14 +67,44 @@ def write_uneven_digit_shards(directory: Path, counts: list[int], offset: int = 
     return str(directory / f"part-{{000000..{len(counts) - 1:06d}}}.tar")
 
 
-def test_digits_trains_under_two_process_ddp(digits_dir, tmp_path):
+def ddp_digits_args(digits_dir: Path, out: Path, *extra: str) -> tuple[str, ...]:
+    return ("-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}",
+            f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=6", "train.progress_bar=false", *extra)
+
+
+@pytest.fixture(scope="module")
+def ddp_digits(digits_dir, tmp_path_factory):
+    """The digits config trained by `accelerate launch` on 2 CPU processes: (output dir, stdout)."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = accelerate_launch(*ddp_digits_args(digits_dir, out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result.stdout
+
+
+def test_torchrun_trains_like_accelerate_launch(ddp_digits, digits_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m dist_train train ...` (accelerate reads torchrun's
+    environment): the same processes, the same validations and weights, bit for bit."""
     out = tmp_path / "run"
-    result = accelerate_launch(
-        "-m", "dist_train", "train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}",
-        f"data.val={digits_dir}", f"train.output_dir={out}", "train.epochs=6", "train.progress_bar=false",
-    )
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO), "WANDB_API_KEY": "", "NETRC": os.devnull}
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *ddp_digits_args(digits_dir, out, "tracking.wandb=false")]  # what it logs is not compared
+    result = run_reaped(cmd, cwd=REPO, env=env, timeout=LAUNCH_TIMEOUT)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "2 process(es) on cpu (MULTI_CPU)" in result.stdout
+    def validations(run: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k.startswith("val/")} for r in read_metrics(run / "metrics.jsonl")
+                if "val/acc" in r]
+
+    reference = ddp_digits[0]
+    assert len(validations(out)) == 6 and validations(out) == validations(reference)
+    theirs, mine = (load_file(str(run / "last" / "model.safetensors")) for run in (reference, out))
+    assert all(torch.equal(theirs[k], mine[k]) for k in theirs)
+
+
+def test_digits_trains_under_two_process_ddp(ddp_digits, digits_dir):
+    out, stdout = ddp_digits
+    assert "2 process(es) on cpu (MULTI_CPU)" in stdout
     val = [r for r in read_metrics(out / "metrics.jsonl") if "val/acc" in r]
     assert [r["epoch"] for r in val] == list(range(6))  # one writer: no duplicated records
     assert max(r["val/acc"] for r in val) >= 0.97

@@ -34,3 +34,17 @@ def test_every_launch_config_is_covered():
     assert sorted(p.name for p in LAUNCH.glob("*.yaml")) == [
         "cpu-ddp.yaml", "cpu.yaml", "gpu.yaml", "gpus-bf16.yaml", "multi-node.yaml",
     ]
+
+
+@pytest.mark.parametrize(("variable", "kind"), [("ACCELERATE_USE_FSDP", "FSDP"),
+                                                ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_an_accelerate_config_of_another_kind_is_refused_in_one_line(monkeypatch, variable, kind):
+    """What `accelerate launch` sets for an FSDP or DeepSpeed config: refused before a model is built."""
+    from dist_train.config import TrainConfig
+    from dist_train.errors import ConfigError
+    from dist_train.runtime.accelerator import make_accelerator
+
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match=rf"^an accelerate config of type {kind} \({variable} is set\): dist-train "
+                                          r"trains with DDP; launch with one of launch/\*\.yaml"):
+        make_accelerator(TrainConfig(cpu=True))

@@ -33,7 +33,18 @@ from dist_train.runtime.host_memory import keep_freed_memory
 DDP_SETTINGS = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
+# What `accelerate launch` sets for a config of another kind than single / MULTI_CPU / MULTI_GPU:
+# its wrapping of the model would bypass what dist-train guarantees (one all-reduce per step,
+# checkpoints of the whole model in safetensors, exact resume).
+UNSUPPORTED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                        "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    for variable, kind in UNSUPPORTED_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() in ("1", "true"):
+            raise ConfigError(f"an accelerate config of type {kind} ({variable} is set): dist-train trains with "
+                              "DDP; launch with one of launch/*.yaml (cpu, cpu-ddp, gpu, gpus-bf16, multi-node)")
     forced_cpu = cfg.cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     on_cpu = forced_cpu or not torch.cuda.is_available()
     precision = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")

@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -320,7 +321,12 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     # The schedule is ours, stepped once per optimizer step, not passed to prepare():
     # accelerate would step it once per process.
     schedule = Schedule(optimizer, cfg.sched, layout.steps_per_epoch, layout.epochs)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    with warnings.catch_warnings():
+        # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, and itself advises
+        # keeping broadcast_buffers=False (DDP_SETTINGS, why: runtime/accelerator.py) until
+        # init_sync_buffers exists: said at every launch, it would only be noise.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        model, optimizer = accelerator.prepare(model, optimizer)
     startup_clock.mark("model")
     state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
     if cfg.train.ema_decay:
