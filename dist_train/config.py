@@ -287,6 +287,9 @@ class TrackingConfig:  # every key applies on resume (RESUME_APPLIES_SECTIONS)
     # auto: online when a W&B API key is configured, else offline (files under RUN/wandb/)
     mode: Literal["auto", "online", "offline"] = "auto"
     plots: bool = True  # PNG plots and summary.md in the run directory at the end
+    tensorboard: bool = False  # TensorBoard event files in RUN/tensorboard as well
+    mlflow: bool = False  # an MLflow run as well (the project is its experiment)
+    mlflow_uri: str = ""  # MLflow's tracking URI; "": a file store in RUN/mlruns (offline)
 
 
 @dataclass

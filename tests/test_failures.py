@@ -8,6 +8,8 @@ after its shutdown grace (30 s). Asserted here: under 60 s from the failure to t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -90,6 +92,13 @@ def test_a_rank_that_raises_ends_the_job_with_its_error_shown_once(launch, digit
     with open(shard, "r+b") as f:  # same length, so the tar stays well formed
         f.seek(offset)
         f.write(b"\x00" * size)
+    # As if make-shards had packed an image that does not decode: dataset.json's sha256 is the
+    # damaged shard's (else the shard would be refused, by its hash, before training starts).
+    manifest = json.loads((data / "dataset.json").read_text())
+    for entry in manifest["splits"]["train"]["shards"]:
+        if entry["file"] == shard.name:
+            entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (data / "dataset.json").write_text(json.dumps(manifest))
 
     started = time.monotonic()
     job = launch(tmp_path / "run", data, "train.epochs=3")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import pytest
 from PIL import Image
@@ -91,7 +92,7 @@ def test_training_goes_on_when_wandb_cannot_start(digits_dir, tmp_path):
         "tracking.plots=false", env={**NO_WANDB_KEY, "WANDB_BASE_URL": "http://127.0.0.1:9"}, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "wandb could not start (online)" in result.stderr
+    assert "dist-train: warning: wandb (online) could not start: " in result.stderr  # one line, then on
     assert (out / "best" / "meta.json").is_file()
     assert not (out / "loss.png").exists()
 
@@ -103,3 +104,74 @@ def test_tracking_can_be_switched_off(digits_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (out / "wandb").exists()
     assert json.loads((out / "best" / "meta.json").read_text())["epoch"] == 0
+
+
+ALL_TRACKERS = ("tracking.tensorboard=true", "tracking.mlflow=true")
+
+
+def test_a_killed_and_resumed_run_is_one_run_per_tracker_with_every_record_once(digits_dir, tmp_path):
+    """wandb (offline), TensorBoard and MLflow (its file store), a 1-process run SIGKILLed
+    (its process alone, as the kernel's OOM killer does) a second after its step-40 checkpoint
+    and resumed: one run in each, every train and validation record in it once, equal to
+    metrics.jsonl; read with wandb's offline files, TensorBoard's event reader and MLflow's client."""
+    import subprocess
+    import sys
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from .conftest import REPO
+    from .test_resume import wait_for
+
+    out = tmp_path / "run"
+    args = ["train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+            f"train.output_dir={out}", "train.epochs=2", "train.progress_bar=false", "tracking.plots=false",
+            "train.checkpoint_every_steps=20", "data.num_workers=0", "train.log_every_steps=5", *ALL_TRACKERS]
+    env = {**os.environ, **NO_WANDB_KEY, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "dist_train", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(out / "checkpoints" / "step-00000040", process)
+        time.sleep(1.0)  # records past the checkpoint reach the trackers, and come again on resume
+    finally:
+        process.kill()
+        process.wait()
+    assert not (out / "last").exists()
+    resumed = run_cli(*args, "train.resume=auto", env=NO_WANDB_KEY)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "could not start" not in resumed.stderr
+    records = read_metrics(out / "metrics.jsonl")
+    val = [(r["step"], r["val/acc"]) for r in records if "val/acc" in r]
+    train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    assert len(val) == 2 and len(train) == 88 // 5
+
+    # wandb: one run id across both launches' offline files. Its service may not have written
+    # what it was handed when the process died, so the resumed launch sends everything after
+    # its checkpoint again: those steps once in its file, all equal to metrics.jsonl; wandb
+    # keeps the first row of a step it gets twice (`wandb sync` of the two files in order).
+    ids = json.loads((out / "trackers.json").read_text())
+    checkpoint = int(re.search(r"resuming from .* at epoch \d+, step (\d+)", resumed.stdout).group(1))
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))  # in launch order (by time)
+    assert {path.parent.name.rsplit("-", 1)[1] for path in files} == {ids["wandb"]["run"]} and len(files) == 2
+    for key, expected in (("val/acc", val), ("train/loss", train)):
+        killed, ours = ([(r["_step"], r[key]) for r in history(path) if key in r] for path in files)
+        assert ours == [(step, value) for step, value in expected if step > checkpoint], key
+        assert set(killed) <= set(expected), key  # what the killed launch wrote is right
+
+    # TensorBoard: the events past what the killed launch had sent are purged, the rest once.
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [(e.step, pytest.approx(v, rel=1e-6)) for e, v in
+            ((e, e.value) for e in events.Scalars("val/acc"))] == val
+    assert [e.step for e in events.Scalars("train/loss")] == [step for step, _ in train]
+
+    # MLflow: one run in the experiment, each metric's history one point per step.
+    from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "dist-train"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == ids["mlflow"]["run"] and run.data.params["train.epochs"] == "2"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/acc")] == val
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [s for s, _ in train]

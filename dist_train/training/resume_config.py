@@ -48,6 +48,16 @@ def check_resume_config(saved_config: dict[str, Any] | None, cfg: Config, checkp
     return [_change(key, before, after) + (f" ({_note(key)})" if _note(key) else "") for key in changed]
 
 
+def changes_what_follows(saved_config: dict[str, Any] | None, cfg: Config) -> list[str]:
+    """The changed keys whose new value changes the records from the resume step on (those with
+    a note: the LR re-planned, clipping, another batch split...), as opposed to where and how
+    often the run reports (output_dir, tracking, log_every_steps, workers)."""
+    if saved_config is None:
+        return []
+    before, after = _flatten(saved_config), _flatten(to_dict(cfg))
+    return [key for key in after if key in before and before[key] != after[key] and _note(key)]
+
+
 def _applies(key: str) -> bool:
     return key in APPLIED_ON_RESUME or any(p.endswith(".") and key.startswith(p) for p in APPLIED_ON_RESUME)
 

@@ -55,7 +55,7 @@ from dist_train.runtime.seeds import ForwardSeeds
 from dist_train.training.batch_layout import RunLayout, plan_layout
 from dist_train.training.best import Verdict
 from dist_train.training.progress import TrainProgress
-from dist_train.training.resume_config import check_resume_config
+from dist_train.training.resume_config import changes_what_follows, check_resume_config
 from dist_train.training.run_dir import find_resume_checkpoint, prepare_run_dir, unlock_run_dir, write_plots_and_summary
 from dist_train.training.state import TrainState
 from dist_train.training.tracking import RunTracker, read_metrics, truncate_metrics
@@ -295,6 +295,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     resume_from = find_resume_checkpoint(cfg.train.resume, out)
     # Refused before anything in the run directory changes; what applies is said below.
     changes = check_resume_config(saved_config(resume_from), cfg, str(resume_from)) if resume_from else []
+    replanned = bool(resume_from and changes_what_follows(saved_config(resume_from), cfg))
     teacher = None
     if cfg.distill.teacher:  # refused here too if it does not fit or changed since the checkpoint
         teacher_id = teacher_identity(cfg.distill)
@@ -375,7 +376,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         sampler=sampler, resolution=resolution,
     ), cfg.data, pin_memory=accelerator.device.type == "cuda", for_device_stage=stage is not None)
     startup_clock.mark("training loader")
-    tracker = RunTracker(accelerator, cfg, out, datasets.class_names)
+    tracker = RunTracker(accelerator, cfg, out, datasets.class_names, resumed_at=state.step if saved else None,
+                         replanned=replanned)
     startup_clock.mark("tracking")
     return Run(
         cfg=cfg, accelerator=accelerator, out=out, datasets=datasets, layout=layout, state=state,
