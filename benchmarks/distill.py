@@ -15,14 +15,11 @@ spread over the seeds.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.recipe import run, write_subset
+from benchmarks.recipe import report, run, seeds_parser, write_subset
 
 STUDENT = ("model.kwargs={width: 8}",)
 KD = {
@@ -33,12 +30,7 @@ KD = {
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--train-per-class", type=int, default=20)
-    parser.add_argument("--json", help="also write the figures here")
-    args = parser.parse_args()
+    args = seeds_parser(__doc__.split("\n")[0]).parse_args()
     started = time.perf_counter()
     names = ["teacher (small_cnn, width 32)", "student (width 8), no KD", *KD]
     scores: dict[str, list[float]] = {name: [] for name in names}
@@ -52,18 +44,7 @@ def main() -> int:
             for name, (out, options) in runs.items():  # the teacher first: the others read its best/
                 scores[name].append(run(train, val, out, seed, args.epochs, options))
                 print(f"seed {seed}: {name}: {scores[name][-1]:.4f}", flush=True)
-    student = statistics.mean(scores[names[1]])
-    print(f"\n{args.train_per_class} training images per class, 500 validation images, {args.epochs} epochs, "
-          f"{args.seeds} seeds ({time.perf_counter() - started:.0f} s)\n")
-    print("| run | val accuracy, mean | std | min | max | vs the student without KD |\n"
-          "| --- | --- | --- | --- | --- | --- |")
-    for name, values in scores.items():
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        print(f"| {name} | {statistics.mean(values):.4f} | {spread:.4f} | {min(values):.4f} | {max(values):.4f} "
-              f"| {statistics.mean(values) - student:+.4f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"epochs": args.epochs, "train_per_class": args.train_per_class,
-                                               "scores": scores}, indent=2) + "\n")
+    report(scores, names[1], args, started, rows="run", versus="vs the student without KD")
     return 0
 
 

@@ -81,12 +81,18 @@ def run(train: str, val: str, out: Path, seed: int, epochs: int, options: tuple[
     return last["val_ema/acc" if "val_ema/acc" in last else "val/acc"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def seeds_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark over seeds of the few-digits split."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--train-per-class", type=int, default=20)
     parser.add_argument("--json", help="also write the figures here")
+    return parser
+
+
+def main() -> int:
+    parser = seeds_parser(__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="*", help="only the variants whose names contain one of these")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -99,10 +105,17 @@ def main() -> int:
             for i, (name, options) in enumerate(chosen.items()):
                 scores[name].append(run(train, val, Path(tmp) / f"run-{seed}-{i}", seed, args.epochs, options))
                 print(f"seed {seed}: {name}: {scores[name][-1]:.4f}", flush=True)
-    base = statistics.mean(scores["baseline (digits_cpu.yaml)"])
+    report(scores, "baseline (digits_cpu.yaml)", args, started)
+    return 0
+
+
+def report(scores: dict[str, list[float]], reference: str, args, started: float, rows: str = "variant",
+           versus: str = "vs baseline") -> None:
+    """The table of accuracies over the seeds, each row against `reference`'s mean; the JSON."""
+    base = statistics.mean(scores[reference])
     print(f"\n{args.train_per_class} training images per class, 500 validation images, {args.epochs} epochs, "
           f"{args.seeds} seeds ({time.perf_counter() - started:.0f} s)\n")
-    print("| variant | val accuracy, mean | std | min | max | vs baseline |\n| --- | --- | --- | --- | --- | --- |")
+    print(f"| {rows} | val accuracy, mean | std | min | max | {versus} |\n| --- | --- | --- | --- | --- | --- |")
     for name, values in scores.items():
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"| {name} | {statistics.mean(values):.4f} | {spread:.4f} | {min(values):.4f} | {max(values):.4f} "
@@ -110,7 +123,6 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"epochs": args.epochs, "train_per_class": args.train_per_class,
                                                "scores": scores}, indent=2) + "\n")
-    return 0
 
 
 if __name__ == "__main__":
