@@ -128,8 +128,9 @@ class DataConfig:
 class ModelConfig:
     name: str = "resnet18"  # any torchvision classification model, or "small_cnn"
     # Start from these weights instead of random ones (dist_train/recipe/pretrained.py): a .safetensors
-    # or torch state-dict file (.pth/.pt/.bin), or a dist-train checkpoint such as RUN/best.
-    # Never downloaded. A head for another class count starts anew.
+    # or torch state-dict file (.pth/.pt/.bin), a dist-train checkpoint such as RUN/best, or
+    # hf-hub:<repo> from the local Hugging Face cache. Never downloaded. A head for another
+    # class count starts anew.
     weights: str | None = None
     # Train only the classifier head at first: "backbone" freezes everything else for
     # `freeze_epochs` epochs (null: the whole run), then all of it trains. A frozen parameter's

@@ -3,6 +3,9 @@ count, the first conv adapted to other input channels, and nothing unpickled."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -134,3 +137,39 @@ def test_a_timm_models_weights_load_with_only_the_head_new(tmp_path):
     assert report.new == ["head.fc.weight", "head.fc.bias"]
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in source.state_dict().items() if not k.startswith("head.fc."))
+
+
+def fill_hub_cache(cache: Path, repo: str, state: dict, pretrained_cfg: dict) -> None:
+    """The Hugging Face cache's layout as `hf download` leaves it: refs/main names a snapshot."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    snapshot = folder / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(snapshot / "model.safetensors"))
+    (snapshot / "config.json").write_text(json.dumps({"architecture": "resnet10t", "pretrained_cfg": pretrained_cfg}))
+
+
+def test_hub_weights_load_from_the_local_cache_and_name_their_pretrained_cfg(tmp_path, monkeypatch):
+    """hf-hub:<repo> as timm names it, read from a cache the test fills (no network); the
+    repository's mean and std, where the run's differ, are named in the log line."""
+    from huggingface_hub import constants
+
+    from dist_train.config import DataConfig
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(2)
+    state = create_model("timm/resnet10t", 10).state_dict()
+    fill_hub_cache(tmp_path / "hub", "timm/resnet10t.test_in1k", state,
+                   {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.95, "interpolation": "bicubic"})
+    model = create_model("timm/resnet10t", 10)
+    report = load_pretrained(model, "hf-hub:timm/resnet10t.test_in1k", DataConfig())
+    assert report.loaded == len(state) and not report.new
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert "trained with data.mean=[0.5, 0.5, 0.5], data.std=[0.5, 0.5, 0.5], data.crop_pct=0.95, " \
+           "data.interpolation=bicubic" in report.line()
+    with pytest.raises(CheckpointError, match=r"hf-hub:timm/vit_not_here: not in the local Hugging Face cache .*"
+                                              r"dist-train never downloads"):
+        load_pretrained(create_model("timm/resnet10t", 10), "hf-hub:timm/vit_not_here")

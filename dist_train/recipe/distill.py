@@ -30,6 +30,7 @@ from dist_train.checkpoint import load_model_checkpoint, sha256_file
 from dist_train.checkpoint.model import WEIGHTS_NAME
 from dist_train.config import Config, DistillConfig, config_from_dict
 from dist_train.errors import CheckpointError, ConfigError
+from dist_train.recipe.pretrained import HUB_PREFIX, hub_weights
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -61,6 +62,8 @@ def teacher_identity(cfg: DistillConfig) -> TeacherIdentity:
         if not weights.is_file():
             raise CheckpointError(f"distill.teacher: {cfg.teacher} is not a dist-train model checkpoint (no "
                                   f"{WEIGHTS_NAME}); a model name needs distill.teacher_weights")
+    elif cfg.teacher_weights.startswith(HUB_PREFIX):  # the local Hugging Face cache's file
+        weights = hub_weights(cfg.teacher_weights)[0]
     else:
         weights = Path(cfg.teacher_weights)
         if not weights.is_file():

@@ -4,6 +4,7 @@
     model.weights: path/resnet18-f37072fd.pth  # a torch state dict (.pth, .pt, .bin), read with
                                                # torch.load(weights_only=True): never unpickled code
     model.weights: runs/pretrain/best          # a dist-train model checkpoint (hash checked)
+    model.weights: hf-hub:timm/resnet18.a1_in1k  # from the local Hugging Face cache, never a download
 
 Matched by name (a `module.` prefix from a DDP-saved file is dropped). What does not fit:
 - the classifier head, when the class count differs: it stays newly initialised (the usual
@@ -17,10 +18,12 @@ loaded, new and ignored, for the run log and meta.json.
 
 from __future__ import annotations
 
+import json
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -28,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dist_train.checkpoint import load_model_checkpoint
+from dist_train.config import DataConfig
 from dist_train.errors import CheckpointError
 from dist_train.recipe.optim import head_prefix
 
@@ -42,6 +46,7 @@ class WeightsReport:
     new: list[str] = field(default_factory=list)  # the model's keys left as initialised (the head)
     adapted: list[str] = field(default_factory=list)  # first conv, to other input channels
     ignored: list[str] = field(default_factory=list)  # in the file, not in the model
+    advice: list[str] = field(default_factory=list)  # data keys the weights were trained with (a Hub repo's)
 
     def line(self) -> str:
         def some(keys: list[str]) -> str:
@@ -49,14 +54,47 @@ class WeightsReport:
         return (f"model.weights {self.source}: {self.loaded} tensors loaded"
                 + (f"; adapted to the input channels: {some(self.adapted)}" if self.adapted else "")
                 + (f"; new (the head for this class count): {some(self.new)}" if self.new else "")
-                + (f"; ignored (not in this model): {some(self.ignored)}" if self.ignored else ""))
+                + (f"; ignored (not in this model): {some(self.ignored)}" if self.ignored else "")
+                + (f"; trained with {', '.join(self.advice)} (its pretrained_cfg; set them to match)"
+                   if self.advice else ""))
 
     def as_meta(self) -> dict:
         return asdict(self)
 
 
+HUB_PREFIX = "hf-hub:"  # timm's own name for weights on the Hugging Face Hub
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's Hub repositories hold, preferred first
+
+
+def hub_weights(source: str) -> tuple[Path, dict[str, Any]]:
+    """`hf-hub:<repo>`'s weights file in the local Hugging Face cache ($HF_HOME, $HF_HUB_CACHE),
+    and its repository's `pretrained_cfg` (timm's config.json: mean, std, crop_pct, input
+    size), {} if it has none. Never a download: a file not cached is one line naming it."""
+    from huggingface_hub import constants as hub
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = source.removeprefix(HUB_PREFIX)
+    if not repo or repo.count("/") != 1:
+        raise CheckpointError(f"model.weights={source}: expected hf-hub:<owner>/<model>, "
+                              "e.g. hf-hub:timm/resnet18.a1_in1k")
+    found = next((p for name in HUB_FILES if isinstance(p := try_to_load_from_cache(repo, name), str)), None)
+    if found is None:
+        raise CheckpointError(f"model.weights={source}: not in the local Hugging Face cache ({hub.HF_HUB_CACHE}); "
+                              f"dist-train never downloads: fetch it once where there is a network "
+                              f"(`hf download {repo}`) into that cache")
+    config = try_to_load_from_cache(repo, "config.json")
+    try:
+        pretrained = json.loads(Path(config).read_text()).get("pretrained_cfg", {}) if isinstance(config, str) else {}
+    except (OSError, ValueError, AttributeError):
+        pretrained = {}
+    return Path(found), pretrained if isinstance(pretrained, dict) else {}
+
+
 def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a safetensors file, a torch state-dict file or a model checkpoint."""
+    """A state dict from a safetensors file, a torch state-dict file, a model checkpoint or the
+    local Hugging Face cache (`hf-hub:<repo>`)."""
+    if str(source).startswith(HUB_PREFIX):
+        source = hub_weights(str(source))[0]
     path = Path(source)
     if path.is_dir():
         return load_model_checkpoint(path)[0]
@@ -113,8 +151,9 @@ def _state_dict_in(loaded, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
-def load_pretrained(model: nn.Module, source: str | Path) -> WeightsReport:
-    """Load `source` into `model` in place (see the module docstring)."""
+def load_pretrained(model: nn.Module, source: str | Path, data: DataConfig | None = None) -> WeightsReport:
+    """Load `source` into `model` in place (see the module docstring). With `data`, the report
+    names where a Hub repository's pretrained_cfg differs from the run's normalization."""
     weights = read_weights(source)
     own = model.state_dict()
     head = head_prefix(model)
@@ -150,7 +189,20 @@ def load_pretrained(model: nn.Module, source: str | Path) -> WeightsReport:
     report.ignored = sorted(k for k in weights if k not in own)
     report.loaded = len(chosen)
     model.load_state_dict(chosen, strict=False)
+    if data is not None and str(source).startswith(HUB_PREFIX):
+        report.advice = _pretrained_cfg_advice(hub_weights(str(source))[1], data)
     return report
+
+
+def _pretrained_cfg_advice(pretrained: dict[str, Any], data: DataConfig) -> list[str]:
+    """The data keys the weights were trained with, where the run's differ (timm's
+    pretrained_cfg): offered in the log line, not applied (the config says what runs)."""
+    offered = {"data.mean": pretrained.get("mean"), "data.std": pretrained.get("std"),
+               "data.crop_pct": pretrained.get("crop_pct"), "data.interpolation": pretrained.get("interpolation")}
+    current = {"data.mean": data.mean, "data.std": data.std, "data.crop_pct": data.crop_pct,
+               "data.interpolation": data.interpolation}
+    return [f"{key}={list(value) if isinstance(value, list | tuple) else value}" for key, value in offered.items()
+            if value is not None and (list(value) if isinstance(value, list | tuple) else value) != current[key]]
 
 
 def _first_conv_weight(model: nn.Module) -> str | None:

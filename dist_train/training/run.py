@@ -313,7 +313,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
 
     model = model_from_config(cfg.model, datasets.num_classes, cfg.data.channels)
     # A resumed run's weights come from its checkpoint; the pretrained ones were its start.
-    pretrained = load_pretrained(model, cfg.model.weights) if cfg.model.weights and not saved else None
+    pretrained = load_pretrained(model, cfg.model.weights, cfg.data) if cfg.model.weights and not saved else None
     if cfg.model.sync_batchnorm and layout.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
