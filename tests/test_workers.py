@@ -148,3 +148,23 @@ def test_no_server_is_forked_from_a_process_running_a_thread():
     finally:
         release.set()
         thread.join()
+
+
+def test_a_fork_server_unlike_the_one_written_for_falls_back_to_the_standard_one(monkeypatch):
+    """CPython 3.14's fork server takes an authentication key (a new `authkey_r` argument and
+    field): faked here, the training process does not fork its own server (which would not
+    present the key) and `start_helpers` starts the standard one instead."""
+    from multiprocessing import forkserver
+
+    from dist_train.data import workers
+
+    assert workers.forked_server_fits()  # this interpreter's (3.11-3.13): the fork path is taken
+
+    def main_with_a_key(listener_fd, alive_r, preload, main_path=None, sys_path=None, *, authkey_r=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(forkserver, "main", main_with_a_key)
+    assert not workers.forked_server_fits() and workers.fork_server_from_here() is False
+    monkeypatch.undo()
+    monkeypatch.setattr(forkserver._forkserver, "_forkserver_authkey", b"key", raising=False)
+    assert not workers.forked_server_fits()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import multiprocessing
 import os
 import signal
@@ -80,7 +81,7 @@ def fork_server_from_here() -> bool:
     multiprocessing's own.
     """
     server = forkserver._forkserver
-    if server._forkserver_pid is not None or threading.active_count() > 1:
+    if not forked_server_fits() or server._forkserver_pid is not None or threading.active_count() > 1:
         return False
     start_helpers(fork_server=False)  # the resource tracker: its descriptor is inherited, as by an exec'd server
     with socket.socket(socket.AF_UNIX) as listener:
@@ -113,6 +114,24 @@ def fork_server_from_here() -> bool:
         os.close(alive_r)
     server._forkserver_address, server._forkserver_alive_fd, server._forkserver_pid = address, alive_w, pid
     return True
+
+
+# What `fork_server_from_here` sets and calls of multiprocessing's fork server, as CPython
+# 3.11-3.13 have them. 3.14 adds an authentication key (`authkey_r`, `_forkserver_authkey`)
+# that clients must present: an interpreter whose server differs gets the standard one.
+FORKSERVER_FIELDS = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid")
+FORKSERVER_MAIN = ("listener_fd", "alive_r", "preload", "main_path", "sys_path")
+
+
+def forked_server_fits() -> bool:
+    """Whether this interpreter's fork server is the one `fork_server_from_here` was written for."""
+    server = forkserver._forkserver
+    try:
+        parameters = tuple(inspect.signature(forkserver.main).parameters)
+    except (TypeError, ValueError):
+        return False
+    return (parameters == FORKSERVER_MAIN and all(hasattr(server, name) for name in FORKSERVER_FIELDS)
+            and not any("authkey" in name for name in vars(server)))
 
 
 def prepare_server() -> None:
