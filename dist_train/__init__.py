@@ -12,16 +12,11 @@ Both are imported on first use: `import dist_train` stays light (no torch).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 __version__ = "0.1.0"
 __all__ = ["Config", "FitResult", "__version__", "fit", "load_config"]
 
-if TYPE_CHECKING:
-    from dist_train.config import Config, load_config
-    from dist_train.training.engine import fit
-    from dist_train.training.run import FitResult
-
+# Where each name of the API lives, imported when first asked for (PEP 562): the package's
+# root stays the ground floor that every module may import (tests/test_package_layout.py).
 _LAZY = {"fit": "dist_train.training.engine", "FitResult": "dist_train.training.run",
          "load_config": "dist_train.config", "Config": "dist_train.config"}
 

@@ -189,7 +189,7 @@ class _HelpWithEpilog(argparse.ArgumentParser):
 
 
 def _config_keys_help() -> str:
-    from dist_train.config_reference import help_text
+    from dist_train.commands.config_reference import help_text
 
     return help_text()
 
@@ -200,7 +200,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from dist_train.config import Config, load_config, to_dict
 
     if args.reference:
-        from dist_train.config_reference import reference_table
+        from dist_train.commands.config_reference import reference_table
 
         print(reference_table(), end="")
         return 0

@@ -164,8 +164,8 @@ def test_every_key_is_in_the_docs_reference_and_the_help_with_its_type_default_a
     `dist-train config --reference`)."""
     import dataclasses
 
+    from dist_train.commands.config_reference import config_keys, help_text, reference_table
     from dist_train.config import Config
-    from dist_train.config_reference import config_keys, help_text, reference_table
 
     keys = config_keys()
     every = {f"{s.name}.{f.name}" for s in dataclasses.fields(Config)
