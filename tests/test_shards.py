@@ -142,3 +142,18 @@ def test_a_shard_without_samples_says_what_it_is(tmp_path, content, problem):
     (tmp_path / "train-000000.tar").write_bytes(content)
     with pytest.raises(DataError, match=problem):
         resolve_shards(str(tmp_path / "train-000000.tar"), "train", 10)
+
+
+def test_make_shards_shows_its_progress_in_a_log(tmp_path, monkeypatch, capsys):
+    """No terminal (stderr captured): a line per EVERY_S (0 here: each sample) on stderr, each
+    counting on to the whole; stdout untouched."""
+    from dist_train.data import sources
+    from dist_train.data.shard_writer import make_shards
+    from dist_train.runtime import progress_lines
+
+    monkeypatch.setattr(progress_lines, "EVERY_S", 0.0)
+    make_shards(sources.synthetic(40, 4, 8, seed=0), tmp_path / "out", val_fraction=0.25, shard_size=16)
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 40 and captured.out == ""
+    assert lines[0].startswith("make-shards: 1 of 40 images (2%), ") and lines[-1].startswith("make-shards: 40 of 40")

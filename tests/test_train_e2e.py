@@ -184,3 +184,20 @@ def test_fine_tuning_starts_from_a_runs_best_weights(digits_run, digits_dir, tmp
     assert first["val/acc"] >= source - 0.02  # a random start is at 0.1 after one epoch at this LR
     pretrained = json.loads((out / "best" / "meta.json").read_text())["pretrained"]
     assert pretrained["source"] == str(digits_run / "best") and pretrained["new"] == [] and pretrained["loaded"] > 10
+
+
+def test_eval_and_predict_show_their_progress_in_a_log(digits_run, digits_dir, tmp_path, monkeypatch, capsys):
+    """As make-shards does: lines on stderr (EVERY_S 0 here: each batch) counting to the whole."""
+    from dist_train.commands.evaluate import evaluate_checkpoint
+    from dist_train.commands.predict import load_for_inference, write_predictions
+    from dist_train.runtime import progress_lines
+
+    monkeypatch.setattr(progress_lines, "EVERY_S", 0.0)
+    evaluate_checkpoint(digits_run / "best", str(digits_dir), batch_size=100)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == [f"eval: {n} of 359 images (" + f"{100 * n // 359}%)"
+                                                     for n in (100, 200, 300, 359)]
+    write_predictions(load_for_inference(digits_run / "best"), [str(digits_dir / "val-000000.tar")],
+                      tmp_path / "p.csv", batch_size=128)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1].startswith("predict: 256 of 256 images (100%)") and len(lines) == 2

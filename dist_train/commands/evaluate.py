@@ -11,6 +11,7 @@ from dist_train.data.pipeline import EvalStreamSpec, device_stage, make_eval_loa
 from dist_train.data.resolve import resolve_shards
 from dist_train.recipe.metrics import validation_metrics
 from dist_train.runtime.accelerator import make_accelerator
+from dist_train.runtime.progress_lines import Progress
 from dist_train.training.engine import evaluate
 
 
@@ -36,5 +37,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, split: str = "val", b
     stage = device_stage(cfg.data, accelerator.device)  # CUDA: uint8 batches, finished there
     loader = make_eval_loader(spec, cfg.data, pin_memory=accelerator.device.type == "cuda",
                               for_device_stage=stage is not None)
-    values, confusion = evaluate(model, loader, metrics, accelerator, stage, cfg.data.tta)
+    # The main process's share, counted for all: the ranks' shares are of one size within a batch.
+    progress = Progress("eval", shards.samples, enabled=accelerator.is_main_process)
+    values, confusion = evaluate(model, loader, metrics, accelerator, stage, cfg.data.tta,
+                                 on_batch=lambda n: progress.advance(n * accelerator.num_processes))
+    progress.close()
     return values, confusion, shards.samples, cfg.data.tta

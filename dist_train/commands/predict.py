@@ -31,6 +31,7 @@ from dist_train.data.shard_format import IMAGE_EXTENSIONS, ShardSet
 from dist_train.data.transforms import build_transform, eval_geometry
 from dist_train.errors import CheckpointError, ConfigError, DataError
 from dist_train.recipe.models import create_model, logits_of
+from dist_train.runtime.progress_lines import Progress
 
 
 @dataclass
@@ -181,12 +182,15 @@ def predict_batches(loaded: LoadedModel, inputs: list[str], batch_size: int, dev
         spec = EvalStreamSpec(shard_set, batch_size=batch_size,
                               num_classes=len(loaded.class_names), with_keys=True)
         loaders.append(make_eval_loader(spec, loaded.cfg.data))
+    progress = Progress("predict", len(images) + (shard_set.samples if shards else 0))
     with torch.no_grad():
         for loader in loaders:
             for batch, labels, sources in loader:
                 logits = logits_of(loaded.model, batch.to(device), loaded.cfg.data.tta).float()
                 probs = logits.sigmoid() if loaded.cfg.data.task == "multilabel" else logits.softmax(dim=1)
+                progress.advance(len(sources))
                 yield probs.cpu(), labels, sources
+    progress.close()
 
 
 def write_predictions(loaded: LoadedModel, inputs: list[str], out: str | Path, top_k: int = 3,

@@ -31,6 +31,7 @@ from dist_train.data.shard_format import MANIFEST_NAME, MANIFEST_VERSION, SPANS_
 from dist_train.data.sources import LabeledImages, RawSample
 from dist_train.data.tar_index import index_tar_spans
 from dist_train.errors import DataError
+from dist_train.runtime.progress_lines import Progress
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,14 @@ def label_text(label: int | tuple[int, ...]) -> str:
 
 
 def write_split(
-    samples: list[RawSample], out_dir: Path, split: str, shard_size: int, num_classes: int = 0
+    samples: list[RawSample], out_dir: Path, split: str, shard_size: int, num_classes: int = 0,
+    progress: Progress | None = None,
 ) -> SplitSummary:
     shards, spans = [], []
     for start in range(0, len(samples), shard_size):
         name = f"{split}-{len(shards):06d}.tar"
         chunk = samples[start : start + shard_size]
-        size, sha256 = _write_shard(chunk, out_dir / name)
+        size, sha256 = _write_shard(chunk, out_dir / name, progress)
         shards.append({"file": name, "samples": len(chunk), "bytes": size, "sha256": sha256,
                        "class_counts": list(class_counts([s.label for s in chunk], num_classes))})
         spans += index_tar_spans(str(out_dir / name))[1]
@@ -109,7 +111,7 @@ def write_split(
     return SplitSummary(split, shards, spans_file)
 
 
-def _write_shard(samples: list[RawSample], path: Path) -> tuple[int, str]:
+def _write_shard(samples: list[RawSample], path: Path, progress: Progress | None = None) -> tuple[int, str]:
     """Write the shard; its size in bytes and sha256."""
     import webdataset as wds  # here: it imports torch, which resolving a dataset does not need
 
@@ -126,6 +128,8 @@ def _write_shard(samples: list[RawSample], path: Path) -> tuple[int, str]:
                         "cls": label_text(sample.label).encode("ascii"),
                     }
                 )
+                if progress is not None:
+                    progress.advance(1)
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(tmp, path)
@@ -159,10 +163,12 @@ def make_shards(
     train_idx, val_idx = split_stratified(labels, val_fraction, seed)
     if train_class_fraction:
         train_idx = _fewer_of(train_idx, labels, train_class_fraction)
+    progress = Progress("make-shards", len(train_idx) + len(val_idx))
     splits = [
-        write_split([source.samples[i] for i in train_idx], out, "train", shard_size, num_classes),
-        write_split([source.samples[i] for i in val_idx], out, "val", shard_size, num_classes),
+        write_split([source.samples[i] for i in train_idx], out, "train", shard_size, num_classes, progress),
+        write_split([source.samples[i] for i in val_idx], out, "val", shard_size, num_classes, progress),
     ]
+    progress.close()
     manifest = {
         "format": "dist-train-shards",
         "version": MANIFEST_VERSION,

@@ -66,10 +66,11 @@ def train_step(model, micro_batches, criterion, optimizer, accelerator, progress
         progress.batch_done(loss, len(labels))
 
 
-def evaluate(model, loader, metrics: ValidationMetrics, accelerator, device_stage=None, tta: str = "none"
-             ) -> tuple[dict[str, float], list | dict]:
+def evaluate(model, loader, metrics: ValidationMetrics, accelerator, device_stage=None, tta: str = "none",
+             on_batch=None) -> tuple[dict[str, float], list | dict]:
     """Metrics over this rank's share of the validation set, synced across all ranks.
-    `tta="flip"`: of the mean logits of each image and its mirror (data.tta)."""
+    `tta="flip"`: of the mean logits of each image and its mirror (data.tta). `on_batch(n)`:
+    told the size of each batch done (the eval command's progress)."""
     model.eval()
     metrics.reset()
     with torch.no_grad():
@@ -81,6 +82,8 @@ def evaluate(model, loader, metrics: ValidationMetrics, accelerator, device_stag
             with accelerator.autocast():
                 outputs = logits_of(model, images, tta)
             metrics.update(outputs, labels)
+            if on_batch is not None:
+                on_batch(len(labels))
     return metrics.compute()
 
 
