@@ -94,6 +94,7 @@ class RunTracker:
                 # first of a step it receives twice (equal: the resume is bitwise).
                 if replanned or name == "wandb":
                     entry["through"] = min(entry.get("through", [0, 0]), [resumed_at, 1])
+            self.sent = {name: dict(entry) for name, entry in saved.items()}  # kept for one that cannot start now
             starter = ThreadPoolExecutor(1, thread_name_prefix="trackers-start")
             self._starting = starter.submit(_start_trackers, wanted, cfg, run_dir, saved)
             starter.shutdown(wait=False)  # its one thread ends when the trackers are up
