@@ -37,6 +37,13 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # quiet
         pass
 
+    def whole(self) -> None:
+        """Answer as a server without Range support: the whole object, 200."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
     def do_GET(self) -> None:
         server = self.server
         server.ranges.append(self.headers.get("Range", ""))
@@ -165,3 +172,16 @@ def test_a_stop_signal_during_start_up_ends_the_wait_for_a_failing_server(server
         assert caught.value.exit_code == preemption.EXIT_PREEMPTED and time.monotonic() - started < 1.5
     finally:
         preemption.release_stop_signals()
+
+
+def test_a_shard_shorter_than_its_manifest_says_and_a_server_without_ranges(server, tmp_path, monkeypatch):
+    """A range past the object's end comes short: named as the bytes it got and wanted. A
+    server that ignores Range sends the whole object to the first request: taken as it is."""
+    with pytest.raises(DataError, match=r"shard\.tar: downloaded 10240 bytes, expected 10752 \(changed on the server"):
+        remote.download(f"{server.url}/shard.tar", str(tmp_path / "short"), len(BODY) + 512)
+    monkeypatch.setattr(Handler, "do_GET", lambda self: (self.server.ranges.append(self.headers.get("Range", "")),
+                                                         Handler.whole(self)))
+    monkeypatch.setattr(remote, "CHUNK_BYTES", 4096)
+    before = len(server.ranges)
+    remote.download(f"{server.url}/shard.tar", str(tmp_path / "whole"), len(BODY))
+    assert (tmp_path / "whole").read_bytes() == BODY and server.ranges[before:] == ["bytes=0-4095"]

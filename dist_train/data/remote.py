@@ -107,9 +107,13 @@ def download(url: str, local_path: str, size: int) -> None:
             while (have := f.tell()) < size:
                 end = min(have + CHUNK_BYTES, size)
                 chunk = with_retries(url, lambda: _fs(url).cat_file(url, start=have, end=end))  # noqa: B023
-                if len(chunk) != end - have:
-                    raise DataError(f"{url}: asked for bytes {have}-{end}, got {len(chunk)} (changed on the server, "
-                                    "or a server that ignores Range requests)")
+                whole = have == 0 and len(chunk) == size  # a server that ignores Range sends it all: as good
+                if len(chunk) < end - have:
+                    raise DataError(f"{url}: downloaded {have + len(chunk)} bytes, expected {size} (changed on the "
+                                    "server?)")
+                if len(chunk) > end - have and not whole:
+                    raise DataError(f"{url}: {len(chunk)} bytes came for a range of {end - have}: the server "
+                                    "ignores Range requests")
                 f.write(chunk)
     except OSError as exc:  # the local disk, not the network: retrying cannot help
         raise DataError(f"{local_path}: cannot write the copy of {url} ({exc.strerror or exc}); free the disk or "
