@@ -433,9 +433,7 @@ def validate(cfg: Config) -> None:
     if not re.fullmatch(r"[a-z0-9_]+", cfg.optim.name):
         raise ConfigError(f"optim.name: {quoted(cfg.optim.name)} is not an optimizer name (sgd, adamw, or one of "
                           "timm's: lamb, lars, lion, adopt, nadamw, rmsproptf, ...)")
-    for key, owner in MODEL_KWARGS_OWNED.items():
-        if key in cfg.model.kwargs:
-            raise ConfigError(f"model.kwargs.{key} is set by dist-train from {owner}")
+    _check_owned_kwargs(cfg.model.kwargs, "model.kwargs", "model.weights")
     if cfg.train.ema_decay is None and (cfg.train.ema_adjust != "none" or cfg.train.ema_copy_in_warmup):
         raise ConfigError("train.ema_adjust and train.ema_copy_in_warmup are about train.ema_decay, which is null")
     _check_progressive(cfg)
@@ -485,10 +483,15 @@ def _check_distill(cfg: Config) -> None:
     if k.teacher_kwargs and k.teacher_weights is None:
         raise ConfigError("distill.teacher_kwargs are a named teacher's (with distill.teacher_weights); a "
                           "checkpoint teacher is rebuilt from its own config")
-    for key, owner in MODEL_KWARGS_OWNED.items():
-        if key in k.teacher_kwargs:
-            raise ConfigError(f"distill.teacher_kwargs.{key} is set by dist-train from "
-                              f"{owner.replace('model.weights', 'distill.teacher_weights')}")
+    _check_owned_kwargs(k.teacher_kwargs, "distill.teacher_kwargs", "distill.teacher_weights")
+
+
+def _check_owned_kwargs(kwargs: dict[str, Any], key: str, weights_key: str) -> None:
+    """No constructor argument that dist-train sets itself (MODEL_KWARGS_OWNED), or that would
+    read weights past `weights_key`'s checks."""
+    for name, owner in MODEL_KWARGS_OWNED.items():
+        if name in kwargs:
+            raise ConfigError(f"{key}.{name} is set by dist-train from {owner.replace('model.weights', weights_key)}")
 
 
 def _check_task(cfg: Config) -> None:

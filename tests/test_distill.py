@@ -96,9 +96,8 @@ def test_a_teacher_trained_with_other_statistics_sees_its_own_normalization(tmp_
     given (x - 0.5) / 0.2 of the same raw pixels x."""
     teacher_dir = write_teacher_checkpoint(tmp_path, mean=[0.5], std=[0.2])
     cfg = load_config(DIGITS_CONFIG, [f"distill.teacher={teacher_dir}"])
-    from dist_train.recipe.distill import teacher_identity
 
-    teacher = load_teacher(cfg, 10, teacher_identity(cfg.distill))
+    teacher = load_teacher(cfg, 10)
     raw = torch.rand(4, 1, 16, 16)
     theirs = teacher.model((raw - 0.5) / 0.2)
     assert torch.allclose(teacher.logits((raw - 0.25) / 0.35, NO_AUTOCAST), theirs, atol=1e-5)
@@ -137,7 +136,7 @@ def test_a_teacher_that_does_not_fit_is_refused_in_one_line(tmp_path):
     def refusal(*overrides: str, classes: int = 10) -> str:
         cfg = load_config(DIGITS_CONFIG, list(overrides))
         with pytest.raises((ConfigError, CheckpointError)) as caught:
-            load_teacher(cfg, classes, teacher_identity(cfg.distill))
+            load_teacher(cfg, classes)
         assert "\n" not in str(caught.value)
         return str(caught.value)
 

@@ -25,9 +25,9 @@ from typing import Literal
 import torch
 
 from dist_train.checkpoint import sha256_file
-from dist_train.commands.predict import LoadedModel, load_for_inference
+from dist_train.commands.predict import LoadedModel, load_for_inference, require_export_extra
 from dist_train.data.transforms import eval_geometry
-from dist_train.errors import CheckpointError, ConfigError
+from dist_train.errors import CheckpointError
 
 TOLERANCE = 1e-4  # max abs logit difference from PyTorch accepted on export
 SAMPLE_BATCHES = (2, 3)  # two sizes: the dynamic batch dimension is exercised too
@@ -46,7 +46,7 @@ def export_model(checkpoint: str | Path, fmt: Literal["onnx", "torchscript"], ou
         raise CheckpointError(f"export --checkpoint {checkpoint}: an ONNX file is an export already; give the "
                               "checkpoint directory it came from (RUN/best)")
     if fmt == "onnx":
-        require_onnx("export --format onnx")
+        require_export_extra("export --format onnx", ("onnx", "onnxscript", "onnxruntime"))
     loaded = load_for_inference(checkpoint)
     model = loaded.model.eval()
     data = loaded.cfg.data
@@ -83,15 +83,6 @@ def export_model(checkpoint: str | Path, fmt: Literal["onnx", "torchscript"], ou
         for tmp in (model_tmp, sidecar_tmp):
             tmp.unlink(missing_ok=True)
     return Exported(out, sidecar, diff)
-
-
-def require_onnx(what: str) -> None:
-    """The `export` extra's packages, or one line naming the pip command that installs them."""
-    import importlib.util
-
-    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ConfigError(f"{what} needs {', '.join(missing)}: pip install 'dist-train[export]'")
 
 
 def _export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path):

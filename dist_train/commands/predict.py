@@ -70,14 +70,20 @@ def load_for_inference(checkpoint: str | Path, device: torch.device | str = "cpu
     return LoadedModel(model.to(device).eval(), cfg, class_names, meta)
 
 
+def require_export_extra(what: str, modules: tuple[str, ...]) -> None:
+    """The `export` extra's `modules`, or one line naming the pip command that installs them."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"{what} needs {', '.join(missing)}: pip install 'dist-train[export]'")
+
+
 class OnnxClassifier:
     """An exported ONNX model run by onnxruntime, called like the PyTorch model (CPU)."""
 
     def __init__(self, path: Path):
-        import importlib.util
-
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise ConfigError(f"{path}: an ONNX model needs onnxruntime: pip install 'dist-train[export]'")
+        require_export_extra(f"{path}: an ONNX model", ("onnxruntime",))
         import onnxruntime
 
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])

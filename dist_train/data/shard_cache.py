@@ -174,10 +174,8 @@ class ShardCache:
     def _download_in_progress(self, path: Path) -> Path | None:
         """The `.part` file of a live download of this copy, if one is running."""
         for part in self.directory.glob(f".{path.name}.*.part"):
-            if _locked(part):
+            if not _reclaimed(part):  # else left by a process that died while downloading: gone now
                 return part
-            with contextlib.suppress(FileNotFoundError):
-                part.unlink()  # left by a process that died while downloading
         return None
 
     def _entries(self) -> Iterator[tuple[Path, int, bool]]:

@@ -53,9 +53,15 @@ class TeacherIdentity:
         return {**asdict(self), "alpha": cfg.alpha, "temperature": cfg.temperature}
 
 
-def teacher_identity(cfg: DistillConfig) -> TeacherIdentity:
-    """The teacher's weights file and its hash, without building the teacher: a resume checks
-    it before the run directory changes."""
+def teacher_identity(cfg: DistillConfig, verified_sha256: str | None = None) -> TeacherIdentity:
+    """The teacher's weights file and its hash (`verified_sha256`: one already checked against
+    the file, a checkpoint's meta.json's: the file is not read again)."""
+    weights = _weights_file(cfg)
+    return TeacherIdentity(cfg.teacher, str(weights.resolve()), verified_sha256 or sha256_file(weights))
+
+
+def _weights_file(cfg: DistillConfig) -> Path:
+    """The teacher's weights file, or one line saying why there is none."""
     assert cfg.teacher is not None
     if cfg.teacher_weights is None:
         weights = Path(cfg.teacher) / WEIGHTS_NAME
@@ -68,7 +74,7 @@ def teacher_identity(cfg: DistillConfig) -> TeacherIdentity:
         weights = Path(cfg.teacher_weights)
         if not weights.is_file():
             raise CheckpointError(f"distill.teacher_weights: {weights} not found")
-    return TeacherIdentity(cfg.teacher, str(weights.resolve()), sha256_file(weights))
+    return weights
 
 
 def check_teacher_unchanged(saved_meta: dict[str, Any] | None, identity: TeacherIdentity, checkpoint: str) -> None:
@@ -112,15 +118,17 @@ class Teacher:
         return (1 - self.alpha) * task_loss + self.alpha * distill
 
 
-def load_teacher(cfg: Config, num_classes: int, identity: TeacherIdentity) -> Teacher:
-    """The run's teacher (on the CPU), checked to fit the student's classes and images;
-    `identity`: teacher_identity(cfg.distill), hashed once per launch."""
+def load_teacher(cfg: Config, num_classes: int) -> Teacher:
+    """The run's teacher (on the CPU), checked to fit the student's classes and images, with
+    its identity (a resume compares it: `check_teacher_unchanged`)."""
     from dist_train.recipe.models import create_model, model_from_config
     from dist_train.recipe.pretrained import load_pretrained
 
     d = cfg.distill
     if d.teacher_weights is None:  # a dist-train checkpoint: its own config rebuilds it
-        state, meta = load_model_checkpoint(d.teacher)
+        _weights_file(d)  # one line if it is no checkpoint
+        state, meta = load_model_checkpoint(d.teacher)  # its weights checked against meta.json's hash
+        identity = teacher_identity(d, meta.get("weights_sha256"))
         try:
             saved = config_from_dict(meta["config"])
         except (ConfigError, KeyError, TypeError) as exc:
@@ -135,6 +143,7 @@ def load_teacher(cfg: Config, num_classes: int, identity: TeacherIdentity) -> Te
                                   f"({' '.join(str(exc).split())[:200]})") from None
         mean, std = saved.data.mean, saved.data.std
     else:  # a model name and a weights file, which must hold every tensor, the head too
+        identity = teacher_identity(d)
         model = create_model(d.teacher, num_classes, cfg.data.channels, d.teacher_kwargs)
         report = load_pretrained(model, d.teacher_weights)
         missing = [k for k in report.new if not k.endswith("num_batches_tracked")]

@@ -41,7 +41,7 @@ from dist_train.data.order import OrderSpec
 from dist_train.data.pipeline import EvalStreamSpec, TrainLoader, TrainStreamSpec, device_stage, make_eval_loader
 from dist_train.data.resolution import ResolutionSchedule, resolution_schedule
 from dist_train.data.sampling import epoch_sampler
-from dist_train.recipe.distill import Teacher, check_teacher_unchanged, load_teacher, teacher_identity
+from dist_train.recipe.distill import Teacher, check_teacher_unchanged, load_teacher
 from dist_train.recipe.ema import WeightsEma, ema_decay_per_update
 from dist_train.recipe.losses import build_loss
 from dist_train.recipe.mixing import BatchMixer, make_mixer
@@ -298,11 +298,11 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     replanned = bool(resume_from and changes_what_follows(saved_config(resume_from), cfg))
     teacher = None
     if cfg.distill.teacher:  # refused here too if it does not fit or changed since the checkpoint
-        teacher_id = teacher_identity(cfg.distill)
+        teacher = load_teacher(cfg, datasets.num_classes)
         if resume_from:
-            check_teacher_unchanged(saved_meta(resume_from), teacher_id, str(resume_from))
+            check_teacher_unchanged(saved_meta(resume_from), teacher.identity, str(resume_from))
         memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
-        teacher = load_teacher(cfg, datasets.num_classes, teacher_id).to(accelerator.device, memory_format)
+        teacher.to(accelerator.device, memory_format)
     prepare_run_dir(cfg, out, accelerator, resuming=resume_from is not None)
     set_seed(cfg.train.seed)  # the same on every rank: DDP also broadcasts rank 0's weights
     # find_resume_checkpoint has just checked every file's hash.

@@ -99,10 +99,6 @@ class RunTracker:
             self._starting = starter.submit(_start_trackers, wanted, cfg, run_dir, saved)
             starter.shutdown(wait=False)  # its one thread ends when the trackers are up
 
-    @property
-    def wandb(self) -> bool:
-        return "wandb" in self.trackers
-
     def log(self, record: dict[str, Any]) -> None:
         self.metrics_log.log(record)
         if self.trackers or self._starting is not None:
