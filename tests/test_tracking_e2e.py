@@ -111,7 +111,7 @@ ALL_TRACKERS = ("tracking.tensorboard=true", "tracking.mlflow=true")
 
 def test_a_killed_and_resumed_run_is_one_run_per_tracker_with_every_record_once(digits_dir, tmp_path):
     """wandb (offline), TensorBoard and MLflow (its file store), a 1-process run SIGKILLed
-    (its process alone, as the kernel's OOM killer does) a second after its step-40 checkpoint
+    (its process alone, as the kernel's OOM killer does) at its first record past its step-40 checkpoint
     and resumed: one run in each, every train and validation record in it once, equal to
     metrics.jsonl; read with wandb's offline files, TensorBoard's event reader and MLflow's client."""
     import subprocess
@@ -125,25 +125,30 @@ def test_a_killed_and_resumed_run_is_one_run_per_tracker_with_every_record_once(
 
     out = tmp_path / "run"
     args = ["train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
-            f"train.output_dir={out}", "train.epochs=2", "train.progress_bar=false", "tracking.plots=false",
+            f"train.output_dir={out}", "train.epochs=3", "train.progress_bar=false", "tracking.plots=false",
             "train.checkpoint_every_steps=20", "data.num_workers=0", "train.log_every_steps=5", *ALL_TRACKERS]
     env = {**os.environ, **NO_WANDB_KEY, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen([sys.executable, "-m", "dist_train", *args], cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(out / "checkpoints" / "step-00000040", process)
-        time.sleep(1.0)  # records past the checkpoint reach the trackers, and come again on resume
+        # Killed as soon as a record past the checkpoint is out (it reached the trackers, and
+        # comes again on resume): a fixed sleep lets a fast machine finish the run first.
+        deadline = time.monotonic() + 120
+        while not any(r.get("step", 0) > 40 for r in read_metrics(out / "metrics.jsonl")):
+            assert process.poll() is None and time.monotonic() < deadline, "no record past step 40"
+            time.sleep(0.01)
     finally:
         process.kill()
         process.wait()
-    assert not (out / "last").exists()
+    assert not (out / "last").exists(), "the run ended before it was killed"
     resumed = run_cli(*args, "train.resume=auto", env=NO_WANDB_KEY)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "could not start" not in resumed.stderr
     records = read_metrics(out / "metrics.jsonl")
     val = [(r["step"], r["val/acc"]) for r in records if "val/acc" in r]
     train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-    assert len(val) == 2 and len(train) == 88 // 5
+    assert len(val) == 3 and len(train) == 132 // 5
 
     # wandb: one run id across both launches' offline files. Its service may not have written
     # what it was handed when the process died, so the resumed launch sends everything after
@@ -172,6 +177,6 @@ def test_a_killed_and_resumed_run_is_one_run_per_tracker_with_every_record_once(
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
     (experiment,) = [e for e in client.search_experiments() if e.name == "dist-train"]
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_id == ids["mlflow"]["run"] and run.data.params["train.epochs"] == "2"
+    assert run.info.run_id == ids["mlflow"]["run"] and run.data.params["train.epochs"] == "3"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/acc")] == val
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [s for s, _ in train]
