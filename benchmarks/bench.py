@@ -41,6 +41,11 @@ Figures (targets for 2 CPU cores):
                          mapped index, after looking up spans all over it
   compile_speedup        train step with the model torch.compile'd / eager          >= 1.0
                          (train.compile; printed beside it: the compile's seconds)
+  fsdp_state_vs_ddp      one process's parameter + gradient + optimizer-state bytes  <= 0.55
+                         under 2-process FSDP / under DDP, a ViT-S/16 with AdamW, from
+                         the tensors its optimizer step holds (benchmarks/bench_fsdp.py)
+  activation_memory_ratio  peak memory a forward + backward of a ViT-Ti/16 at 224 px,  <= 0.5
+                         batch 32, adds with model.grad_checkpointing / without
   remote_vs_local        the shard loader from nginx (loopback), cold cache / local  >= 0.95
   remote_rate_limited    the same, nginx limited to 1.25x the loader's bytes/s       >= 0.9
                          (benchmarks/bench_remote.py)
@@ -68,6 +73,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.bench_fsdp import activation_memory_ratio, fsdp_state_vs_ddp
 from benchmarks.bench_index import index_figures
 from benchmarks.bench_remote import remote_figures
 from benchmarks.bench_versus import LAUNCH, REPO, REPO_CONFIG, kill_tree, process_tree
@@ -104,6 +110,8 @@ TARGETS = {
     "index_worker_mb": Target("<=", 50.0),
     "compile_speedup": Target(">=", 1.0),
     "progressive_speedup": Target(">=", 1.15),
+    "fsdp_state_vs_ddp": Target("<=", 0.55),
+    "activation_memory_ratio": Target("<=", 0.5),
     "remote_vs_local": Target(">=", 0.95),
     "remote_rate_limited": Target(">=", 0.9),
 }
@@ -153,6 +161,8 @@ def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) 
         # workers, threads) may compete with them for the 2 cores.
         figures["ddp_scaling"], details["ddp_ceiling"], details["ddp_vs_normal"] = ddp_scaling(sizes)
         figures["no_sync_gain"] = no_sync_gain(sizes)
+        figures["fsdp_state_vs_ddp"], details["fsdp_bytes"] = fsdp_state_vs_ddp(args.quick)
+        figures["activation_memory_ratio"], details["activation_peak_mib"] = activation_memory_ratio(args.quick)
         figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
         figures["time_to_acc_shipped"] = shipped_time_to_acc(shards, Path(tmp))
         details |= index_figures(Path(tmp), sizes.index_samples)
@@ -667,7 +677,16 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
           f"{details['images_per_sec']:.0f} images/s, the plain loop {details['plain_images_per_sec']:.0f}; "
           f"index of {details['index_samples']} samples: built in {details['index_build_only_s']:.2f} s, "
           f"a {details['index_file_mb']:.0f} MB file; "
+          f"fsdp_state_vs_ddp: {_mib(details['fsdp_bytes']['fsdp'])} under FSDP, "
+          f"{_mib(details['fsdp_bytes']['ddp'])} under DDP; activation_memory_ratio: "
+          f"{details['activation_peak_mib']['with']:.0f} MiB with checkpointing, "
+          f"{details['activation_peak_mib']['without']:.0f} MiB without; "
           f"remote figures: {details['remote']}; GPU, pipeline / model alone: {details['gpu']})")
+
+
+def _mib(held: dict[str, int]) -> str:
+    """Parameters + gradients + optimizer state, in MiB."""
+    return " + ".join(f"{held[k] / 2**20:.1f}" for k in ("params", "grads", "optimizer_state")) + " MiB"
 
 
 if __name__ == "__main__":

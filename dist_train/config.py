@@ -146,7 +146,8 @@ class ModelConfig:
     # Recorded with the config in every checkpoint, so eval, predict and export rebuild the same.
     kwargs: dict[str, Any] = field(default_factory=dict)
     # Recompute each block's activations in the backward pass instead of keeping them (timm's
-    # set_grad_checkpointing): less memory, about a third more compute. timm models only.
+    # set_grad_checkpointing, or torch's checkpoint wrapper around each block of another model):
+    # less memory, about a third more compute. Under DDP and FSDP alike.
     grad_checkpointing: bool = field(default=False, metadata=applied_on_resume())
 
 
@@ -252,6 +253,16 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=applied_on_resume())
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = field(
         default="default", metadata=applied_on_resume())
+    # How the processes share the model. ddp: each holds all of it (DistributedDataParallel).
+    # fsdp: its parameters, gradients and optimizer state are sharded over them (FSDP2's
+    # fully_shard per block and the root; dist_train/runtime/fsdp.py). hsdp: sharded within
+    # groups of train.hsdp_shard_size processes, replicated across the groups. Checkpoints are
+    # the same under each: a run resumes under another, on any number of processes. One
+    # process trains unsharded.
+    parallel: Literal["ddp", "fsdp", "hsdp"] = field(default="ddp", metadata=applied_on_resume())
+    # hsdp: processes per shard group; 0: the processes of a node (shard within a node,
+    # replicate across nodes).
+    hsdp_shard_size: int = field(default=0, metadata=applied_on_resume())
     # Resumable checkpoints (RUN/checkpoints/step-N): every N optimizer steps (null: never
     # mid-epoch), at each epoch end, the newest `keep_checkpoints` kept.
     checkpoint_every_steps: int | None = field(default=None, metadata=applied_on_resume())
@@ -438,6 +449,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.ema_adjust and train.ema_copy_in_warmup are about train.ema_decay, which is null")
     _check_progressive(cfg)
     _check_distill(cfg)
+    _check_parallel(cfg)
     if cfg.sched.name == "plateau" and cfg.sched.warmup_epochs > 0:
         raise ConfigError("sched.warmup_epochs is supported with step, cosine and linear, not plateau")
     task = cfg.data.task
@@ -449,6 +461,21 @@ def validate(cfg: Config) -> None:
         if metric not in names:
             raise ConfigError(f"{key}: unknown metric {metric!r} for data.task={task}; choose from {names}")
     _check_task(cfg)
+
+
+def _check_parallel(cfg: Config) -> None:
+    """What FSDP does not do (yet), refused before any process starts a worker."""
+    t = cfg.train
+    if t.parallel == "ddp":
+        return
+    refused = [("train.ema_decay", t.ema_decay is not None, "a moving average of sharded weights is not built"),
+               ("train.compile", t.compile, "compiling a sharded model is not built"),
+               ("model.sync_batchnorm", cfg.model.sync_batchnorm, "sync BatchNorm is DDP's"),
+               ("train.mixed_precision=fp16", t.mixed_precision == "fp16",
+                "FSDP's mixed precision here is bf16 (no sharded loss scaling)")]
+    for key, present, why in refused:
+        if present:
+            raise ConfigError(f"{key} under train.parallel={t.parallel}: {why}; use train.parallel=ddp")
 
 
 def _check_progressive(cfg: Config) -> None:
@@ -591,6 +618,7 @@ def _check_ranges(cfg: Config) -> None:
          f"in [1, {MAX_IMAGE_SIZE}]"),
         ("data.progressive_start_epoch", d.progressive_start_epoch, 0 <= d.progressive_start_epoch <= t.epochs,
          f"in [0, train.epochs={t.epochs}]"),
+        ("train.hsdp_shard_size", t.hsdp_shard_size, t.hsdp_shard_size >= 0, ">= 0 (0: a node's processes)"),
         ("data.repeated_augment", d.repeated_augment, 1 <= d.repeated_augment <= MAX_REPEATS,
          f"in [1, {MAX_REPEATS}]"),
         ("data.shuffle_buffer", d.shuffle_buffer, d.shuffle_buffer > 0, "positive"),

@@ -56,6 +56,10 @@ def test_bench_quick_reports_every_figure(quick_bench):
     assert math.isfinite(figures["ddp_vs_normal"]) and "threads on every core is" in result.stdout
     assert {"torch", "accelerate", "cores", "date"} <= set(figures["machine"])
     assert figures["compile_seconds"] > 0 and "the compile took" in result.stdout
+    # Sharding halves what each of 2 processes holds of every part; checkpointing, activations.
+    fsdp, ddp = figures["fsdp_bytes"]["fsdp"], figures["fsdp_bytes"]["ddp"]
+    assert all(0 < fsdp[part] < ddp[part] for part in ("params", "grads", "optimizer_state"))
+    assert "MiB under FSDP" in result.stdout and "MiB with checkpointing" in result.stdout
 
 
 def test_bench_quick_reports_the_remote_figures(quick_bench):

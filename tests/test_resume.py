@@ -98,13 +98,18 @@ def recipe_reference_run(digits_dir: Path, out: Path, teacher: Path) -> None:
 def run_killed_at_step_30(data: str | Path, out: Path, teacher: Path, *extra: str,
                           env: dict[str, str] | None = None) -> None:
     """The reference's run, killed with SIGKILL (launcher and ranks) once it has checkpointed step 30."""
+    run_killed_at(30, train_args(data, out, *recipe(teacher), *extra), out, env)  # epoch 1, step 8 of 22
+
+
+def run_killed_at(step: int, train: list[str], out: Path, env: dict[str, str] | None = None) -> None:
+    """`accelerate launch` (2 processes) of these `dist-train train` arguments, killed with
+    SIGKILL (launcher and ranks) once the run has checkpointed `step`."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()),
-           *train_args(data, out, *recipe(teacher), *extra)]
+    cmd = [str(accelerate), "launch", "--config_file", str(CPU_DDP), "--main_process_port", str(free_port()), *train]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     process = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(out / "checkpoints" / "step-00000030", process)  # epoch 1, step 8 of 22
+        wait_for(out / "checkpoints" / f"step-{step:08d}", process)
     finally:
         # The launcher and both ranks, like a power cut. Not the launcher's process group: torchrun
         # starts each rank in a session of its own, and ranks outlive a killed launcher.

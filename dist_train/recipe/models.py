@@ -6,7 +6,8 @@
     model = model_from_config(cfg.model, num_classes=10, in_channels=3)  # model.kwargs and the rest
 
 `model.kwargs` go to the constructor (timm's drop_path_rate, a torchvision builder's
-stochastic_depth_prob); `model.grad_checkpointing` turns on timm's activation checkpointing.
+stochastic_depth_prob); `model.grad_checkpointing` turns on activation checkpointing (timm's own, or torch's
+wrapper per block).
 
 Weights start random: dist-train never downloads pretrained weights at run time (saved ones
 come from a local file: `model.weights`, pretrained.py).
@@ -14,12 +15,15 @@ come from a local file: `model.weights`, pretrained.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torchvision
 from torch import nn
 
 from dist_train.config import ModelConfig
 from dist_train.errors import ConfigError
+from dist_train.runtime.blocks import repeated_blocks
 
 
 class SmallCNN(nn.Module):
@@ -87,14 +91,32 @@ def _constructed(name: str, kwargs: dict, constructor, *args, **fixed) -> nn.Mod
 
 
 def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
-    """timm's activation checkpointing of the model's blocks, or an error naming the model."""
-    if not hasattr(model, "set_grad_checkpointing"):
-        raise ConfigError(f"model.grad_checkpointing: {name} has no activation checkpointing of its own "
-                          "(timm models have: timm/<name>)")
-    try:
-        model.set_grad_checkpointing(True)
-    except (AssertionError, NotImplementedError) as exc:  # timm's way of saying a model cannot
-        raise ConfigError(f"model.grad_checkpointing: {name} does not support it ({exc or 'timm says so'})") from None
+    """Activation checkpointing of the model's blocks: timm's own where the model has it, else
+    torch's checkpoint wrapper around each repeated block (runtime/blocks.py); or an error
+    naming the model. Either way the recomputation replays the forward's random state (dropout,
+    drop path), so the gradients are those of the plain forward."""
+    if hasattr(model, "set_grad_checkpointing"):
+        try:
+            model.set_grad_checkpointing(True)
+            return
+        except (AssertionError, NotImplementedError) as exc:  # timm's way of saying a model cannot
+            raise ConfigError(f"model.grad_checkpointing: {name} does not support it ({exc or 'timm says so'})"
+                              ) from None
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ConfigError(f"model.grad_checkpointing: {name} has no repeated blocks to checkpoint (found none of "
+                          "blocks, stages, layers, layer1-4, features)")
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    # Non-reentrant: works with inputs that need no gradient and inside FSDP; the wrapper keeps
+    # the state dict's names (it strips its own prefix), so checkpoints do not change.
+    wrap = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    chosen = {id(block) for block in blocks}
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: id(m) in chosen)
 
 
 TIMM_PREFIX = "timm/"

@@ -157,7 +157,7 @@ def validate(run: Run) -> None:
     epoch_stats = (run.progress.end_epoch() | run.size_record()) if state.step_in_epoch == 0 else {}
     val_loader = run.val_loader()
     share_main_buffers(state.model, accelerator)
-    model = state.bare_model  # uncompiled: see train.compile
+    model = state.full_model()  # uncompiled (see train.compile); under FSDP gathered whole
     # `confusion`: the confusion matrix, or with multi-label data the per-label scores.
     tta = run.cfg.data.tta
     values, confusion = evaluate(model, val_loader, run.metrics, accelerator, run.device_stage, tta)

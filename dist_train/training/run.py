@@ -8,6 +8,7 @@ after its last. The loop itself is dist_train/training/engine.py.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import shutil
@@ -50,6 +51,7 @@ from dist_train.recipe.optim import Schedule, build_optimizer, head_prefix
 from dist_train.recipe.pretrained import load_pretrained
 from dist_train.runtime import startup_clock
 from dist_train.runtime.accelerator import make_accelerator
+from dist_train.runtime.fsdp import SHARDED_MODES, shard_model
 from dist_train.runtime.preemption import StopRequest, TrainingStopped
 from dist_train.runtime.seeds import ForwardSeeds
 from dist_train.training.batch_layout import RunLayout, plan_layout
@@ -228,7 +230,7 @@ class Run:
         is complete. best/ and top/ hold what the monitor measured: the moving average's weights
         when `train.monitor` is one of its metrics (meta.json `weights`)."""
         ema = name != "last" and self.monitors_ema
-        model = self.state.bare_model
+        model = self.state.full_model()  # under FSDP gathered: every rank calls save_model
         state_dict = (self.state.ema.module_with_buffers_of(model) if ema else model).state_dict()
         if self.accelerator.is_main_process:
             meta = {**self.meta(epoch, values, confusion), "weights": "ema" if ema else "model"}
@@ -271,7 +273,9 @@ class Run:
         )
         self.tracker.close()
         self.accelerator.end_training()  # also closes the wandb run
-        return FitResult(best.metrics or {}, best.epoch, self.out, self.state.bare_model)
+        # Under FSDP the replica, which save_model has just given the last weights.
+        model = self.state.bare_model if self.state.replica is None else self.state.replica
+        return FitResult(best.metrics or {}, best.epoch, self.out, model)
 
 def _last_validation(out: Path) -> dict[str, Any]:
     """The newest validation record a resumed run's metrics.jsonl holds."""
@@ -318,18 +322,30 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # inputs follow the weights' layout
+    replica, sharding = None, ""
+    if cfg.train.parallel in SHARDED_MODES and layout.world_size > 1:  # one process trains unsharded
+        # Every rank built the same weights (the same seed, the same pretrained file) and keeps
+        # its shards of them; the replica is what validation runs (TrainState.replica).
+        replica = copy.deepcopy(model.to(accelerator.device))
+        shard_size = cfg.train.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
+        sharding = shard_model(model, cfg.train.parallel, accelerator.device, layout.world_size, shard_size,
+                               accelerator.mixed_precision)
+    # After sharding: the optimizer holds the parameters the model trains, sharded or not.
     optimizer = build_optimizer(model, cfg.optim, global_batch=layout.global_batch)
     # The schedule is ours, stepped once per optimizer step, not passed to prepare():
     # accelerate would step it once per process.
     schedule = Schedule(optimizer, cfg.sched, layout.steps_per_epoch, layout.epochs)
-    with warnings.catch_warnings():
-        # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, and itself advises
-        # keeping broadcast_buffers=False (DDP_SETTINGS, why: runtime/accelerator.py) until
-        # init_sync_buffers exists: said at every launch, it would only be noise.
-        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-        model, optimizer = accelerator.prepare(model, optimizer)
+    if sharding:  # prepare() would wrap the sharded model in DDP
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, and itself advises
+            # keeping broadcast_buffers=False (DDP_SETTINGS, why: runtime/accelerator.py) until
+            # init_sync_buffers exists: said at every launch, it would only be noise.
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            model, optimizer = accelerator.prepare(model, optimizer)
     startup_clock.mark("model")
-    state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch)
+    state = TrainState(accelerator, model, optimizer, schedule, order, layout.steps_per_epoch, replica)
     if cfg.train.ema_decay:
         warmup_steps = round(cfg.sched.warmup_epochs * layout.steps_per_epoch)
         state.ema = WeightsEma(state.bare_model, ema_decay_per_update(cfg.train, layout.global_batch),
@@ -346,7 +362,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
 
     accelerator.print(
         f"dist-train {__version__}: {layout.world_size} process(es) on {accelerator.device.type} "
-        f"({accelerator.distributed_type.value}), mixed precision {accelerator.mixed_precision}; "
+        f"({accelerator.distributed_type.value}{', ' + sharding if sharding else ''}), "
+        f"mixed precision {accelerator.mixed_precision}; "
         f"{datasets.train.samples} train / {datasets.val.samples} val samples, "
         f"{layout.steps_per_epoch} steps per epoch of {layout.global_batch} images"
         + (f"; resuming from {resume_from} at epoch {state.epoch}, step {state.step}" if saved else "")

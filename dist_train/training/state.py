@@ -23,6 +23,7 @@ import torch
 
 from dist_train.data.order import OrderSpec
 from dist_train.errors import CheckpointError
+from dist_train.runtime.fsdp import full_state_dict, gathered, is_sharded, load_full_state_dict, sharded_like
 from dist_train.training.best import BestSoFar
 
 if TYPE_CHECKING:
@@ -58,9 +59,13 @@ class Launches:
 
 class TrainState:
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: Schedule, order: OrderSpec, steps_per_epoch: int):
+                 schedule: Schedule, order: OrderSpec, steps_per_epoch: int, replica: torch.nn.Module | None = None):
         self.accelerator = accelerator
-        self.model = model  # as prepared by accelerate (DDP-wrapped with several processes)
+        self.model = model  # as prepared by accelerate (DDP-wrapped with several processes), or sharded (FSDP)
+        # FSDP: an unsharded copy of the model that validation and best/ and last/ take the
+        # gathered weights into (full_model): a sharded forward would need every rank to run
+        # as many batches as the others, which a validation set's shares do not.
+        self.replica = replica
         self.optimizer = optimizer
         self.schedule = schedule
         self.order = order
@@ -76,6 +81,14 @@ class TrainState:
         from dist_train.runtime.accelerator import bare_model
 
         return bare_model(self.accelerator, self.model)
+
+    def full_model(self) -> torch.nn.Module:
+        """The model with all its weights on this rank: the bare model, or under FSDP the
+        replica with the weights gathered into it (a collective: every rank calls it)."""
+        if self.replica is None:
+            return self.bare_model
+        self.replica.load_state_dict(full_state_dict(self.bare_model))
+        return self.replica
 
     @property
     def epoch(self) -> int:
@@ -137,10 +150,15 @@ class _ModelWeights:
         self.state = state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state.bare_model.state_dict()
+        """The whole model's tensors, also when sharded (then a collective)."""
+        return full_state_dict(self.state.bare_model)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state.bare_model.load_state_dict(state)
+        model = self.state.bare_model
+        if is_sharded(model):
+            load_full_state_dict(model, state)
+        else:
+            model.load_state_dict(state)
 
 
 GROUP = "group"  # the prefix of a parameter group's tensors in a flat optimizer state
@@ -148,7 +166,9 @@ GROUP = "group"  # the prefix of a parameter group's tensors in a flat optimizer
 
 class _OptimizerState:
     """An optimizer's state dict, flat: tensors as `<param index>.<name>` (a parameter group's own,
-    such as timm LAMB's step count, as `group<i>.<name>`), the rest JSON."""
+    such as timm LAMB's step count, as `group<i>.<name>`), the rest JSON. The tensors are whole
+    under FSDP too (gathered from the shards, and sharded again on loading): one format for
+    every parallelism and process count."""
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
@@ -162,7 +182,7 @@ class _OptimizerState:
         for index, values in full["state"].items():
             for name, value in values.items():
                 if isinstance(value, torch.Tensor):
-                    flat[f"{index}.{name}"] = value
+                    flat[f"{index}.{name}"] = gathered(value)
                 else:
                     flat["scalars"].setdefault(str(index), {})[name] = value
         return flat
@@ -170,13 +190,15 @@ class _OptimizerState:
     def load_state_dict(self, flat: dict[str, Any]) -> None:
         state: dict[int, dict[str, Any]] = {}  # torch matches states to parameters by int index
         groups = [dict(group) for group in flat["param_groups"]]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for key, value in flat.items():
             if isinstance(value, torch.Tensor):
                 index, name = key.split(".", 1)
                 if index.startswith(GROUP):
                     groups[int(index.removeprefix(GROUP))][name] = value
-                else:
-                    state.setdefault(int(index), {})[name] = value
+                else:  # a sharded parameter's moments: this rank's shard of them
+                    param = params[int(index)] if int(index) < len(params) else None
+                    state.setdefault(int(index), {})[name] = sharded_like(value, param)
         for index, values in flat["scalars"].items():
             state.setdefault(int(index), {}).update(values)
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
