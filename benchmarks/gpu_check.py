@@ -8,6 +8,9 @@ optimizer steps and prints:
   - peak device memory.
 
     python benchmarks/gpu_check.py [--channels-last] [--decode-on-device]   # a GPU machine: the real check
+    torchrun --nproc_per_node 8 benchmarks/gpu_check.py --model timm/vit_large_patch16_224 --parallel fsdp
+    torchrun --nproc_per_node 8 benchmarks/gpu_check.py --model timm/vit_large_patch16_224 --parallel ddp
+                                        # FSDP against DDP: peak memory per GPU and images/s
     python benchmarks/gpu_check.py --steps 2 --warmup 1 --batch-size 2 --image-size 32 --workers 0
                                                                     # a smoke test anywhere (CPU)
 """
@@ -38,11 +41,14 @@ from dist_train.data.shard_writer import make_shards
 from dist_train.recipe.models import create_model
 from dist_train.recipe.optim import Schedule, build_optimizer
 from dist_train.runtime.accelerator import make_accelerator
+from dist_train.runtime.fsdp import shard_model
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help="model.kwargs as JSON, e.g. '{\"img_size\": 32}'")
     parser.add_argument("--precision", default="bf16", choices=["no", "bf16", "fp16"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224, help="training crop; shards hold 256px JPEGs")
@@ -54,6 +60,8 @@ def parse_args() -> argparse.Namespace:
                         help="JPEG decoded and augmented on the device (data.decode_on_device)")
     parser.add_argument("--data", help="shard directory to reuse (written there if missing)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                        help="train.parallel: fsdp shards the model over the processes (also over one: the code path)")
     return parser.parse_args()
 
 
@@ -69,16 +77,26 @@ def main() -> None:
     cfg.train.mixed_precision = args.precision
     accelerator = make_accelerator(cfg.train)
     device = accelerator.device
+    if args.parallel == "fsdp" and not torch.distributed.is_initialized():  # one process: a group of one
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                             init_method=f"tcp://127.0.0.1:{_free_port()}")
     window = max(1, min(5, args.steps))
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = synthetic_shards(Path(args.data or tmp), args)
-        model = create_model(args.model, 100)
+        model = create_model(args.model, 100, kwargs=args.model_kwargs)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        sharding = "no"
+        if args.parallel == "fsdp":  # as start_run shards: blocks and root, then the optimizer
+            sharding = shard_model(model.to(device), "fsdp", device, accelerator.num_processes,
+                                   accelerator.num_processes, accelerator.mixed_precision)
         optimizer = build_optimizer(model, cfg.optim)
         schedule = Schedule(optimizer, cfg.sched, steps_per_epoch=args.warmup + args.steps, epochs=1)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        if args.parallel == "fsdp":
+            optimizer = accelerator.prepare(optimizer)
+        else:
+            model, optimizer = accelerator.prepare(model, optimizer)
         criterion = torch.nn.CrossEntropyLoss()
         order = OrderSpec(seed=0, global_batch=args.batch_size, partitions=1, window=cfg.data.shuffle_buffer)
         spec = TrainStreamSpec(shards, order, epoch=0, num_classes=100, batch_size=args.batch_size)
@@ -105,12 +123,16 @@ def main() -> None:
         "workers": args.workers,
         "channels_last": args.channels_last,
         "decode_on_device": args.decode_on_device,
+        "processes": accelerator.num_processes,
+        "sharding": sharding,
         "pipeline_images_per_sec": pipeline_rate,
         "model_images_per_sec": model_rate,
         "pipeline_over_model": pipeline_rate / model_rate,
         "peak_memory_gib": peak_gib,
         "torch": torch.__version__,
     }
+    if not accelerator.is_main_process:  # under torchrun: one process reports (its own GPU's figures)
+        return
     for name, value in figures.items():
         print(f"{name:26s} {value:.3f}" if isinstance(value, float) else f"{name:26s} {value}")
     if args.json:
@@ -152,6 +174,14 @@ def model_only_rate(model, optimizer, criterion, accelerator, args) -> float:
         step()
     sync()
     return args.steps * args.batch_size / (time.perf_counter() - started)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -15,16 +15,24 @@ from .conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_gpu_check_smoke_on_cpu(tmp_path):
+@pytest.mark.parametrize("extra", [
+    ["--decode-on-device"],
+    ["--parallel", "fsdp", "--model", "timm/vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32}'],
+])
+def test_gpu_check_smoke_on_cpu(tmp_path, extra):
     out = tmp_path / "figures.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--steps", "2", "--warmup", "1",
-         "--batch-size", "2", "--image-size", "32", "--workers", "0", "--precision", "no", "--decode-on-device",
+         "--batch-size", "2", "--image-size", "32", "--workers", "0", "--precision", "no", *extra,
          "--json", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
-    assert figures["model"] == "resnet50" and figures["device"] == "cpu" and figures["decode_on_device"]
+    assert figures["device"] == "cpu"
+    if "--parallel" in extra:  # the FSDP code path, sharded over a group of one process
+        assert figures["sharding"].startswith("FSDP: 12 blocks and the root")
+    else:
+        assert figures["model"] == "resnet50" and figures["decode_on_device"]
     assert figures["pipeline_images_per_sec"] > 0 and figures["model_images_per_sec"] > 0
     assert "pipeline_images_per_sec" in result.stdout

@@ -164,9 +164,9 @@ def _train_args(digits_dir: Path, run_dir: Path) -> list[str]:
             f"train.output_dir={run_dir}"]
 
 
-def _submit(env: dict, digits_dir: Path, run_dir: Path) -> int:
+def _submit(env: dict, digits_dir: Path, run_dir: Path, *extra: str) -> int:
     done = subprocess.run([sys.executable, "-m", "dist_train", "submit", "--nodes", "2",
-                           *_train_args(digits_dir, run_dir)],
+                           *_train_args(digits_dir, run_dir), *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
     return int(re.search(r"Submitted batch job (\d+)", done.stdout).group(1))
@@ -242,24 +242,61 @@ def test_two_node_job_trains_digits_with_world_size_two(uninterrupted_run):
 def test_warned_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(slurm_env, digits_dir,
                                                                            uninterrupted_run, tmp_path):
     run_dir = tmp_path / "requeued"
-    job = _submit(slurm_env, digits_dir, run_dir)
+    _warned_and_requeued(slurm_env, _submit(slurm_env, digits_dir, run_dir), run_dir)
+    reference = uninterrupted_run[0]
+    for name in ("best", "last"):
+        assert (run_dir / name / "model.safetensors").read_bytes() == \
+            (reference / name / "model.safetensors").read_bytes(), name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_an_fsdp_job_is_requeued_resumed_bitwise_and_its_best_evaluates_predicts_and_exports(
+        slurm_env, digits_dir, uninterrupted_run, tmp_path):
+    """The same warned job with train.parallel=fsdp: the 2 nodes' processes hold half the
+    model each. On 2 CPU processes over gloo FSDP trains bitwise as DDP does (a sum of two
+    gradients is the same in either order, the update is elementwise; tests/test_fsdp.py), so
+    the uninterrupted DDP job is its reference, tensor for tensor."""
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "fsdp"
+    first = _warned_and_requeued(slurm_env, _submit(slurm_env, digits_dir, run_dir, "train.parallel=fsdp"), run_dir)
+    assert "FSDP: 8 blocks and the root sharded over 2 processes" in first
+    reference = uninterrupted_run[0]
+    for name in ("best", "last"):
+        ours, theirs = (load_file(str(d / name / "model.safetensors")) for d in (run_dir, reference))
+        assert set(ours) == set(theirs) and all(ours[k].equal(theirs[k]) for k in theirs), name
+    best = run_dir / "best"
+    val_acc = json.loads((best / "meta.json").read_text())["metrics"]["val/acc"]
+    evaluated = run_cli("eval", "--checkpoint", str(best), "--data", str(digits_dir), "--json")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["val/acc"] == val_acc
+    exported = run_cli("export", "--checkpoint", str(best), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    val_shards = [str(p) for p in sorted(digits_dir.glob("val-*.tar"))]
+    predicted = run_cli("predict", "--checkpoint", str(tmp_path / "m.onnx"), "--input", *val_shards,
+                        "--out", str(tmp_path / "p.csv"))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 359
+
+
+def _warned_and_requeued(env: dict, job: int, run_dir: Path) -> str:
+    """Warn the job as its time limit would once it has checkpointed, and check it was requeued,
+    resumed and completed; its first start's log of node 0."""
     deadline = time.monotonic() + 300
     while not list((run_dir / "checkpoints").glob("step-*")):  # mid-run: after a first checkpoint
-        assert time.monotonic() < deadline and _job_field(slurm_env, job, "JobState") in ("PENDING", "RUNNING")
+        assert time.monotonic() < deadline and _job_field(env, job, "JobState") in ("PENDING", "RUNNING")
         time.sleep(0.5)
     # What `#SBATCH --signal=B:USR1@180` does before the time limit, now.
-    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=slurm_env, check=True)
-    state = _wait_for_end(slurm_env, job, run_dir)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=env, check=True)
+    state = _wait_for_end(env, job, run_dir)
     batch_log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", batch_log
-    assert _job_field(slurm_env, job, "Restarts") == "1"
+    assert _job_field(env, job, "Restarts") == "1"
     assert "requeueing job" in batch_log and "(start 2)" in batch_log
     first = (run_dir / "logs" / f"job-{job}.0.node0.log").read_text()
     second = (run_dir / "logs" / f"job-{job}.1.node0.log").read_text()
     stopped_at = int(re.search(r"stopped by signal 10 \(SIGUSR1\) after step (\d+)", first).group(1))
     assert f"resuming from {run_dir}/checkpoints/step-{stopped_at:08d}" in second
     assert stopped_at < 66  # 3 epochs of 22 steps: it was stopped mid-run
-    reference = uninterrupted_run[0]
-    for name in ("best", "last"):
-        assert (run_dir / name / "model.safetensors").read_bytes() == \
-            (reference / name / "model.safetensors").read_bytes(), name
+    return first
