@@ -66,6 +66,9 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# Once its cred_expire is over, a requeued job waits for the next periodic scheduling pass
+# (every 60 s by default, backfill's every 30 s): on this test cluster, every 2 s.
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
