@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 # every 5 steps (11 steps an epoch: 2 processes x 2 x 32).
 VIT = ("model.name=timm/vit_tiny_patch16_224",
        "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2, drop_path_rate: 0.1}",
-       "model.grad_checkpointing=true", "optim.name=adamw", "optim.lr=0.003", "optim.weight_decay=0.05",
+       "model.grad_checkpointing=true", "optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.05",
+       "sched.warmup_epochs=0.2",
        "optim.layer_decay=0.8", "optim.head_lr_mult=2", "model.freeze=backbone", "model.freeze_epochs=0.5",
        "train.clip_grad_norm=1.0", "train.grad_accum_steps=2", "train.epochs=2", "train.checkpoint_every_steps=5",
        "train.keep_checkpoints=10", "train.progress_bar=false", "train.log_every_steps=1", "tracking.wandb=false",
@@ -102,6 +103,7 @@ def vit_runs(digits_dir, tmp_path_factory):
 
 def test_fsdp_runs_as_ddp_does_end_to_end(vit_runs, digits_dir):
     assert "FSDP: 2 blocks and the root sharded over 2 processes" in vit_runs["fsdp-stdout"]
+    assert "2 process(es) on cpu (MULTI_CPU), mixed precision" in vit_runs["ddp-stdout"]  # a timm model under DDP
     fsdp, ddp = weights(vit_runs["fsdp"]), weights(vit_runs["ddp"])
     assert set(fsdp) == set(ddp)
     assert all(torch.allclose(fsdp[k], v, atol=1e-5, rtol=0) for k, v in ddp.items())
@@ -110,6 +112,8 @@ def test_fsdp_runs_as_ddp_does_end_to_end(vit_runs, digits_dir):
         assert ours["val/acc"] == pytest.approx(theirs["val/acc"], abs=1e-3)
     # best/ holds the whole model: the single-process eval reads it as it reads DDP's.
     best = json.loads((vit_runs["fsdp"] / "best" / "meta.json").read_text())
+    records = val_records(vit_runs["fsdp"])
+    assert records[-1]["val/loss"] < records[0]["val/loss"] - 0.05  # it learns (22 steps: a ViT starts slowly)
     single = run_cli("eval", "--checkpoint", str(vit_runs["fsdp"] / "best"), "--data", str(digits_dir), "--json")
     assert single.returncode == 0, single.stderr[-3000:]
     assert json.loads(single.stdout.strip().splitlines()[-1])["val/acc"] == pytest.approx(best["metrics"]["val/acc"])
@@ -139,7 +143,11 @@ def test_an_fsdp_checkpoint_resumes_on_one_process(vit_runs, digits_dir):
     assert "1 process(es)" in result.stdout and "train.grad_accum_steps 2 -> 4" in result.stdout
     reference, ours = weights(vit_runs["fsdp"]), weights(resumed)
     for name, value in reference.items():
-        assert torch.allclose(ours[name], value, rtol=1e-4, atol=1e-5), name
+        # The keys' bias has no gradient in exact arithmetic (softmax ignores a shift common to
+        # a query's scores): what it gets is rounding, which differs with the summation order of
+        # 4 micro-batches against 2 x 2, and AdamW makes steps of the LR's size out of it.
+        noise = 5e-5 if name.endswith("attn.qkv.bias") else 0
+        assert torch.allclose(ours[name], value, rtol=1e-4, atol=1e-5 + noise), name
 
 
 def test_a_ddp_checkpoint_resumes_under_fsdp(vit_runs, digits_dir):
