@@ -239,24 +239,14 @@ def test_two_node_job_trains_digits_with_world_size_two(uninterrupted_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # two runs of the job, and a first one in the fixture if run alone
-def test_warned_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(slurm_env, digits_dir,
-                                                                           uninterrupted_run, tmp_path):
-    run_dir = tmp_path / "requeued"
-    _warned_and_requeued(slurm_env, _submit(slurm_env, digits_dir, run_dir), run_dir)
-    reference = uninterrupted_run[0]
-    for name in ("best", "last"):
-        assert (run_dir / name / "model.safetensors").read_bytes() == \
-            (reference / name / "model.safetensors").read_bytes(), name
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_an_fsdp_job_is_requeued_resumed_bitwise_and_its_best_evaluates_predicts_and_exports(
+def test_warned_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one_also_under_fsdp(
         slurm_env, digits_dir, uninterrupted_run, tmp_path):
-    """The same warned job with train.parallel=fsdp: the 2 nodes' processes hold half the
-    model each. On 2 CPU processes over gloo FSDP trains bitwise as DDP does (a sum of two
-    gradients is the same in either order, the update is elementwise; tests/test_fsdp.py), so
-    the uninterrupted DDP job is its reference, tensor for tensor."""
+    """The time-limit warning, the checkpoint, the requeue and the resume, of a job that also
+    shards its model (train.parallel=fsdp: the 2 nodes' processes hold half of it each). On 2
+    CPU processes over gloo FSDP trains bitwise as DDP does (a sum of two gradients is the same
+    in either order, the update is elementwise; tests/test_fsdp.py), so the uninterrupted DDP
+    job is its reference, tensor for tensor: what a requeue changes, or FSDP, shows. (DDP's own
+    SIGKILL and resume, bitwise: tests/test_resume.py.)"""
     from safetensors.torch import load_file
 
     run_dir = tmp_path / "fsdp"

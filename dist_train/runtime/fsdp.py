@@ -19,6 +19,8 @@ the reduce-scatter off: one reduction per optimizer step, as DDP's one all-reduc
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -30,10 +32,24 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from dist_train.config import TrainConfig
 from dist_train.errors import ConfigError
 from dist_train.runtime.blocks import repeated_blocks
 
 SHARDED_MODES = ("fsdp", "hsdp")
+
+
+def shard_for_training(model: nn.Module, cfg: TrainConfig, device: torch.device, world_size: int,
+                       mixed_precision: str) -> tuple[nn.Module | None, str]:
+    """Shard `model` in place as `train.parallel` asks, over several processes (one process
+    trains unsharded): (an unsharded copy of it for validation, how it is sharded in words),
+    or (None, "") when it is not."""
+    if cfg.parallel not in SHARDED_MODES or world_size == 1:
+        return None, ""
+    replica = copy.deepcopy(model.to(device))
+    # torchrun sets LOCAL_WORLD_SIZE on each node (and so does accelerate launch).
+    shard_size = cfg.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return replica, shard_model(model, cfg.parallel, device, world_size, shard_size, mixed_precision)
 
 
 def shard_model(model: nn.Module, parallel: str, device: torch.device, world_size: int, shard_size: int,

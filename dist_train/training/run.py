@@ -8,7 +8,6 @@ after its last. The loop itself is dist_train/training/engine.py.
 
 from __future__ import annotations
 
-import copy
 import functools
 import os
 import shutil
@@ -51,7 +50,7 @@ from dist_train.recipe.optim import Schedule, build_optimizer, head_prefix
 from dist_train.recipe.pretrained import load_pretrained
 from dist_train.runtime import startup_clock
 from dist_train.runtime.accelerator import make_accelerator
-from dist_train.runtime.fsdp import SHARDED_MODES, shard_model
+from dist_train.runtime.fsdp import shard_for_training
 from dist_train.runtime.preemption import StopRequest, TrainingStopped
 from dist_train.runtime.seeds import ForwardSeeds
 from dist_train.training.batch_layout import RunLayout, plan_layout
@@ -322,14 +321,10 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)  # inputs follow the weights' layout
-    replica, sharding = None, ""
-    if cfg.train.parallel in SHARDED_MODES and layout.world_size > 1:  # one process trains unsharded
-        # Every rank built the same weights (the same seed, the same pretrained file) and keeps
-        # its shards of them; the replica is what validation runs (TrainState.replica).
-        replica = copy.deepcopy(model.to(accelerator.device))
-        shard_size = cfg.train.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size))
-        sharding = shard_model(model, cfg.train.parallel, accelerator.device, layout.world_size, shard_size,
-                               accelerator.mixed_precision)
+    # FSDP: every rank built the same weights (the same seed, the same pretrained file) and keeps
+    # its shards of them; `replica` is the unsharded copy validation runs (TrainState.replica).
+    replica, sharding = shard_for_training(model, cfg.train, accelerator.device, layout.world_size,
+                                           accelerator.mixed_precision)
     # After sharding: the optimizer holds the parameters the model trains, sharded or not.
     optimizer = build_optimizer(model, cfg.optim, global_batch=layout.global_batch)
     # The schedule is ours, stepped once per optimizer step, not passed to prepare():
