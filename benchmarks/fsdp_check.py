@@ -1,7 +1,8 @@
 """Run under `accelerate launch` (2 CPU processes): train a small timm ViT through dist-train's
 own `train_step` with K-step accumulation, from the same weights and data: under DDP, under
-FSDP (dist_train/runtime/fsdp.py), under FSDP with activation checkpointing, and under HSDP
-(shard groups of one process, replicated: the reduction becomes an all-reduce).
+FSDP (dist_train/runtime/fsdp.py), under FSDP with activation checkpointing, under HSDP
+(shard groups of one process, replicated: the reduction becomes an all-reduce), and under FSDP
+with the bf16 policy of train.mixed_precision=bf16.
 Writes, per mode, the final weights (gathered whole, rank 0), the reduce-scatters FSDP made at
 each micro-step, and this process's bytes of parameters, gradients and optimizer state as the
 optimizer step sees them (the local shards under FSDP). tests/test_fsdp.py runs it on a tiny
@@ -37,7 +38,7 @@ from dist_train.runtime.fsdp import full_state_dict, shard_model
 from dist_train.training.engine import train_step
 from dist_train.training.progress import TrainProgress
 
-MODES = ("ddp", "fsdp", "fsdp-ac", "hsdp")
+MODES = ("ddp", "fsdp", "fsdp-ac", "hsdp", "fsdp-bf16")
 CLASSES = 5
 
 
@@ -85,7 +86,7 @@ def train(accelerator, args, out: Path, mode: str) -> None:
         save_file(model.state_dict(), str(out / "initial.safetensors"))
     if mode != "ddp":
         shard_model(model, "hsdp" if mode == "hsdp" else "fsdp", accelerator.device, world,
-                    1 if mode == "hsdp" else world, "no")
+                    1 if mode == "hsdp" else world, "bf16" if mode == "fsdp-bf16" else "no")
         optimizer = accelerator.prepare(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05))
     else:
         model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3,

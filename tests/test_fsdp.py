@@ -42,10 +42,10 @@ def vit_args(digits_dir: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_fsdp_trains_like_ddp_with_one_reduce_scatter_per_optimizer_step(tmp_path):
-    """dist-train's train_step under DDP, FSDP, FSDP with activation checkpointing and HSDP,
-    from the same weights and data (benchmarks/fsdp_check.py): accumulation 2, 4 steps."""
+    """dist-train's train_step under DDP, FSDP, FSDP with activation checkpointing, HSDP and
+    FSDP in bf16, from the same weights and data (benchmarks/fsdp_check.py): accumulation 2, 4 steps."""
     result = accelerate_launch(str(REPO / "benchmarks" / "fsdp_check.py"), "--out", str(tmp_path),
-                               "--modes", "ddp,fsdp,fsdp-ac,hsdp", "--steps", "4", "--accum", "2")
+                               "--modes", "ddp,fsdp,fsdp-ac,hsdp,fsdp-bf16", "--steps", "4", "--accum", "2")
     assert result.returncode == 0, result.stderr[-4000:]
     ddp = load_file(str(tmp_path / "ddp.safetensors"))
     for mode in ("fsdp", "fsdp-ac", "hsdp"):
@@ -64,7 +64,14 @@ def test_fsdp_trains_like_ddp_with_one_reduce_scatter_per_optimizer_step(tmp_pat
         assert sum(held.values()) <= 0.55 * sum(full.values())
         assert full["params"] == 4 * report["parameters"]  # DDP: every fp32 parameter, here
     initial = load_file(str(tmp_path / "initial.safetensors"))
-    assert sum((initial[k] - v).abs().sum() for k, v in ddp.items()) > 0.1  # trained, not two copies of the init
+    moved = sum((initial[k] - v).abs().sum() for k, v in ddp.items())
+    assert moved > 0.1  # trained, not two copies of the init
+    # bf16 parameters and compute, fp32 reduction and master weights: the same steps, give or
+    # take bf16's rounding (1.7% of the distance the weights moved, here).
+    bf16 = load_file(str(tmp_path / "fsdp-bf16.safetensors"))
+    assert all(v.dtype == torch.float32 for v in bf16.values())
+    assert sum((bf16[k] - v).abs().sum() for k, v in ddp.items()) < 0.1 * moved
+    assert json.loads((tmp_path / "fsdp-bf16-rank0.json").read_text())["per_micro_step"] == [0, 3] * 4
 
 
 def test_hsdp_shard_groups_must_divide_the_processes():

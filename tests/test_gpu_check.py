@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("extra", [
     ["--decode-on-device"],
-    ["--parallel", "fsdp", "--model", "timm/vit_tiny_patch16_224", "--model-kwargs", '{"img_size": 32}'],
+    ["--parallel", "fsdp", "--precision", "bf16", "--model", "timm/vit_tiny_patch16_224", "--model-kwargs",
+     '{"img_size": 32}'],
 ])
 def test_gpu_check_smoke_on_cpu(tmp_path, extra):
     out = tmp_path / "figures.json"
@@ -30,7 +31,7 @@ def test_gpu_check_smoke_on_cpu(tmp_path, extra):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["device"] == "cpu"
-    if "--parallel" in extra:  # the FSDP code path, sharded over a group of one process
+    if "--parallel" in extra:  # the FSDP code path in bf16, sharded over a group of one process
         assert figures["sharding"].startswith("FSDP: 12 blocks and the root")
     else:
         assert figures["model"] == "resnet50" and figures["decode_on_device"]

@@ -60,13 +60,16 @@ def shard_model(model: nn.Module, parallel: str, device: torch.device, world_siz
         raise ConfigError(f"mixed precision fp16 under train.parallel={parallel}: FSDP's mixed precision here "
                           "is bf16 (no sharded loss scaling); use bf16 or no")
     mesh = _mesh(parallel, device, world_size, shard_size)
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                   output_dtype=torch.float32)
-              if mixed_precision == "bf16" else MixedPrecisionPolicy())
+    bf16 = mixed_precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    # The root's output in fp32 for the loss; the blocks' stay bf16 for the next block and the
+    # root's own layers (a final norm) to take.
+    root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                       output_dtype=torch.float32) if bf16 else None
     blocks = repeated_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
+    fully_shard(model, mesh=mesh, mp_policy=root_policy or MixedPrecisionPolicy())
     model.no_sync = partial(_gradient_sync_off, model)  # what accelerate's accumulate calls
     units = f"{len(blocks)} blocks and the root" if blocks else "the whole model as one unit"
     if parallel == "hsdp":
