@@ -471,6 +471,8 @@ def _check_parallel(cfg: Config) -> None:
     refused = [("train.ema_decay", t.ema_decay is not None, "a moving average of sharded weights is not built"),
                ("train.compile", t.compile, "compiling a sharded model is not built"),
                ("model.sync_batchnorm", cfg.model.sync_batchnorm, "sync BatchNorm is DDP's"),
+               ("model.channels_last", cfg.model.channels_last,
+                "FSDP2 shards contiguous parameters only (torch 2.14), and NHWC weights are not"),
                ("train.mixed_precision=fp16", t.mixed_precision == "fp16",
                 "FSDP's mixed precision here is bf16 (no sharded loss scaling)")]
     for key, present, why in refused:
