@@ -60,21 +60,31 @@ def shard_model(model: nn.Module, parallel: str, device: torch.device, world_siz
         raise ConfigError(f"mixed precision fp16 under train.parallel={parallel}: FSDP's mixed precision here "
                           "is bf16 (no sharded loss scaling); use bf16 or no")
     mesh = _mesh(parallel, device, world_size, shard_size)
-    bf16 = mixed_precision == "bf16"
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    # The root's output in fp32 for the loss; the blocks' stay bf16 for the next block and the
-    # root's own layers (a final norm) to take.
-    root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                       output_dtype=torch.float32) if bf16 else None
+    if mixed_precision == "bf16":
+        block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The root's output in fp32 for the loss; the blocks' stay bf16 for the next block and
+        # the root's own layers (a final norm) to take.
+        root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                           output_dtype=torch.float32)
+    else:
+        block_policy = root_policy = MixedPrecisionPolicy()
+    if mixed_precision == "bf16":
+        # BatchNorm in fp32, as autocast runs it under DDP: its statistics are fp32 buffers,
+        # which FSDP does not cast (a bf16 BatchNorm is refused by the CPU's kernel). Its own
+        # unit casts its input to fp32 and its output back to bf16 for the layers after it.
+        fp32_norm = MixedPrecisionPolicy(param_dtype=torch.float32, output_dtype=torch.bfloat16)
+        for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            fully_shard(norm, mesh=mesh, mp_policy=fp32_norm)
     blocks = repeated_blocks(model)
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
-    fully_shard(model, mesh=mesh, mp_policy=root_policy or MixedPrecisionPolicy())
+        if not isinstance(block, FSDPModule):  # a block that is itself a BatchNorm has its unit
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+    fully_shard(model, mesh=mesh, mp_policy=root_policy)
     model.no_sync = partial(_gradient_sync_off, model)  # what accelerate's accumulate calls
     units = f"{len(blocks)} blocks and the root" if blocks else "the whole model as one unit"
     if parallel == "hsdp":
         replicas, shards = mesh.shape
-        return f"HSDP: {units} sharded over {shards} processes, {replicas} replicas"
+        return f"HSDP: {units} sharded over {shards} processes, {replicas} replica(s)"
     return f"FSDP: {units} sharded over {world_size} processes"
 
 
