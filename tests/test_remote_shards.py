@@ -13,6 +13,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import threading
 import time
@@ -275,11 +276,14 @@ def outage_run(nginx, small_digits, tmp_path_factory):
     def watch_cache() -> None:  # bytes on disk in the cache, sampled every 2 ms
         while not done.is_set():
             if cache_dir.exists():
-                total = 0
+                # A scan is no snapshot: a download renamed from `.<name>.<bytes>.part` to
+                # `<name>` while it runs can be seen under both names. Each shard counts once.
+                sizes: dict[str, int] = {}
                 for entry in os.scandir(cache_dir):
+                    shard = re.sub(r"^\.|\.\d+\.part$", "", entry.name)
                     with contextlib.suppress(FileNotFoundError):  # evicted while we looked
-                        total += entry.stat().st_size
-                peak[0] = max(peak[0], total)
+                        sizes[shard] = max(sizes.get(shard, 0), entry.stat().st_size)
+                peak[0] = max(peak[0], sum(sizes.values()))
             time.sleep(0.002)
 
     def outage() -> None:  # once 15 of epoch 0's 45 training shards are fetched
