@@ -60,15 +60,13 @@ def shard_model(model: nn.Module, parallel: str, device: torch.device, world_siz
         raise ConfigError(f"mixed precision fp16 under train.parallel={parallel}: FSDP's mixed precision here "
                           "is bf16 (no sharded loss scaling); use bf16 or no")
     mesh = _mesh(parallel, device, world_size, shard_size)
+    block_policy = root_policy = MixedPrecisionPolicy()
     if mixed_precision == "bf16":
         block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         # The root's output in fp32 for the loss; the blocks' stay bf16 for the next block and
         # the root's own layers (a final norm) to take.
         root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                            output_dtype=torch.float32)
-    else:
-        block_policy = root_policy = MixedPrecisionPolicy()
-    if mixed_precision == "bf16":
         # BatchNorm in fp32, as autocast runs it under DDP: its statistics are fp32 buffers,
         # which FSDP does not cast (a bf16 BatchNorm is refused by the CPU's kernel). Its own
         # unit casts its input to fp32 and its output back to bf16 for the layers after it.
@@ -108,10 +106,6 @@ def _gradient_sync_off(model: FSDPModule) -> Iterator[None]:
         model.set_requires_gradient_sync(True)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
-
-
 def gathered(value: Any) -> Any:
     """A sharded tensor's full value (a collective: every rank gathers the same tensors in the
     same order), in host memory; anything else as it is."""
@@ -126,12 +120,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def sharded_like(value: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor:
     """`value`, a full tensor every rank holds, as the shard of it that `like` (a sharded
     parameter or its optimizer state) keeps here; no communication. Unsharded: as it is."""
-    if isinstance(like, DTensor) and not isinstance(value, DTensor) and value.shape == like.shape:
+    if isinstance(like, DTensor) and value.shape == like.shape:
         return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
     return value
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load full tensors (a checkpoint's) into a sharded model: each rank keeps its shards."""
+    """Load full tensors (a checkpoint's) into a model: a sharded one keeps this rank's shards."""
     own = model.state_dict()
     model.load_state_dict({name: sharded_like(value, own.get(name)) for name, value in state.items()})

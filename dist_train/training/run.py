@@ -272,9 +272,7 @@ class Run:
         )
         self.tracker.close()
         self.accelerator.end_training()  # also closes the wandb run
-        # Under FSDP the replica, which save_model has just given the last weights.
-        model = self.state.bare_model if self.state.replica is None else self.state.replica
-        return FitResult(best.metrics or {}, best.epoch, self.out, model)
+        return FitResult(best.metrics or {}, best.epoch, self.out, self.state.full_model())
 
 def _last_validation(out: Path) -> dict[str, Any]:
     """The newest validation record a resumed run's metrics.jsonl holds."""

@@ -23,7 +23,7 @@ import torch
 
 from dist_train.data.order import OrderSpec
 from dist_train.errors import CheckpointError
-from dist_train.runtime.fsdp import full_state_dict, gathered, is_sharded, load_full_state_dict, sharded_like
+from dist_train.runtime.fsdp import full_state_dict, gathered, load_full_state_dict, sharded_like
 from dist_train.training.best import BestSoFar
 
 if TYPE_CHECKING:
@@ -66,6 +66,7 @@ class TrainState:
         # gathered weights into (full_model): a sharded forward would need every rank to run
         # as many batches as the others, which a validation set's shares do not.
         self.replica = replica
+        self._replica_step: int | None = None  # the step whose weights the replica holds
         self.optimizer = optimizer
         self.schedule = schedule
         self.order = order
@@ -87,7 +88,10 @@ class TrainState:
         replica with the weights gathered into it (a collective: every rank calls it)."""
         if self.replica is None:
             return self.bare_model
-        self.replica.load_state_dict(full_state_dict(self.bare_model))
+        # Gathered once a step: validation, best/ and the resumable checkpoint of a step share it.
+        if self._replica_step != self.step:
+            self.replica.load_state_dict(full_state_dict(self.bare_model))
+            self._replica_step = self.step
         return self.replica
 
     @property
@@ -151,14 +155,11 @@ class _ModelWeights:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's tensors, also when sharded (then a collective)."""
-        return full_state_dict(self.state.bare_model)
+        return self.state.full_model().state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        model = self.state.bare_model
-        if is_sharded(model):
-            load_full_state_dict(model, state)
-        else:
-            model.load_state_dict(state)
+        load_full_state_dict(self.state.bare_model, state)  # sharded or not
+        self.state._replica_step = None
 
 
 GROUP = "group"  # the prefix of a parameter group's tensors in a flat optimizer state
