@@ -245,7 +245,8 @@ class TrainConfig:
     # an improvement of `monitor`. null: never.
     early_stop_patience: int | None = field(
         default=None, metadata=applied_on_resume("validations without improvement so far still count"))
-    # progress: a tqdm bar on a terminal, else (a Slurm log, nohup) a line per train.log_every_steps
+    # progress: tqdm bars on a terminal, else (a Slurm log, nohup) a line per train.log_every_steps
+    # and, for a validation that takes longer than 10 s, a line every 10 s
     progress_bar: bool = field(default=True, metadata=applied_on_resume())
     cpu: bool = field(default=False, metadata=applied_on_resume())  # force the CPU even where CUDA is available
     # torch.compile the model (after the DDP wrap). Validation runs the uncompiled module: compiling

@@ -14,12 +14,19 @@ from safetensors.torch import load_file
 from .conftest import DIGITS_CONFIG, REPO
 
 
-def test_two_fits_in_one_process_with_another_precision_return_their_trained_models(digits_dir, tmp_path):
+def test_two_fits_in_one_process_with_another_precision_return_their_trained_models(digits_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
     from dist_train import fit, load_config
+    from dist_train.runtime import progress_lines
 
+    monkeypatch.setattr(progress_lines, "EVERY_S", 0.0)  # a progress line per batch
     common = [f"data.train={digits_dir}", f"data.val={digits_dir}", "train.epochs=1", "data.image_size=8",
-              "data.num_workers=0", "tracking.wandb=false", "tracking.plots=false", "train.progress_bar=false"]
+              "data.num_workers=0", "tracking.wandb=false", "tracking.plots=false", "data.val_batch_size=128"]
     first = fit(load_config(DIGITS_CONFIG, [*common, f"train.output_dir={tmp_path / 'fp32'}"]))
+    # No terminal here (as in a Slurm log): the validation's progress as lines on stderr.
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("validation")]
+    assert [line.split(",")[0] for line in lines] == [f"validation: {n} of 359 images ({100 * n // 359}%)"
+                                                     for n in (128, 256, 359)]
     second = fit(load_config(DIGITS_CONFIG, [*common, f"train.output_dir={tmp_path / 'bf16'}",
                                              "train.mixed_precision=bf16"]))
     for result in (first, second):

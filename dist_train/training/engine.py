@@ -22,6 +22,7 @@ from dist_train.config import EMA_PREFIX, Config, TrainConfig
 from dist_train.data.datasets import Datasets
 from dist_train.recipe.models import logits_of
 from dist_train.runtime.accelerator import share_main_buffers
+from dist_train.runtime.progress_lines import Progress
 from dist_train.training.progress import epoch_line
 from dist_train.training.run import FitResult, Run, start_run
 
@@ -159,11 +160,10 @@ def validate(run: Run) -> None:
     share_main_buffers(state.model, accelerator)
     model = state.full_model()  # uncompiled (see train.compile); under FSDP gathered whole
     # `confusion`: the confusion matrix, or with multi-label data the per-label scores.
-    tta = run.cfg.data.tta
-    values, confusion = evaluate(model, val_loader, run.metrics, accelerator, run.device_stage, tta)
+    values, confusion = _evaluate_shown(run, model, val_loader, "validation")
     if state.ema:  # the moving average too, as val_ema/*; its confusion matrix if it is monitored
-        ema_values, ema_confusion = evaluate(state.ema.module_with_buffers_of(model), val_loader, run.metrics,
-                                             accelerator, run.device_stage, tta)
+        ema_values, ema_confusion = _evaluate_shown(run, state.ema.module_with_buffers_of(model), val_loader,
+                                                    "validation (EMA)")
         values |= {EMA_PREFIX + k.removeprefix("val/"): v for k, v in ema_values.items()}
         confusion = ema_confusion if monitor.startswith(EMA_PREFIX) else confusion
     state.schedule.after_validation(values)
@@ -178,3 +178,17 @@ def validate(run: Run) -> None:
     if verdict.best:
         run.save_model("best", epoch, values, confusion)
     run.keep_top(verdict, epoch, values, confusion)
+
+
+def _evaluate_shown(run: Run, model, loader, what: str) -> tuple[dict[str, float], list | dict]:
+    """`evaluate` with the run's options, its progress shown as the eval command's is: a bar on a
+    terminal, else a line every few seconds (none for a validation shorter than that)."""
+    accelerator = run.accelerator
+    progress = Progress(what, run.datasets.val.samples,
+                        enabled=accelerator.is_main_process and run.cfg.train.progress_bar)
+    try:
+        # The main process's share counted for all: the ranks' shares are of one size within a batch.
+        return evaluate(model, loader, run.metrics, accelerator, run.device_stage, run.cfg.data.tta,
+                        on_batch=lambda n: progress.advance(n * accelerator.num_processes))
+    finally:
+        progress.close()
