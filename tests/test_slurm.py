@@ -246,12 +246,18 @@ def test_warned_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one_also
     CPU processes over gloo FSDP trains bitwise as DDP does (a sum of two gradients is the same
     in either order, the update is elementwise; tests/test_fsdp.py), so the uninterrupted DDP
     job is its reference, tensor for tensor: what a requeue changes, or FSDP, shows. (DDP's own
-    SIGKILL and resume, bitwise: tests/test_resume.py.)"""
+    SIGKILL and resume, bitwise: tests/test_resume.py.) It logs to wandb (offline), TensorBoard
+    and MLflow: the requeued job is one run in each, every record in it once."""
     from safetensors.torch import load_file
 
+    from .test_tracking_e2e import ALL_TRACKERS, assert_one_run_per_tracker
+
     run_dir = tmp_path / "fsdp"
-    first = _warned_and_requeued(slurm_env, _submit(slurm_env, digits_dir, run_dir, "train.parallel=fsdp"), run_dir)
+    job = _submit(slurm_env, digits_dir, run_dir, "train.parallel=fsdp", *ALL_TRACKERS)
+    first = _warned_and_requeued(slurm_env, job, run_dir)
     assert "FSDP: 8 blocks and the root sharded over 2 processes" in first
+    stopped_at = int(re.search(r"stopped by signal 10 \(SIGUSR1\) after step (\d+)", first).group(1))
+    assert_one_run_per_tracker(run_dir, stopped_at, epochs=2, stopped_cleanly=True)
     reference = uninterrupted_run[0]
     for name in ("best", "last"):
         ours, theirs = (load_file(str(d / name / "model.safetensors")) for d in (run_dir, reference))

@@ -118,8 +118,6 @@ def test_a_killed_and_resumed_run_is_one_run_per_tracker_with_every_record_once(
     import sys
     import time
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from .conftest import REPO
     from .test_resume import wait_for
 
@@ -145,38 +143,50 @@ def test_a_killed_and_resumed_run_is_one_run_per_tracker_with_every_record_once(
     resumed = run_cli(*args, "train.resume=auto", env=NO_WANDB_KEY)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "could not start" not in resumed.stderr
+    assert len([r for r in read_metrics(out / "metrics.jsonl") if "train/loss" in r]) == 132 // 5
+    checkpoint = int(re.search(r"resuming from .* at epoch \d+, step (\d+)", resumed.stdout).group(1))
+    assert_one_run_per_tracker(out, checkpoint, epochs=3)
+
+
+def assert_one_run_per_tracker(out, checkpoint: int, epochs: int, stopped_cleanly: bool = False) -> None:
+    """The run in `out`, launched twice (stopped after its checkpoint at step `checkpoint`, then
+    resumed), is one run in wandb (offline), TensorBoard and MLflow, each train and validation
+    record in it once and equal to metrics.jsonl, read back with each tracker's own reader.
+    `stopped_cleanly`: the first launch ended by a stop signal (a Slurm requeue), not a kill, so
+    its wandb file holds every record up to the checkpoint too."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     records = read_metrics(out / "metrics.jsonl")
     val = [(r["step"], r["val/acc"]) for r in records if "val/acc" in r]
     train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-    assert len(val) == 3 and len(train) == 132 // 5
+    assert [r["epoch"] for r in records if "val/acc" in r] == list(range(epochs))
 
     # wandb: one run id across both launches' offline files. Its service may not have written
-    # what it was handed when the process died, so the resumed launch sends everything after
+    # what it was handed when a killed process died, so the resumed launch sends everything after
     # its checkpoint again: those steps once in its file, all equal to metrics.jsonl; wandb
     # keeps the first row of a step it gets twice (`wandb sync` of the two files in order).
     ids = json.loads((out / "trackers.json").read_text())
-    checkpoint = int(re.search(r"resuming from .* at epoch \d+, step (\d+)", resumed.stdout).group(1))
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))  # in launch order (by time)
     assert {path.parent.name.rsplit("-", 1)[1] for path in files} == {ids["wandb"]["run"]} and len(files) == 2
     for key, expected in (("val/acc", val), ("train/loss", train)):
-        killed, ours = ([(r["_step"], r[key]) for r in history(path) if key in r] for path in files)
-        assert ours == [(step, value) for step, value in expected if step > checkpoint], key
-        assert set(killed) <= set(expected), key  # what the killed launch wrote is right
+        first, second = ([(r["_step"], r[key]) for r in history(path) if key in r] for path in files)
+        assert second == [(step, value) for step, value in expected if step > checkpoint], key
+        assert set(first) <= set(expected), key  # what the first launch wrote is right
+        if stopped_cleanly:
+            assert first == [(step, value) for step, value in expected if step <= checkpoint], key
 
-    # TensorBoard: the events past what the killed launch had sent are purged, the rest once.
+    # TensorBoard: the events past what the first launch had sent are purged, the rest once.
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    assert [(e.step, pytest.approx(v, rel=1e-6)) for e, v in
-            ((e, e.value) for e in events.Scalars("val/acc"))] == val
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("val/acc")] == val
     assert [e.step for e in events.Scalars("train/loss")] == [step for step, _ in train]
 
     # MLflow: one run in the experiment, each metric's history one point per step.
-    from mlflow.tracking import MlflowClient
-
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
     (experiment,) = [e for e in client.search_experiments() if e.name == "dist-train"]
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_id == ids["mlflow"]["run"] and run.data.params["train.epochs"] == "3"
+    assert run.info.run_id == ids["mlflow"]["run"] and run.data.params["train.epochs"] == str(epochs)
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/acc")] == val
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [s for s, _ in train]

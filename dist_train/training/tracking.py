@@ -118,6 +118,8 @@ class RunTracker:
                 self.trackers[name] = tracker
                 self.sent[name] = entry
                 self.accelerator.trackers.append(tracker)  # finished by accelerator.end_training
+            if started:  # kept at once: a launch stopped before its first record has its runs too
+                self._save_sent()
         if self._waiting and self.trackers:
             for name, tracker in self.trackers.items():
                 through = tuple(self.sent[name].get("through", (-1, 0)))
@@ -126,8 +128,11 @@ class RunTracker:
                         tracker.log(self._values(record, name), step=record["step"])
                         through = record_order(record)
                 self.sent[name]["through"] = list(through)
-            atomic_file.write_text(self.run_dir / TRACKERS_FILE, json.dumps(self.sent, indent=2) + "\n")
+            self._save_sent()
         self._waiting.clear()
+
+    def _save_sent(self) -> None:
+        atomic_file.write_text(self.run_dir / TRACKERS_FILE, json.dumps(self.sent, indent=2) + "\n")
 
     def _values(self, record: dict[str, Any], tracker: str) -> dict[str, Any]:
         values = {k: v for k, v in record.items() if isinstance(v, int | float) and k not in ("epoch", "step")}
