@@ -157,3 +157,16 @@ def test_make_shards_shows_its_progress_in_a_log(tmp_path, monkeypatch, capsys):
     lines = captured.err.splitlines()
     assert len(lines) == 40 and captured.out == ""
     assert lines[0].startswith("make-shards: 1 of 40 images (2%), ") and lines[-1].startswith("make-shards: 40 of 40")
+
+
+def test_the_digits_source_without_scikit_learn_names_the_extra(monkeypatch):
+    """scikit-learn is the demo's extra, not a core dependency: without it, one line naming it."""
+    import sys
+
+    from dist_train.data.sources import digits
+    from dist_train.errors import DataError
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn: ImportError
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DataError, match=r"pip install 'dist-train\[demo\]'"):
+        digits()

@@ -53,7 +53,10 @@ def encode_jpeg(pixels: np.ndarray, quality: int = 92) -> bytes:
 
 def digits() -> LabeledImages:
     """sklearn's bundled handwritten digits: 1,797 real 8x8 grayscale images, 10 classes."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # the demo's data only: scikit-learn (and scipy with it) is no core dependency
+        raise DataError("--source digits reads scikit-learn's bundled digits: pip install 'dist-train[demo]'") from None
 
     bunch = load_digits()
     # Pixel values are 0..16; stretch to 0..255 so they are ordinary 8-bit images.
