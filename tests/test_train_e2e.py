@@ -60,6 +60,20 @@ def test_profile_startup_names_each_phase_to_the_first_step(digits_run):
     assert abs(sum(map(float, phases.values())) - total) <= rounding and 0 < total < 120
 
 
+def test_the_last_lines_say_where_the_runs_time_went(digits_run):
+    """The run's phases after start-up, each named, adding up to the run's total (to the
+    rounding of the printed figures); 6 validations and 6 epoch checkpoints are in it."""
+    stdout = (digits_run.parent / "stdout.txt").read_text()
+    (line,) = [line for line in stdout.splitlines() if line.startswith("time ")]
+    total = float(re.match(r"time (\d+\.\d\d) s: ", line).group(1))
+    phases = dict(re.findall(r"([a-z][a-z ]+?) (\d+\.\d\d) s", line.split(": ", 1)[1]))
+    assert list(phases) == ["to the first step", "training", "validation", "models", "checkpoints", "report",
+                            "trackers"]
+    assert abs(sum(map(float, phases.values())) - total) <= 0.005 * (len(phases) + 1) + 1e-9
+    assert float(phases["training"]) > 0 and float(phases["validation"]) > 0 and float(phases["checkpoints"]) > 0
+    assert stdout.splitlines()[-1].startswith("best val/f1_macro")
+
+
 def test_digits_reaches_97_percent_and_writes_the_run_directory(digits_run):
     records = read_metrics(digits_run / "metrics.jsonl")
     val = [r for r in records if "val/acc" in r]

@@ -188,7 +188,8 @@ def _evaluate_shown(run: Run, model, loader, what: str) -> tuple[dict[str, float
                         enabled=accelerator.is_main_process and run.cfg.train.progress_bar)
     try:
         # The main process's share counted for all: the ranks' shares are of one size within a batch.
-        return evaluate(model, loader, run.metrics, accelerator, run.device_stage, run.cfg.data.tta,
-                        on_batch=lambda n: progress.advance(n * accelerator.num_processes))
+        with run.times("validation"):
+            return evaluate(model, loader, run.metrics, accelerator, run.device_stage, run.cfg.data.tta,
+                            on_batch=lambda n: progress.advance(n * accelerator.num_processes))
     finally:
         progress.close()

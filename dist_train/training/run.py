@@ -52,6 +52,7 @@ from dist_train.runtime import startup_clock
 from dist_train.runtime.accelerator import make_accelerator
 from dist_train.runtime.fsdp import shard_for_training
 from dist_train.runtime.preemption import StopRequest, TrainingStopped
+from dist_train.runtime.run_times import RunTimes
 from dist_train.runtime.seeds import ForwardSeeds
 from dist_train.training.batch_layout import RunLayout, plan_layout
 from dist_train.training.best import Verdict
@@ -90,7 +91,7 @@ class Run:
     tracker: RunTracker
     progress: TrainProgress
     stop: StopRequest
-    started: float
+    times: RunTimes  # where the run's time goes, printed at its end
     last_validation: dict[str, Any]  # the newest validation record ({} before the first)
     forward_seeds: ForwardSeeds  # dropout and drop path seeded per micro-batch (runtime/seeds.py)
     mixer: BatchMixer | None = None  # mixup / cutmix (data.mixup_alpha, data.cutmix_alpha)
@@ -127,6 +128,7 @@ class Run:
             for step in range(first, steps):
                 yield islice(batches, accum)
                 if step == first and epoch == start_epoch:  # the first optimizer step is done
+                    self.times.first_step_done()
                     startup_clock.mark("first step (workers, first batches)")
                     startup_clock.report(self.accelerator.print)
             if next(batches, None) is not None:  # also ends the loader's iteration cleanly
@@ -231,17 +233,19 @@ class Run:
         ema = name != "last" and self.monitors_ema
         model = self.state.full_model()  # under FSDP gathered: every rank calls save_model
         state_dict = (self.state.ema.module_with_buffers_of(model) if ema else model).state_dict()
-        if self.accelerator.is_main_process:
-            meta = {**self.meta(epoch, values, confusion), "weights": "ema" if ema else "model"}
-            save_model_checkpoint(self.out / name, state_dict, meta)
-        self.accelerator.wait_for_everyone()
+        with self.times("models"):
+            if self.accelerator.is_main_process:
+                meta = {**self.meta(epoch, values, confusion), "weights": "ema" if ema else "model"}
+                save_model_checkpoint(self.out / name, state_dict, meta)
+            self.accelerator.wait_for_everyone()
 
     def save_checkpoint(self) -> None:
         """A resumable checkpoint of this step (collective); never of a run whose loss went NaN."""
         self.progress.check_finite(self.state.step)
         last = self.last_validation
         meta = self.meta(self.state.epoch_of_last_step, _metrics_of(last), last.get(self.metrics.detail_key))
-        save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
+        with self.times("checkpoints"):
+            save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
 
     def stop_now(self) -> NoReturn:
         self.stop.leaving()
@@ -261,17 +265,20 @@ class Run:
                 f"has not improved for {best.since} validations (train.early_stop_patience="
                 f"{self.cfg.train.early_stop_patience})")
         self.save_model("last", self.state.epoch_of_last_step, _metrics_of(last), last.get(self.metrics.detail_key))
-        if self.accelerator.is_main_process and self.cfg.tracking.plots:
-            write_plots_and_summary(self.out)
-        self.accelerator.wait_for_everyone()
+        with self.times("report"):
+            if self.accelerator.is_main_process and self.cfg.tracking.plots:
+                write_plots_and_summary(self.out)
+            self.accelerator.wait_for_everyone()
         unlock_run_dir(self.out)
         self.stop.restore()
+        with self.times("trackers"):
+            self.tracker.close()
+            self.accelerator.end_training()  # also closes the wandb run
+        self.accelerator.print(self.times.line())
         self.accelerator.print(
             f"best {self.cfg.train.monitor} {best.value:.4f} at epoch {best.epoch}; "
-            f"{time.perf_counter() - self.started:.1f}s; checkpoints in {self.out}/best and {self.out}/last"
+            f"{time.perf_counter() - self.times.started:.1f}s; checkpoints in {self.out}/best and {self.out}/last"
         )
-        self.tracker.close()
-        self.accelerator.end_training()  # also closes the wandb run
         return FitResult(best.metrics or {}, best.epoch, self.out, self.state.full_model())
 
 def _last_validation(out: Path) -> dict[str, Any]:
@@ -286,7 +293,7 @@ def _metrics_of(record: dict[str, Any]) -> dict[str, float]:
 
 def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
     """Build the run from its config, resumed from a checkpoint when `train.resume` finds one."""
-    started = time.perf_counter()
+    times = RunTimes()
     datasets = datasets or resolve_datasets(cfg.data)
     check_metrics_measured(cfg, datasets.num_classes)
     workers.start_helpers(fork_server=cfg.data.num_workers > 0)  # already started by `dist-train train`
@@ -396,7 +403,7 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
         tracker=tracker,
         progress=TrainProgress(accelerator, show_bar=cfg.train.progress_bar),
         stop=StopRequest(accelerator),
-        started=started,
+        times=times,
         last_validation=last_validation,
         pretrained=pretrained.as_meta() if pretrained else None,
         forward_seeds=ForwardSeeds(order.seed, accelerator.process_index, layout.grad_accum_steps, accelerator.device),
