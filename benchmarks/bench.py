@@ -46,6 +46,10 @@ Figures (targets for 2 CPU cores):
                          the tensors its optimizer step holds (benchmarks/bench_fsdp.py)
   activation_memory_ratio  peak memory a forward + backward of a ViT-Ti/16 at 224 px,  <= 0.5
                          batch 32, adds with model.grad_checkpointing / without
+  whole_run_vs_timm      whole-process wall time of an 8-epoch, 1-process run / that  <= 0.9
+                         of a loop doing per epoch what timm's train.py does (timm
+                         resnet18, 5,000 28 px images; benchmarks/bench_whole_run.py:
+                         median of 5 alternating rounds, the phases of our run beside it)
   remote_vs_local        the shard loader from nginx (loopback), cold cache / local  >= 0.95
   remote_rate_limited    the same, nginx limited to 1.25x the loader's bytes/s       >= 0.9
                          (benchmarks/bench_remote.py)
@@ -78,6 +82,7 @@ from benchmarks.bench_index import index_figures
 from benchmarks.bench_remote import remote_figures
 from benchmarks.bench_versus import LAUNCH, REPO, REPO_CONFIG, kill_tree, process_tree
 from benchmarks.bench_versus import measure as measure_versus_plain_loop
+from benchmarks.bench_whole_run import measure as measure_whole_run
 from benchmarks.timing import fit_steps, ratio
 from dist_train import atomic_file
 
@@ -112,6 +117,7 @@ TARGETS = {
     "progressive_speedup": Target(">=", 1.15),
     "fsdp_state_vs_ddp": Target("<=", 0.55),
     "activation_memory_ratio": Target("<=", 0.5),
+    "whole_run_vs_timm": Target("<=", 0.9),
     "remote_vs_local": Target(">=", 0.95),
     "remote_rate_limited": Target(">=", 0.9),
 }
@@ -155,6 +161,8 @@ def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) 
     figures["ddp_startup_over_plain_s"] = details["ddp_startup_s"] - details["plain_ddp_startup_s"]
     figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
     figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
+    details |= measure_whole_run(args.quick)
+    figures["whole_run_vs_timm"] = details.pop("whole_run_vs_timm")
     with tempfile.TemporaryDirectory() as tmp:
         shards = _digits_shards(Path(tmp))
         # The launched (multi-process) figures first: nothing of this process (DataLoader
@@ -681,6 +689,9 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
           f"{_mib(details['fsdp_bytes']['ddp'])} under DDP; activation_memory_ratio: "
           f"{details['activation_peak_mib']['with']:.0f} MiB with checkpointing, "
           f"{details['activation_peak_mib']['without']:.0f} MiB without; "
+          f"whole runs: {details['whole_run_s']['dist_train']:.1f} s, the timm-like loop "
+          f"{details['whole_run_s']['timm_like']:.1f} s (rounds {details['whole_run_rounds']}; best accuracy "
+          f"{details['whole_run_best_acc']}; our phases, medians: {details['whole_run_phases_s']}); "
           f"remote figures: {details['remote']}; GPU, pipeline / model alone: {details['gpu']})")
 
 
