@@ -124,3 +124,54 @@ def test_a_damaged_state_falls_back_to_the_previous_checkpoint(accelerator, tmp_
     (newest / "state.json").write_text(json.dumps(index))
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*step-00000004.*damaged or altered"):
         assert find_resumable(tmp_path) == tmp_path / "checkpoints" / "step-00000002"
+
+
+def test_a_checkpoint_written_beside_training_holds_the_step_it_was_taken_at(accelerator, tmp_path,
+                                                                              monkeypatch):
+    """The writer's thread writes a snapshot: steps taken while it writes do not reach it, and
+    it is a complete checkpoint (hashes pass, rotation done) once `wait` returns."""
+    import threading
+
+    from dist_train.checkpoint import find_resumable, resumable
+    from dist_train.checkpoint.background import CheckpointWriter
+
+    held = threading.Event()
+    write_model_files = resumable.write_model_files
+
+    def held_back(*args):  # the write starts only once training has taken two more steps
+        assert held.wait(30)
+        return write_model_files(*args)
+
+    monkeypatch.setattr(resumable, "write_model_files", held_back)
+    state = new_state(accelerator, seed=0)
+    writer = CheckpointWriter()
+    train(state, 3)
+    at_save = {k: v.clone() for k, v in state.model.state_dict().items()}
+    momentum = [s["momentum_buffer"].clone() for s in state.optimizer.state.values()]
+    path = save_resumable(accelerator, tmp_path, state, meta={}, keep=1, writer=writer)
+    assert not path.exists()  # not yet written: it does not count
+    train(state, 2)  # every tensor the snapshot was taken of changes
+    held.set()
+    writer.wait()
+    assert find_resumable(tmp_path) == path and path.name == "step-00000003"
+    loaded = new_state(accelerator, seed=1)
+    loaded.resume_from(load_resumable(path, rank=0))
+    assert loaded.step == 3
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in at_save.items())
+    assert all(torch.equal(s["momentum_buffer"], m) for s, m in zip(loaded.optimizer.state.values(), momentum,
+                                                                      strict=True))
+    path = save_resumable(accelerator, tmp_path, state, meta={}, keep=1, writer=writer)
+    writer.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000005"]  # rotated
+
+
+def test_a_background_write_that_fails_is_raised_where_the_run_waits_for_it(accelerator, tmp_path):
+    from dist_train.checkpoint.background import CheckpointWriter
+
+    def full_disk() -> None:
+        raise CheckpointError("could not write checkpoint step-00000002: No space left on device")
+
+    writer = CheckpointWriter()
+    writer.submit(full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        writer.close()

@@ -24,11 +24,13 @@ WEIGHTS_NAME = "model.safetensors"
 META_NAME = "meta.json"
 
 
-def write_model_files(directory: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """`model.safetensors` and `meta.json` (with the weights' hash) into `directory`."""
+def write_model_files(directory: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """`model.safetensors` and `meta.json` (with the weights' hash) into `directory`; the hash."""
     weights = directory / WEIGHTS_NAME
     save_tensors(state_dict, weights)
-    (directory / META_NAME).write_text(json.dumps({**meta, "weights_sha256": sha256_file(weights)}, indent=2) + "\n")
+    digest = sha256_file(weights)
+    (directory / META_NAME).write_text(json.dumps({**meta, "weights_sha256": digest}, indent=2) + "\n")
+    return digest
 
 
 def save_model_checkpoint(directory: str | Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

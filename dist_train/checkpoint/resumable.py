@@ -19,6 +19,8 @@ the newest checkpoint to the first that passes, warning about each it skips.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 import shutil
@@ -32,7 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from dist_train.checkpoint.atomic import AtomicDirectory, check_files, file_hashes
-from dist_train.checkpoint.model import META_NAME, save_tensors, write_model_files
+from dist_train.checkpoint.background import CheckpointWriter
+from dist_train.checkpoint.model import META_NAME, WEIGHTS_NAME, save_tensors, write_model_files
 from dist_train.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -71,11 +74,15 @@ def checkpoint_dir(run_dir: Path, global_step: int) -> Path:
 
 
 def save_resumable(accelerator: Accelerator, run_dir: Path, state: ResumableState, meta: dict[str, Any],
-                   keep: int) -> Path:
+                   keep: int, writer: CheckpointWriter | None = None) -> Path:
     """Collective: every rank calls it at the same step boundary. `meta`: the model
-    checkpoint's meta.json; the newest `keep` checkpoints are kept."""
+    checkpoint's meta.json; the newest `keep` checkpoints are kept. With `writer`, the main
+    process writes the tensors on the writer's thread (checkpoint/background.py): the
+    checkpoint counts once its rename is done there, `writer.wait()` waits for it."""
     target = AtomicDirectory(checkpoint_dir(run_dir, state.step))
     if accelerator.is_main_process:
+        if writer is not None:
+            writer.wait()  # the one before is complete (or its error said) before this one starts
         with target.writing():
             target.create()
     accelerator.wait_for_everyone()
@@ -85,17 +92,37 @@ def save_resumable(accelerator: Accelerator, run_dir: Path, state: ResumableStat
     members = state.state_dict()  # every rank: the model's may be a collective for sharded models
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with target.writing():
-            write_model_files(target.tmp, members.pop("model"), meta)
-            index: dict[str, Any] = {"version": STATE_VERSION, "world_size": accelerator.num_processes}
-            for name, values in members.items():
-                index[name] = _save_member(target.tmp, name, values)
-            index["files"] = file_hashes(target.tmp, sorted(p.name for p in target.tmp.iterdir()))
-            _write_json(target.tmp / STATE_NAME, index)
-            target.commit()
-        _rotate(run_dir / CHECKPOINTS_DIR, keep)
+        world_size = accelerator.num_processes
+
+        def write(members: dict[str, dict[str, Any] | None], meta: dict[str, Any]) -> None:
+            with target.writing():
+                weights_sha256 = write_model_files(target.tmp, members.pop("model"), meta)
+                index: dict[str, Any] = {"version": STATE_VERSION, "world_size": world_size}
+                for name, values in members.items():
+                    index[name] = _save_member(target.tmp, name, values)
+                # The weights were hashed for meta.json just now: not read and hashed a second time.
+                others = sorted(p.name for p in target.tmp.iterdir() if p.name != WEIGHTS_NAME)
+                index["files"] = dict(sorted({WEIGHTS_NAME: weights_sha256,
+                                              **file_hashes(target.tmp, others)}.items()))
+                _write_json(target.tmp / STATE_NAME, index)
+                target.commit()
+            _rotate(run_dir / CHECKPOINTS_DIR, keep)
+
+        if writer is None:
+            write(members, meta)
+        else:  # a snapshot: training changes the originals from the next step on
+            writer.submit(functools.partial(write, _snapshot(members), copy.deepcopy(meta)))
     accelerator.wait_for_everyone()
     return target.final
+
+
+def _snapshot(members: dict[str, dict[str, Any] | None]) -> dict[str, dict[str, Any] | None]:
+    """The members as they are now: tensors copied to host memory, other values deep-copied."""
+    def copied(value: Any) -> Any:
+        return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+    return {name: None if values is None else {k: copied(v) for k, v in values.items()}
+            for name, values in members.items()}
 
 
 def find_resumable(run_dir: Path) -> Path | None:

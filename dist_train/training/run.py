@@ -14,7 +14,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -26,6 +26,7 @@ from torch import nn
 
 from dist_train import __version__
 from dist_train.checkpoint import load_resumable, save_model_checkpoint, save_resumable, saved_config, saved_meta
+from dist_train.checkpoint.background import CheckpointWriter
 from dist_train.config import (
     ALL_EMA_METRIC_NAMES,
     ALL_METRIC_NAMES,
@@ -102,6 +103,8 @@ class Run:
     pretrained: dict[str, Any] | None = None  # what model.weights loaded, at this launch
     teacher: Teacher | None = None  # knowledge distillation (distill.teacher)
     _metrics: ValidationMetrics | None = None
+    # Resumable checkpoints written beside training (checkpoint/background.py).
+    checkpoint_writer: CheckpointWriter = field(default_factory=CheckpointWriter)
 
     @property
     def metrics(self) -> ValidationMetrics:
@@ -245,9 +248,12 @@ class Run:
         last = self.last_validation
         meta = self.meta(self.state.epoch_of_last_step, _metrics_of(last), last.get(self.metrics.detail_key))
         with self.times("checkpoints"):
-            save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints)
+            save_resumable(self.accelerator, self.out, self.state, meta, self.cfg.train.keep_checkpoints,
+                           self.checkpoint_writer)
 
     def stop_now(self) -> NoReturn:
+        with self.times("checkpoints"):
+            self.checkpoint_writer.close()  # the checkpoint just taken is on disk before the process ends
         self.stop.leaving()
         unlock_run_dir(self.out)
         self.tracker.close()
@@ -259,6 +265,8 @@ class Run:
     def finish(self) -> FitResult:
         """Save RUN/last (the last validation's metrics), plots and summary; close the run."""
         last, best = self.last_validation, self.state.best
+        with self.times("checkpoints"):
+            self.checkpoint_writer.close()
         if self.stopped_improving():
             self.accelerator.print(
                 f"stopped early after step {self.state.step} of {self.layout.total_steps}: {self.cfg.train.monitor} "
