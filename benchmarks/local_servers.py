@@ -8,8 +8,10 @@ a web server or an object store on a real network.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import random
 import shutil
 import socket
 import subprocess
@@ -18,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+EPHEMERAL_LOW = 32768  # Linux's default start of ip_local_port_range
 NGINX_CONF = """\
 daemon off;
 user {user};
@@ -40,18 +43,38 @@ http {{
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port on 127.0.0.1 below the kernel's ephemeral range. A port from that range can
+    become the local end of any outgoing connection while its server is stopped (the outage tests
+    stop nginx and start it again on the same port), and a connect to 127.0.0.1 from the port
+    itself joins the socket to itself: a "server" that answers nothing."""
+    low = EPHEMERAL_LOW
+    with contextlib.suppress(OSError, ValueError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: float = 30.0) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen, what: str, log: Path | None = None,
+                   timeout: float = 30.0) -> None:
+    """Until `process` listens on `port`; its exit first is an error that quotes its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {process.returncode} at start")
+            said = log.read_text().strip()[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with status {process.returncode} at start"
+                               + (f": {said}" if said else ""))
         with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            if s.connect_ex(("127.0.0.1", port)) == 0 and process.poll() is None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
@@ -88,7 +111,7 @@ class Nginx:
     def start(self) -> None:
         self.process = subprocess.Popen([self.binary, "-c", str(self.conf), "-e", str(self.run_dir / "error.log")],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_for_port(self.port, self.process, "nginx")
+        _wait_for_port(self.port, self.process, "nginx", self.run_dir / "error.log")
 
     def stop(self) -> None:
         """Stop at once (connections in flight are cut), as a crashed or rebooted server does."""
