@@ -139,7 +139,9 @@ class ModelConfig:
     freeze: Literal["none", "backbone"] = "none"
     freeze_epochs: float | None = None
     sync_batchnorm: bool = False  # batch statistics over all processes (small per-GPU batches)
-    # NHWC memory layout: faster convolutions on tensor-core GPUs, usually slower on CPUs.
+    # NHWC memory layout: faster convolutions on tensor-core GPUs, and with oneDNN on CPUs too
+    # (torch 2.14, 2 cores: a train step 1.01-1.08x as fast, small_cnn to resnet50; benchmarks/RESULTS.md).
+    # configs/digits_cpu.yaml turns it on; FSDP refuses it.
     channels_last: bool = field(default=False, metadata=applied_on_resume())
     # Keyword arguments of the model's constructor: timm.create_model's (drop_path_rate,
     # drop_rate, img_size, ...) or a torchvision builder's (stochastic_depth_prob, dropout, ...).

@@ -33,7 +33,8 @@ VIT = ("model.name=timm/vit_tiny_patch16_224",
        "optim.layer_decay=0.8", "optim.head_lr_mult=2", "model.freeze=backbone", "model.freeze_epochs=0.5",
        "train.clip_grad_norm=1.0", "train.grad_accum_steps=2", "train.epochs=2", "train.checkpoint_every_steps=5",
        "train.keep_checkpoints=10", "train.progress_bar=false", "train.log_every_steps=1", "tracking.wandb=false",
-       "tracking.plots=false")
+       "tracking.plots=false",
+       "model.channels_last=false")  # the digits config's NHWC layout: FSDP2 shards contiguous weights only
 STEPS = 2 * 1438 // 128
 
 

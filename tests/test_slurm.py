@@ -161,7 +161,9 @@ def slurm_env() -> dict[str, str]:
 def _train_args(digits_dir: Path, run_dir: Path) -> list[str]:
     return ["--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
             "train.epochs=2", "train.checkpoint_every_steps=5", "tracking.plots=false",
-            f"train.output_dir={run_dir}"]
+            # Contiguous weights in every job: the FSDP job (FSDP2 shards no NHWC weights) is
+            # compared tensor for tensor with the DDP one.
+            "model.channels_last=false", f"train.output_dir={run_dir}"]
 
 
 def _submit(env: dict, digits_dir: Path, run_dir: Path, *extra: str) -> int:
