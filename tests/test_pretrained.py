@@ -161,11 +161,11 @@ def test_hub_weights_load_from_the_local_cache_and_name_their_pretrained_cfg(tmp
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(2)
-    state = create_model("timm/resnet10t", 10).state_dict()
-    fill_hub_cache(tmp_path / "hub", "timm/resnet10t.test_in1k", state,
+    state = create_model("timm/resnet18", 10).state_dict()
+    fill_hub_cache(tmp_path / "hub", "timm/resnet18.a1_in1k", state,
                    {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.95, "interpolation": "bicubic"})
-    model = create_model("timm/resnet10t", 10)
-    report = load_pretrained(model, "hf-hub:timm/resnet10t.test_in1k", DataConfig())
+    model = create_model("timm/resnet18", 10)
+    report = load_pretrained(model, "hf-hub:timm/resnet18.a1_in1k", DataConfig())
     assert report.loaded == len(state) and not report.new
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert "trained with data.mean=[0.5, 0.5, 0.5], data.std=[0.5, 0.5, 0.5], data.crop_pct=0.95, " \
@@ -173,3 +173,22 @@ def test_hub_weights_load_from_the_local_cache_and_name_their_pretrained_cfg(tmp
     with pytest.raises(CheckpointError, match=r"hf-hub:timm/vit_not_here: not in the local Hugging Face cache .*"
                                               r"dist-train never downloads"):
         load_pretrained(create_model("timm/resnet10t", 10), "hf-hub:timm/vit_not_here")
+
+
+def test_a_hub_entry_not_in_the_cache_ends_train_with_one_line_and_exit_2(digits_dir, tmp_path):
+    """`model.weights=hf-hub:timm/resnet18.a1_in1k` with an empty cache: one line naming the
+    repository and the cache, exit 2, before any step (and nothing is downloaded)."""
+    from .conftest import DIGITS_CONFIG, run_cli
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    result = run_cli("train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+                     "model.name=timm/resnet18", "model.weights=hf-hub:timm/resnet18.a1_in1k",
+                     f"train.output_dir={tmp_path / 'run'}", "tracking.wandb=false",
+                     env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"dist-train: error: model.weights=hf-hub:timm/resnet18.a1_in1k: not in the local Hugging Face cache "
+        f"({cache}); dist-train never downloads: fetch it once where there is a network "
+        "(`hf download timm/resnet18.a1_in1k`) into that cache")
+    assert not (tmp_path / "run" / "checkpoints").exists() and list(cache.iterdir()) == []
