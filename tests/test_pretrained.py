@@ -186,8 +186,9 @@ def test_a_hub_entry_not_in_the_cache_ends_train_with_one_line_and_exit_2(digits
                      "model.name=timm/resnet18", "model.weights=hf-hub:timm/resnet18.a1_in1k",
                      f"train.output_dir={tmp_path / 'run'}", "tracking.wandb=false",
                      env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2
-    assert result.stderr.strip() == (
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # The last line: an older timm's import warns about torch.jit.interface before it (timm 1.0.12).
+    assert result.stderr.strip().splitlines()[-1] == (
         f"dist-train: error: model.weights=hf-hub:timm/resnet18.a1_in1k: not in the local Hugging Face cache "
         f"({cache}); dist-train never downloads: fetch it once where there is a network "
         "(`hf download timm/resnet18.a1_in1k`) into that cache")
