@@ -109,3 +109,24 @@ def test_top5_stays_apart_when_a_first_batch_is_all_right():
     for name, value in sklearn_reference(logits, labels, num_classes).items():
         assert values[name] == pytest.approx(value, abs=1e-5), name
     assert values["val/acc_top5"] > values["val/acc"]
+
+
+def test_without_auroc_validation_keeps_counts_only_and_the_rest_is_unchanged():
+    """train.auroc=false: the other metrics as scikit-learn computes them, and no state that
+    grows with the validation set (exact AUROC keeps every prediction)."""
+    num_classes = 12
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, num_classes, (997,), generator=gen)
+    logits = torch.randn(997, num_classes, generator=gen) + 1.5 * torch.nn.functional.one_hot(labels, num_classes)
+    metrics = ValidationMetrics(num_classes, auroc=False)
+    for chunk in torch.split(torch.arange(997), [100, 300, 1, 596]):
+        metrics.update(logits[chunk], labels[chunk])
+    states = [getattr(metric, name) for metric in [*metrics.scores.values(), metrics.top_k, metrics.confusion]
+              for name in metric._defaults]
+    assert states and all(isinstance(state, torch.Tensor) and state.numel() <= num_classes**2 for state in states)
+    values, _ = metrics.compute()
+    expected = sklearn_reference(logits, labels, num_classes)
+    del expected["val/auroc_macro"]
+    assert set(values) == set(expected)
+    for name, value in expected.items():
+        assert values[name] == pytest.approx(value, abs=1e-5), name

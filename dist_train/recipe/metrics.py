@@ -1,8 +1,8 @@
 """Validation metrics from torchmetrics, exact across processes.
 
 Accuracy (top-1, and top-5 with more than 5 classes), macro F1 / precision / recall and the
-confusion matrix keep summed counts; AUROC
-(thresholds=None) keeps every prediction; the loss keeps a sum and a count. Each is synced
+confusion matrix keep summed counts; AUROC (thresholds=None, exact; `train.auroc`, on by default)
+keeps every prediction; the loss keeps a sum and a count. Each is synced
 across ranks inside `compute()`, which every rank must call. Because each validation sample
 is seen by exactly one rank (see data/eval_split.py), the synced values equal the single-process
 values on the whole validation set.
@@ -38,17 +38,16 @@ class ValidationMetrics:
     # The record key of the detail beside the scalars (here the confusion matrix).
     detail_key = "val/confusion_matrix"
 
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
-        self.scores = MetricCollection(
-            {
-                "val/acc": MulticlassAccuracy(num_classes, average="micro"),
-                "val/f1_macro": MulticlassF1Score(num_classes, average="macro"),
-                "val/precision_macro": MulticlassPrecision(num_classes, average="macro"),
-                "val/recall_macro": MulticlassRecall(num_classes, average="macro"),
-                # thresholds=None: exact AUROC; memory grows with the validation set.
-                "val/auroc_macro": MulticlassAUROC(num_classes, average="macro", thresholds=None),
-            },
-        ).to(device)
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu", auroc: bool = True):
+        scores = {
+            "val/acc": MulticlassAccuracy(num_classes, average="micro"),
+            "val/f1_macro": MulticlassF1Score(num_classes, average="macro"),
+            "val/precision_macro": MulticlassPrecision(num_classes, average="macro"),
+            "val/recall_macro": MulticlassRecall(num_classes, average="macro"),
+        }
+        if auroc:  # thresholds=None: exact AUROC; memory grows with the validation set
+            scores["val/auroc_macro"] = MulticlassAUROC(num_classes, average="macro", thresholds=None)
+        self.scores = MetricCollection(scores).to(device)
         self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
         # Apart from `scores`: a MetricCollection merges metrics whose states are equal after the
         # first update into one compute group, and top-5 counts can equal top-1's on a batch
@@ -85,6 +84,8 @@ class ValidationMetrics:
         data size doesn't match expected size"). A rank has no validation sample when the set is
         smaller than the process count, or when data.on_error=skip dropped all of its share.
         """
+        if "val/auroc_macro" not in self.scores:  # train.auroc=false: counts only
+            return
         auroc = self.scores["val/auroc_macro"]
         if not auroc.preds:
             auroc.preds.append(torch.empty(0, auroc.num_classes, device=auroc.device))
@@ -166,4 +167,4 @@ def validation_metrics(cfg: Config, num_classes: int, device: torch.device | str
     """The metrics of the run's task."""
     if cfg.data.task == "multilabel":
         return MultilabelValidationMetrics(num_classes, cfg.train.threshold, device)
-    return ValidationMetrics(num_classes, device)
+    return ValidationMetrics(num_classes, device, auroc=cfg.train.auroc)
