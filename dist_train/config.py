@@ -479,16 +479,20 @@ def _check_parallel(cfg: Config) -> None:
     t = cfg.train
     if t.parallel == "ddp":
         return
-    refused = [("train.ema_decay", t.ema_decay is not None, "a moving average of sharded weights is not built"),
-               ("train.compile", t.compile, "compiling a sharded model is not built"),
-               ("model.sync_batchnorm", cfg.model.sync_batchnorm, "sync BatchNorm is DDP's"),
+    # (key, set, why, what else gives the run the same sharding)
+    refused = [("train.ema_decay", t.ema_decay is not None, "a moving average of sharded weights is not built",
+                "train.ema_decay=null"),
+               ("train.compile", t.compile, "compiling a sharded model is not built", "train.compile=false"),
+               ("model.sync_batchnorm", cfg.model.sync_batchnorm, "sync BatchNorm is DDP's",
+                "model.sync_batchnorm=false"),
                ("model.channels_last", cfg.model.channels_last,
-                "FSDP2 shards contiguous parameters only (torch 2.14), and NHWC weights are not"),
+                "FSDP2 shards contiguous parameters only (torch 2.14), and NHWC weights are not",
+                "model.channels_last=false"),
                ("train.mixed_precision=fp16", t.mixed_precision == "fp16",
-                "FSDP's mixed precision here is bf16 (no sharded loss scaling)")]
-    for key, present, why in refused:
+                "FSDP's mixed precision here is bf16 (no sharded loss scaling)", "train.mixed_precision=bf16")]
+    for key, present, why, instead in refused:
         if present:
-            raise ConfigError(f"{key} under train.parallel={t.parallel}: {why}; use train.parallel=ddp")
+            raise ConfigError(f"{key} under train.parallel={t.parallel}: {why}; use {instead}, or train.parallel=ddp")
 
 
 def _check_progressive(cfg: Config) -> None:

@@ -99,8 +99,9 @@ def test_hsdp_shard_groups_must_divide_the_processes():
     ("train.ema_decay=0.99", "train.ema_decay under train.parallel=fsdp"),
     ("train.compile=true", "train.compile under train.parallel=fsdp"),
     ("model.sync_batchnorm=true", "model.sync_batchnorm under train.parallel=fsdp"),
-    ("model.channels_last=true", "model.channels_last under train.parallel=fsdp"),
-    ("train.mixed_precision=fp16", "train.mixed_precision=fp16 under train.parallel=fsdp"),
+    ("model.channels_last=true", "use model.channels_last=false, or train.parallel=ddp"),
+    ("train.mixed_precision=fp16", "train.mixed_precision=fp16 under train.parallel=fsdp: FSDP's mixed precision "
+                                   "here is bf16 (no sharded loss scaling); use train.mixed_precision=bf16"),
 ])
 def test_what_fsdp_does_not_do_is_refused_in_one_line(option, says, digits_dir, tmp_path):
     result = run_cli(*vit_args(digits_dir, tmp_path / "run", "train.parallel=fsdp", option)[2:])
