@@ -177,7 +177,7 @@ def test_hub_weights_load_from_the_local_cache_and_name_their_pretrained_cfg(tmp
 
 def test_a_hub_entry_not_in_the_cache_ends_train_with_one_line_and_exit_2(digits_dir, tmp_path):
     """`model.weights=hf-hub:timm/resnet18.a1_in1k` with an empty cache: one line naming the
-    repository and the cache, exit 2, before any step (and nothing is downloaded)."""
+    repository and the cache, exit 2, before the run directory is made (and nothing is downloaded)."""
     from .conftest import DIGITS_CONFIG, run_cli
 
     cache = tmp_path / "hub"
@@ -192,4 +192,16 @@ def test_a_hub_entry_not_in_the_cache_ends_train_with_one_line_and_exit_2(digits
         f"dist-train: error: model.weights=hf-hub:timm/resnet18.a1_in1k: not in the local Hugging Face cache "
         f"({cache}); dist-train never downloads: fetch it once where there is a network "
         "(`hf download timm/resnet18.a1_in1k`) into that cache")
-    assert not (tmp_path / "run" / "checkpoints").exists() and list(cache.iterdir()) == []
+    assert not (tmp_path / "run").exists() and list(cache.iterdir()) == []  # nothing written, nothing fetched
+
+
+def test_a_missing_weights_file_ends_train_before_the_run_directory_is_made(digits_dir, tmp_path):
+    from .conftest import DIGITS_CONFIG, run_cli
+
+    missing = tmp_path / "nowhere.safetensors"
+    result = run_cli("train", "--config", str(DIGITS_CONFIG), f"data.train={digits_dir}", f"data.val={digits_dir}",
+                     f"model.weights={missing}", f"train.output_dir={tmp_path / 'run'}", "tracking.wandb=false")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"dist-train: error: model.weights: {missing} not found (a .safetensors or .pth file, or a run's best/)")
+    assert not (tmp_path / "run").exists()

@@ -90,16 +90,22 @@ def hub_weights(source: str) -> tuple[Path, dict[str, Any]]:
     return Path(found), pretrained if isinstance(pretrained, dict) else {}
 
 
+def weights_path(source: str | Path) -> Path:
+    """Where `model.weights` is: a file or a checkpoint directory, or the cached file of
+    `hf-hub:<repo>`. A source that is not there is one line naming it (start_run asks before it
+    makes the run directory)."""
+    path = hub_weights(str(source))[0] if str(source).startswith(HUB_PREFIX) else Path(source)
+    if not path.exists():
+        raise CheckpointError(f"model.weights: {path} not found (a .safetensors or .pth file, or a run's best/)")
+    return path
+
+
 def read_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file, a torch state-dict file, a model checkpoint or the
     local Hugging Face cache (`hf-hub:<repo>`)."""
-    if str(source).startswith(HUB_PREFIX):
-        source = hub_weights(str(source))[0]
-    path = Path(source)
+    path = weights_path(source)
     if path.is_dir():
         return load_model_checkpoint(path)[0]
-    if not path.is_file():
-        raise CheckpointError(f"model.weights: {path} not found (a .safetensors or .pth file, or a run's best/)")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

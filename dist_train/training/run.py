@@ -48,7 +48,7 @@ from dist_train.recipe.losses import build_loss
 from dist_train.recipe.mixing import BatchMixer, make_mixer
 from dist_train.recipe.models import model_from_config
 from dist_train.recipe.optim import Schedule, build_optimizer, head_prefix
-from dist_train.recipe.pretrained import load_pretrained
+from dist_train.recipe.pretrained import load_pretrained, weights_path
 from dist_train.runtime import startup_clock
 from dist_train.runtime.accelerator import make_accelerator
 from dist_train.runtime.fsdp import shard_for_training
@@ -319,6 +319,8 @@ def start_run(cfg: Config, datasets: Datasets | None = None) -> Run:
             check_teacher_unchanged(saved_meta(resume_from), teacher.identity, str(resume_from))
         memory_format = torch.channels_last if cfg.model.channels_last else torch.preserve_format
         teacher.to(accelerator.device, memory_format)
+    if cfg.model.weights and not resume_from:
+        weights_path(cfg.model.weights)  # missing (a hub entry not cached): refused before the run directory
     prepare_run_dir(cfg, out, accelerator, resuming=resume_from is not None)
     set_seed(cfg.train.seed)  # the same on every rank: DDP also broadcasts rank 0's weights
     # find_resume_checkpoint has just checked every file's hash.
