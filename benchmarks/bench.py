@@ -3,6 +3,7 @@ side by side in the same run (alternating repeats, medians), printed with its ta
 
     dist-train bench                     # about 10 minutes on 2 CPU cores
     dist-train bench --quick --json b.json   # seconds per figure: a smoke test (CI)
+    dist-train bench --only ddp_scaling,loop_overhead   # those figures alone (a bisect's)
 
 Figures (targets for 2 CPU cores):
   loop_overhead          dist-train's train step / a hand-written PyTorch loop     >= 0.97
@@ -83,44 +84,11 @@ from benchmarks.bench_remote import remote_figures
 from benchmarks.bench_versus import LAUNCH, REPO, REPO_CONFIG, kill_tree, process_tree
 from benchmarks.bench_versus import measure as measure_versus_plain_loop
 from benchmarks.bench_whole_run import measure as measure_whole_run
+from benchmarks.targets import TARGETS, VERSUS_FIGURES, figures_wanted
 from benchmarks.timing import fit_steps, ratio
 from dist_train import atomic_file
 
 GPU_CHECK = REPO / "benchmarks" / "gpu_check.py"
-
-
-@dataclass(frozen=True)
-class Target:
-    op: str  # ">=", "<=", "<"
-    value: float
-
-    def met(self, x: float) -> bool:
-        return {">=": x >= self.value, "<=": x <= self.value, "<": x < self.value}[self.op]
-
-
-TARGETS = {
-    "loop_overhead": Target(">=", 0.97),
-    "loader_vs_decode": Target(">=", 0.9),
-    "loader_vs_imagefolder": Target(">=", 1.0),
-    "ddp_scaling": Target(">=", 1.7),
-    "no_sync_gain": Target("<", 1.0),
-    "time_to_acc": Target("<=", 60.0),
-    "time_to_acc_shipped": Target("<=", 30.0),
-    "peak_rss_mb": Target("<=", 1500.0),
-    "startup_over_plain_s": Target("<=", 1.0),
-    "ddp_startup_over_plain_s": Target("<=", 1.5),
-    "tree_pss_vs_plain": Target("<=", 1.2),
-    "throughput_vs_plain": Target(">=", 1.1),
-    "index_build_s": Target("<=", 5.0),
-    "index_worker_mb": Target("<=", 50.0),
-    "compile_speedup": Target(">=", 1.0),
-    "progressive_speedup": Target(">=", 1.15),
-    "fsdp_state_vs_ddp": Target("<=", 0.55),
-    "activation_memory_ratio": Target("<=", 0.5),
-    "whole_run_vs_timm": Target("<=", 0.9),
-    "remote_vs_local": Target(">=", 0.95),
-    "remote_rate_limited": Target(">=", 0.9),
-}
 
 
 @dataclass(frozen=True)
@@ -148,6 +116,7 @@ def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) 
     parser = argparse.ArgumentParser(prog="dist-train bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that every figure runs")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--only", help="these figures alone, comma-separated (a bisect's one figure)")
     parser.add_argument("--worker", choices=["ddp", "accum"], help=argparse.SUPPRESS)  # inside accelerate launch
     parser.add_argument("--steps", type=int, default=20, help=argparse.SUPPRESS)
     parser.add_argument("--all-threads", action="store_true", help=argparse.SUPPRESS)
@@ -155,35 +124,55 @@ def main(argv: list[str] | None = None, versus: dict[str, float] | None = None) 
     if args.worker:
         return _launched_worker(args.worker, args.steps, one_thread=not args.all_threads)
     sizes = QUICK if args.quick else FULL
+    try:
+        wanted = figures_wanted(args.only)
+    except ValueError as exc:
+        parser.error(str(exc))
     figures: dict[str, float] = {}
-    details: dict[str, object] = dict(versus or measure_versus_plain_loop(args.quick))
-    figures["startup_over_plain_s"] = details["startup_s"] - details["plain_startup_s"]
-    figures["ddp_startup_over_plain_s"] = details["ddp_startup_s"] - details["plain_ddp_startup_s"]
-    figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
-    figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
-    details |= measure_whole_run(args.quick)
-    figures["whole_run_vs_timm"] = details.pop("whole_run_vs_timm")
+    details: dict[str, object] = {}
+    if wanted & set(VERSUS_FIGURES):
+        details |= versus or measure_versus_plain_loop(args.quick)
+        figures["startup_over_plain_s"] = details["startup_s"] - details["plain_startup_s"]
+        figures["ddp_startup_over_plain_s"] = details["ddp_startup_s"] - details["plain_ddp_startup_s"]
+        figures["tree_pss_vs_plain"] = details["tree_pss_mb"] / details["plain_tree_pss_mb"]
+        figures["throughput_vs_plain"] = details["images_per_sec"] / details["plain_images_per_sec"]
+    if "whole_run_vs_timm" in wanted:
+        details |= measure_whole_run(args.quick)
+        figures["whole_run_vs_timm"] = details.pop("whole_run_vs_timm")
     with tempfile.TemporaryDirectory() as tmp:
         shards = _digits_shards(Path(tmp))
         # The launched (multi-process) figures first: nothing of this process (DataLoader
         # workers, threads) may compete with them for the 2 cores.
-        figures["ddp_scaling"], details["ddp_ceiling"], details["ddp_vs_normal"] = ddp_scaling(sizes)
-        figures["no_sync_gain"] = no_sync_gain(sizes)
-        figures["fsdp_state_vs_ddp"], details["fsdp_bytes"] = fsdp_state_vs_ddp(args.quick)
-        figures["activation_memory_ratio"], details["activation_peak_mib"] = activation_memory_ratio(args.quick)
-        figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
-        figures["time_to_acc_shipped"] = shipped_time_to_acc(shards, Path(tmp))
-        details |= index_figures(Path(tmp), sizes.index_samples)
-        figures["index_build_s"], figures["index_worker_mb"] = details["index_build_s"], details["index_worker_mb"]
-        figures["loop_overhead"] = loop_overhead(sizes)
-        figures["compile_speedup"], details["compile_seconds"] = compile_speedup(sizes)
-        figures["progressive_speedup"], details["progressive"] = progressive_speedup(sizes)
-        (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
-         details["loader_first_batch_ms"]) = loaders(shards, Path(tmp), sizes)
-        figures["remote_vs_local"], figures["remote_rate_limited"], details["remote"] = remote_figures(
-            Path(tmp), REPO_CONFIG, sizes.remote_epochs, sizes.remote_repeats, details["best_workers"])
-    details["gpu"] = gpu_figures(args.quick) if torch.cuda.is_available() else "pending (no GPU here)"
-    figures = {name: figures[name] for name in TARGETS}  # table order
+        if "ddp_scaling" in wanted:
+            figures["ddp_scaling"], details["ddp_ceiling"], details["ddp_vs_normal"] = ddp_scaling(sizes)
+        if "no_sync_gain" in wanted:
+            figures["no_sync_gain"] = no_sync_gain(sizes)
+        if "fsdp_state_vs_ddp" in wanted:
+            figures["fsdp_state_vs_ddp"], details["fsdp_bytes"] = fsdp_state_vs_ddp(args.quick)
+        if "activation_memory_ratio" in wanted:
+            figures["activation_memory_ratio"], details["activation_peak_mib"] = activation_memory_ratio(args.quick)
+        if wanted & {"time_to_acc", "peak_rss_mb"}:
+            figures["time_to_acc"], figures["peak_rss_mb"] = digits_run(shards, Path(tmp), sizes)
+        if "time_to_acc_shipped" in wanted:
+            figures["time_to_acc_shipped"] = shipped_time_to_acc(shards, Path(tmp))
+        if wanted & {"index_build_s", "index_worker_mb"}:
+            details |= index_figures(Path(tmp), sizes.index_samples)
+            figures["index_build_s"], figures["index_worker_mb"] = details["index_build_s"], details["index_worker_mb"]
+        if "loop_overhead" in wanted:
+            figures["loop_overhead"] = loop_overhead(sizes)
+        if "compile_speedup" in wanted:
+            figures["compile_speedup"], details["compile_seconds"] = compile_speedup(sizes)
+        if "progressive_speedup" in wanted:
+            figures["progressive_speedup"], details["progressive"] = progressive_speedup(sizes)
+        if wanted & {"loader_vs_decode", "loader_vs_imagefolder", "remote_vs_local", "remote_rate_limited"}:
+            (figures["loader_vs_decode"], figures["loader_vs_imagefolder"], details["best_workers"],
+             details["loader_first_batch_ms"]) = loaders(shards, Path(tmp), sizes)
+        if wanted & {"remote_vs_local", "remote_rate_limited"}:
+            figures["remote_vs_local"], figures["remote_rate_limited"], details["remote"] = remote_figures(
+                Path(tmp), REPO_CONFIG, sizes.remote_epochs, sizes.remote_repeats, details["best_workers"])
+    if wanted == set(TARGETS):
+        details["gpu"] = gpu_figures(args.quick) if torch.cuda.is_available() else "pending (no GPU here)"
+    figures = {name: figures[name] for name in TARGETS if name in figures}  # table order
     report = {**figures, **details, "machine": _machine(), "quick": args.quick}
     _print_table(figures, details)
     if args.json:
@@ -672,27 +661,33 @@ def _print_table(figures: dict[str, float], details: dict[str, object]) -> None:
         target = TARGETS[name]
         verdict = "yes" if target.met(value) else "NO"
         print(f"{name:24s} {value:10.3f}  {target.op + ' ' + str(target.value):>10s}  {verdict}")
-    print(f"(loader figures with {details['best_workers']} DataLoader worker(s), the best of those tried, "
-          f"loaders started before timing: a new one's first batch comes after "
-          f"{details['loader_first_batch_ms']:.0f} ms; "
-          f"ddp_scaling: 2 processes that do not communicate reach {details['ddp_ceiling']:.3f} here, "
-          f"and DDP against 1 process with torch's threads on every core is {details['ddp_vs_normal']:.3f}; "
-          f"compile_speedup: the compile took {details['compile_seconds']:.1f} s; "
-          f"progressive_speedup: {details['progressive']}; "
-          f"start-up {details['startup_s']:.2f} s, the plain loop's {details['plain_startup_s']:.2f} s "
-          f"(2-process DDP: {details['ddp_startup_s']:.2f} s and {details['plain_ddp_startup_s']:.2f} s); "
-          f"tree PSS {details['tree_pss_mb']:.0f} MB, the plain loop's {details['plain_tree_pss_mb']:.0f} MB; "
-          f"{details['images_per_sec']:.0f} images/s, the plain loop {details['plain_images_per_sec']:.0f}; "
-          f"index of {details['index_samples']} samples: built in {details['index_build_only_s']:.2f} s, "
-          f"a {details['index_file_mb']:.0f} MB file; "
-          f"fsdp_state_vs_ddp: {_mib(details['fsdp_bytes']['fsdp'])} under FSDP, "
-          f"{_mib(details['fsdp_bytes']['ddp'])} under DDP; activation_memory_ratio: "
-          f"{details['activation_peak_mib']['with']:.0f} MiB with checkpointing, "
-          f"{details['activation_peak_mib']['without']:.0f} MiB without; "
-          f"whole runs: {details['whole_run_s']['dist_train']:.1f} s, the timm-like loop "
-          f"{details['whole_run_s']['timm_like']:.1f} s (rounds {details['whole_run_rounds']}; best accuracy "
-          f"{details['whole_run_best_acc']}; our phases, medians: {details['whole_run_phases_s']}); "
-          f"remote figures: {details['remote']}; GPU, pipeline / model alone: {details['gpu']})")
+    d = details
+    notes = {  # what is printed beside the figures, for those measured (--only)
+        "best_workers": lambda: f"loader figures with {d['best_workers']} DataLoader worker(s), the best of those "
+                                f"tried, loaders started before timing: a new one's first batch comes after "
+                                f"{d['loader_first_batch_ms']:.0f} ms",
+        "ddp_ceiling": lambda: f"ddp_scaling: 2 processes that do not communicate reach {d['ddp_ceiling']:.3f} here, "
+                               f"and DDP against 1 process with torch's threads on every core is "
+                               f"{d['ddp_vs_normal']:.3f}",
+        "compile_seconds": lambda: f"compile_speedup: the compile took {d['compile_seconds']:.1f} s",
+        "progressive": lambda: f"progressive_speedup: {d['progressive']}",
+        "startup_s": lambda: f"start-up {d['startup_s']:.2f} s, the plain loop's {d['plain_startup_s']:.2f} s "
+                             f"(2-process DDP: {d['ddp_startup_s']:.2f} s and {d['plain_ddp_startup_s']:.2f} s); "
+                             f"tree PSS {d['tree_pss_mb']:.0f} MB, the plain loop's {d['plain_tree_pss_mb']:.0f} MB; "
+                             f"{d['images_per_sec']:.0f} images/s, the plain loop {d['plain_images_per_sec']:.0f}",
+        "index_samples": lambda: f"index of {d['index_samples']} samples: built in {d['index_build_only_s']:.2f} s, "
+                                 f"a {d['index_file_mb']:.0f} MB file",
+        "fsdp_bytes": lambda: f"fsdp_state_vs_ddp: {_mib(d['fsdp_bytes']['fsdp'])} under FSDP, "
+                              f"{_mib(d['fsdp_bytes']['ddp'])} under DDP",
+        "activation_peak_mib": lambda: f"activation_memory_ratio: {d['activation_peak_mib']['with']:.0f} MiB with "
+                                       f"checkpointing, {d['activation_peak_mib']['without']:.0f} MiB without",
+        "whole_run_s": lambda: f"whole runs: {d['whole_run_s']['dist_train']:.1f} s, the timm-like loop "
+                               f"{d['whole_run_s']['timm_like']:.1f} s (rounds {d['whole_run_rounds']}; best accuracy "
+                               f"{d['whole_run_best_acc']}; our phases, medians: {d['whole_run_phases_s']})",
+        "remote": lambda: f"remote figures: {d['remote']}",
+        "gpu": lambda: f"GPU, pipeline / model alone: {d['gpu']}",
+    }
+    print(f"({'; '.join(note() for key, note in notes.items() if key in d)})")
 
 
 def _mib(held: dict[str, int]) -> str:

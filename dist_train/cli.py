@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = _command(sub, "bench", cmd_bench, "measure overhead, loader speed, DDP scaling (ratios)")
     bench.add_argument("--quick", action="store_true", help="tiny sizes, seconds per figure (CI)")
     bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.add_argument("--only", help="these figures alone, comma-separated: e.g. ddp_scaling,loop_overhead")
 
     rep = _command(sub, "report", cmd_report, "plots, summary.md and the per-class table of a run")
     rep.add_argument("run_dir", help="a run directory (train.output_dir)")
@@ -327,9 +328,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(checkout))
     bench_versus = importlib.import_module("benchmarks.bench_versus")
     # Before this process imports torch: memory figures of other processes depend on it.
-    versus = bench_versus.measure(args.quick)
+    targets = importlib.import_module("benchmarks.targets")
+    try:
+        wanted = targets.figures_wanted(args.only)  # a name mistyped: said before any figure runs
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
+    versus = bench_versus.measure(args.quick) if wanted & set(targets.VERSUS_FIGURES) else {}
     bench = importlib.import_module("benchmarks.bench")
-    return bench.main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else [])], versus)
+    return bench.main([*(["--quick"] if args.quick else []), *(["--json", args.json] if args.json else []),
+                       *(["--only", args.only] if args.only else [])], versus)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -100,3 +100,16 @@ def test_tree_pss_counts_a_page_shared_by_a_parent_and_its_child_once():
             p.kill()
         process.kill()
         process.wait()
+
+
+def test_bench_only_measures_the_figures_named(tmp_path):
+    """`--only`: a bisect times one figure, not the whole bench; a name mistyped is one line."""
+    result = run_cli("bench", "--only", "loop_overhead,ddp_scalin")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown figure(s) ddp_scalin; choose from loop_overhead" in result.stderr.strip().splitlines()[-1]
+    out = tmp_path / "only.json"
+    result = run_cli("bench", "--quick", "--only", "loop_overhead", "--json", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert set(figures) & set(TARGETS) == {"loop_overhead"} and math.isfinite(figures["loop_overhead"])
+    assert "loop_overhead" in result.stdout and "ddp_scaling" not in result.stdout
