@@ -25,8 +25,9 @@ TARGETS = {
     "time_to_acc": Target("<=", 60.0),
     "time_to_acc_shipped": Target("<=", 30.0),
     "peak_rss_mb": Target("<=", 1500.0),
-    "startup_over_plain_s": Target("<=", 1.0),
-    "ddp_startup_over_plain_s": Target("<=", 1.5),
+    # A ratio, not seconds over: seconds grow with the machine (benchmarks/RESULTS.md, 2026-12-07).
+    "startup_vs_plain": Target("<=", 1.4),
+    "ddp_startup_vs_plain": Target("<=", 1.4),
     "tree_pss_vs_plain": Target("<=", 1.2),
     "throughput_vs_plain": Target(">=", 1.1),
     "index_build_s": Target("<=", 5.0),
@@ -41,7 +42,7 @@ TARGETS = {
 }
 
 
-VERSUS_FIGURES = ("startup_over_plain_s", "ddp_startup_over_plain_s", "tree_pss_vs_plain", "throughput_vs_plain")
+VERSUS_FIGURES = ("startup_vs_plain", "ddp_startup_vs_plain", "tree_pss_vs_plain", "throughput_vs_plain")
 
 
 def figures_wanted(only: str | None) -> set[str]:
