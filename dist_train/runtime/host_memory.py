@@ -21,9 +21,14 @@ import platform
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# glibc refuses a larger mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); blocks above it,
-# rare in a step, are still mapped and unmapped one by one.
-MMAP_THRESHOLD_BYTES = 32 * 2**20
+# A step's blocks reach past 32 MiB: timm's resnet18, batch 64 at 28 px, still faulted 16,000 pages
+# a step in with a 32 MiB threshold, 5,700 with 64 MiB, none with 128 MiB (benchmarks/RESULTS.md).
+# 1 GiB, as the trim threshold: what is kept is bounded the same way either side. mallopt(3)
+# gives 32 MiB as the limit on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), which glibc 2.36 no longer
+# enforces; a glibc that refuses gets 32 MiB, and the larger blocks are mapped and unmapped
+# one by one there.
+MMAP_THRESHOLD_BYTES = 2**30
+MMAP_THRESHOLD_FALLBACK_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 2**30
 
 # glibc's own variables for these settings, and its tunables (any GLIBC_TUNABLES counts, malloc
@@ -42,6 +47,6 @@ def keep_freed_memory() -> bool:
     libc = ctypes.CDLL("libc.so.6")
     # mallopt returns 1 on success; the mmap threshold first, as setting it also fixes glibc's
     # dynamic thresholds (they would otherwise move with each large free).
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
+    mmap_set = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) or libc.mallopt(
+        M_MMAP_THRESHOLD, MMAP_THRESHOLD_FALLBACK_BYTES)
+    return bool(mmap_set) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
