@@ -53,7 +53,11 @@ def index_figures(tmp: Path, samples: int, num_workers: int = 2) -> dict[str, fl
     before = os.environ.get("DIST_TRAIN_INDEX_DIR")
     os.environ["DIST_TRAIN_INDEX_DIR"] = str(tmp / "index-cache")  # built here, not found from an earlier bench
     try:
-        workers.start_helpers()
+        # The fork server as `dist-train train` starts it (cli.py): forked from this process, whose
+        # imports the workers then share, else by exec. Before the clock: a training process starts
+        # it seconds before its loaders, at the end of its imports.
+        if not workers.fork_server_from_here():
+            workers.start_helpers()
         start = time.perf_counter()
         index = node_index(shards)
         built = time.perf_counter() - start

@@ -146,12 +146,15 @@ def test_a_shard_without_samples_says_what_it_is(tmp_path, content, problem):
 
 def test_make_shards_shows_its_progress_in_a_log(tmp_path, monkeypatch, capsys):
     """No terminal (stderr captured): a line per EVERY_S (0 here: each sample) on stderr, each
-    counting on to the whole; stdout untouched."""
+    counting on to the whole; stdout untouched. And no tqdm bar at all: even a disabled one
+    starts tqdm's monitor thread, which would keep `dist-train train` from forking its workers'
+    fork server."""
     from dist_train.data import sources
     from dist_train.data.shard_writer import make_shards
     from dist_train.runtime import progress_lines
 
     monkeypatch.setattr(progress_lines, "EVERY_S", 0.0)
+    monkeypatch.setattr(progress_lines, "tqdm", lambda *args, **kwargs: pytest.fail("a tqdm bar off a terminal"))
     make_shards(sources.synthetic(40, 4, 8, seed=0), tmp_path / "out", val_fraction=0.25, shard_size=16)
     captured = capsys.readouterr()
     lines = captured.err.splitlines()

@@ -24,12 +24,16 @@ class Progress:
         self.started = self.last_line = time.monotonic()
         terminal = enabled and sys.stderr.isatty()
         self.lines = enabled and not terminal
-        self.bar = tqdm(total=total, desc=what, unit=f" {unit}", disable=not terminal, leave=False,
-                        dynamic_ncols=True)
+        # No tqdm at all off a terminal: even a disabled bar starts tqdm's monitor thread, and
+        # keeps it until the bar is collected (a disabled bar's close() does not count it out).
+        # A thread in the training process would make `dist-train train` exec its workers' fork
+        # server instead of forking it (data/workers.py).
+        self.bar = tqdm(total=total, desc=what, unit=f" {unit}", leave=False, dynamic_ncols=True) if terminal else None
 
     def advance(self, count: int) -> None:
         self.done += count
-        self.bar.update(count)
+        if self.bar is not None:
+            self.bar.update(count)
         now = time.monotonic()
         if self.lines and now - self.last_line >= EVERY_S:
             self.last_line = now
@@ -39,4 +43,5 @@ class Progress:
                   file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
