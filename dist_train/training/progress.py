@@ -58,8 +58,9 @@ class TrainProgress:
 
     def start_epoch(self, epoch: int, steps: int, steps_per_epoch: int | None = None) -> None:
         """An epoch (or the rest of one, after a resume) of `steps` optimizer steps begins."""
-        self.bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not self.show_bar, dynamic_ncols=True,
-                        leave=False)
+        # No bar at all where none shows: a disabled tqdm bar still starts tqdm's monitor thread
+        # and keeps it (runtime/progress_lines.py).
+        self.bar = tqdm(total=steps, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False) if self.show_bar else None
         self.steps_per_epoch = steps_per_epoch or steps
         self.step_in_epoch = self.steps_per_epoch - steps
         now = time.perf_counter()
@@ -73,8 +74,10 @@ class TrainProgress:
 
     def step_done(self, lr: float) -> None:
         self.step_in_epoch += 1
+        if self.bar is None:
+            return
         self.bar.update(1)
-        if self.show_bar and self.bar.n % BAR_REFRESH_STEPS == 0:
+        if self.bar.n % BAR_REFRESH_STEPS == 0:
             rate = self._rate(self.epoch, time.perf_counter())
             loss = self.epoch.loss.item() / max(self.epoch.batches, 1)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}")
@@ -94,7 +97,8 @@ class TrainProgress:
 
     def end_epoch(self) -> dict:
         """Epoch totals across ranks: mean train loss, images per second (collective)."""
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         now = time.perf_counter()
         loss = _finite(self.accelerator.reduce(self.epoch.loss / max(self.epoch.batches, 1), "mean"),
                        "in this epoch")
