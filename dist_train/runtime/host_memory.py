@@ -21,12 +21,11 @@ import platform
 # mallopt parameters, from glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-# A step's blocks reach past 32 MiB: timm's resnet18, batch 64 at 28 px, still faulted 16,000 pages
-# a step in with a 32 MiB threshold, 5,700 with 64 MiB, none with 128 MiB (benchmarks/RESULTS.md).
-# 1 GiB, as the trim threshold: what is kept is bounded the same way either side. mallopt(3)
-# gives 32 MiB as the limit on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), which glibc 2.36 no longer
-# enforces; a glibc that refuses gets 32 MiB, and the larger blocks are mapped and unmapped
-# one by one there.
+# A mid-size CNN's step has blocks past 32 MiB, which a 32 MiB threshold still faults in every
+# step (the counts: benchmarks/RESULTS.md, "Figures behind the code's choices"). 1 GiB, as the
+# trim threshold: what is kept is bounded the same way either side. mallopt(3) gives 32 MiB as
+# the limit on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX), which glibc 2.36 no longer enforces; a glibc
+# that refuses gets 32 MiB, and the larger blocks are mapped and unmapped one by one there.
 MMAP_THRESHOLD_BYTES = 2**30
 MMAP_THRESHOLD_FALLBACK_BYTES = 32 * 2**20
 TRIM_THRESHOLD_BYTES = 2**30
