@@ -23,8 +23,11 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 
+# Two at a time, a test file to a process (its module fixtures made once); then the tests
+# timed against a bound (marked `alone`), with the machine to themselves.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile -m "not alone"
+	$(PY) -m pytest -m alone
 
 clean:
 	rm -rf $(VENV) runs/demo data/digits

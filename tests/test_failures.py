@@ -23,7 +23,7 @@ from dist_train.data.tar_index import index_tar
 from .conftest import DIGITS_CONFIG, REPO, kill_tree
 from .test_distributed import accelerate_launch_command
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # timed against a bound
 
 BOUND_S = 60
 

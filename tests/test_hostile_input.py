@@ -37,7 +37,7 @@ from .conftest import DIGITS_CONFIG, REPO, run_cli
 from .test_image_decoding import declaring, png, saved_as
 from .test_tar_fuzz import crafted, samples  # noqa: F401 - `samples` is a fixture
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]  # each case timed against a bound
 
 BOUND_SECONDS = 30  # each case, start-up of a fresh interpreter included
 

@@ -104,6 +104,7 @@ def test_a_cut_download_resumes_from_its_last_whole_chunk(server, quick_retries,
     assert "HTTP 503; retry 1 of 8" in capfd.readouterr().err
 
 
+@pytest.mark.alone  # timed
 def test_a_stalled_server_is_retried_after_the_read_timeout_and_given_up_by_the_deadline(server, quick_retries,
                                                                                         tmp_path, monkeypatch):
     monkeypatch.setattr(remote, "READ_TIMEOUT_S", 0.5)
@@ -152,6 +153,7 @@ def test_a_redirect_loop_says_so(server):
         remote.read_bytes(f"{server.url}/loop.json")
 
 
+@pytest.mark.alone  # timed
 def test_a_stop_signal_during_start_up_ends_the_wait_for_a_failing_server(server, tmp_path, monkeypatch):
     """SIGTERM while start-up retries a server that answers 503: the process stops at the next
     wait (exit 75 through TrainingStopped), not after 8 retries or the 600 s deadline."""

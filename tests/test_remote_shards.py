@@ -39,6 +39,9 @@ from .conftest import DIGITS_CONFIG, run_cli, run_reaped
 from .test_distributed import accelerate_launch_command
 from .test_resume import recipe, run_killed_at_step_30, train_args, val_records, weights
 
+# An outage timed against the run's progress, and errors within seconds: with the machine to itself.
+pytestmark = pytest.mark.alone
+
 SERVERS_NEEDED = "nginx and moto are installed by .ci/run"
 
 
